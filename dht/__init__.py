@@ -1,0 +1,1 @@
+"""Cascade directory: signed, expiring node and room records on a Kademlia DHT."""

@@ -1,0 +1,1 @@
+"""Cascade load tests: locust users that are real WebRTC participants."""

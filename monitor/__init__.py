@@ -1,0 +1,1 @@
+"""Cascade monitor: CPU and stream stats, Prometheus metrics, overlay dashboard."""

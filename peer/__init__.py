@@ -1,0 +1,1 @@
+"""Cascade peer: the SFU node (Router, Transports, Producers, Consumers, signaling)."""

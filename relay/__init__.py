@@ -1,0 +1,1 @@
+"""Cascade relay: QUIC pipes that carry producers between nodes."""
