@@ -1,0 +1,323 @@
+"""Every use of aiortc/aioice private internals lives here (pinned: aiortc 1.16.0,
+aioice 0.13.0). The rest of Cascade talks to aiortc only through these helpers.
+
+What we rely on, and why:
+
+- ``RTCRtpReceiver._RTCRtpReceiver__jitter_buffer``: every received packet passes
+  through it after SRTP, RTX unwrap and NACK generation; replacing it per receiver
+  hands packets to the SFU with no decoder ever fed. The decoder thread is
+  stopped right away.
+- ``RTCRtpReceiver._send_rtcp_pli``: asks the publisher for a keyframe.
+- ``RTCRtpSender._retransmit`` / ``_send_keyframe`` / ``_send_rtcp`` /
+  ``_handle_rtcp_packet``: overridden per sender to answer NACK from the
+  producer cache, pass PLI upstream, write correct Sender Reports and read
+  Receiver Reports.
+- ``RTCDtlsTransport._tx_srtp`` and aioice's nominated pair: the forwarding
+  hot path protects and sends synchronously, without a coroutine per packet.
+- ``aioice.ice.get_host_addresses``: ICE listen addresses are configurable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aioice.ice
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCRtpReceiver,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+)
+from aiortc.rtcdtlstransport import State as DtlsState
+from aiortc.rtp import RtcpRrPacket, RtcpSenderInfo, RtcpSrPacket, RtpPacket
+
+from peer.rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, OutboundParams
+
+_ORIGINAL_GET_HOST_ADDRESSES = aioice.ice.get_host_addresses
+_ice_addresses: list[str] | None = None
+
+
+def set_ice_addresses(addresses: list[str] | None) -> None:
+    """Restrict ICE host candidates to ``addresses`` (None restores aioice's default).
+
+    aioice advertises every interface (and never loopback) by default; a node, test
+    or benchmark sets this before creating peer connections.
+    """
+    global _ice_addresses
+    _ice_addresses = list(addresses) if addresses is not None else None
+    if addresses is None:
+        aioice.ice.get_host_addresses = _ORIGINAL_GET_HOST_ADDRESSES
+    else:
+        aioice.ice.get_host_addresses = _configured_host_addresses
+
+
+def _configured_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+    assert _ice_addresses is not None
+    return [a for a in _ice_addresses if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+
+def rtc_configuration() -> RTCConfiguration:
+    """Peer connection config with no STUN/TURN servers (aiortc defaults to a public STUN)."""
+    return RTCConfiguration(iceServers=[])
+
+
+class SilentTrack(MediaStreamTrack):
+    """A track that never yields: its sender only carries packets we inject."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._never: asyncio.Future[None] = asyncio.get_event_loop().create_future()
+
+    async def recv(self) -> Any:
+        await self._never
+        raise asyncio.CancelledError
+
+    def stop(self) -> None:
+        if not self._never.done():
+            self._never.cancel()
+        super().stop()
+
+
+PacketHandler = Callable[[int, int, int, bytes, int | None], None]
+
+
+class _ForwardingBuffer:
+    """Stands in for aiortc's jitter buffer: hands each packet to the SFU, keeps nothing."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: PacketHandler) -> None:
+        self.handler = handler
+
+    def add(self, packet: RtpPacket) -> tuple[bool, None]:
+        level = packet.extensions.audio_level
+        self.handler(
+            packet.sequence_number,
+            packet.timestamp,
+            packet.marker,
+            packet.payload,
+            level[1] if level is not None else None,
+        )
+        return False, None
+
+    def remove(self, count: int) -> None:  # pragma: no cover - aiortc API shape
+        return None
+
+
+def tap_receiver(receiver: RTCRtpReceiver, handler: PacketHandler) -> None:
+    """Deliver every received RTP packet of ``receiver`` to ``handler``; never decode.
+
+    ``handler(seq, timestamp, marker, payload, audio_level)`` is called synchronously
+    on the event loop, after SRTP, RTX unwrap and NACK generation towards the publisher.
+    """
+    receiver._RTCRtpReceiver__jitter_buffer = _ForwardingBuffer(handler)  # type: ignore[attr-defined]
+    _stop_decoder_thread(receiver)
+    original_receive = receiver.receive
+
+    async def receive(parameters: Any) -> None:
+        await original_receive(parameters)
+        # receive() starts aiortc's decoder thread; nothing is ever queued to it,
+        # but stopping it makes "no decoder on the forwarding path" structural.
+        _stop_decoder_thread(receiver)
+
+    receiver.receive = receive  # type: ignore[method-assign]
+
+
+def _stop_decoder_thread(receiver: RTCRtpReceiver) -> None:
+    thread = getattr(receiver, "_RTCRtpReceiver__decoder_thread", None)
+    if thread is not None:
+        receiver._RTCRtpReceiver__decoder_queue.put(None)  # type: ignore[attr-defined]
+        receiver._RTCRtpReceiver__decoder_thread = None  # type: ignore[attr-defined]
+
+
+def receiver_ssrcs(receiver: RTCRtpReceiver) -> list[int]:
+    """SSRCs seen so far by a receiver (media, after RTX unwrap) with their stats."""
+    streams = getattr(receiver, "_RTCRtpReceiver__remote_streams", {})
+    return list(streams)
+
+
+def receiver_loss(receiver: RTCRtpReceiver) -> tuple[int, int, float]:
+    """(packets received, packets lost, jitter in clock units) over the media streams."""
+    streams = getattr(receiver, "_RTCRtpReceiver__remote_streams", {})
+    rtx = set(getattr(receiver, "_RTCRtpReceiver__rtx_ssrc", {}))
+    received = lost = 0
+    jitter = 0.0
+    for ssrc, stream in streams.items():
+        if ssrc in rtx:
+            continue
+        received += stream.packets_received
+        lost += max(0, stream.packets_lost)
+        jitter = max(jitter, stream.jitter)
+    return received, lost, jitter
+
+
+def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
+    """Send RTCP PLI to a publisher (fire and forget)."""
+    asyncio.ensure_future(receiver._send_rtcp_pli(media_ssrc))
+
+
+def decoder_running(receiver: RTCRtpReceiver) -> bool:
+    """Whether aiortc's decoder thread exists for this receiver."""
+    return getattr(receiver, "_RTCRtpReceiver__decoder_thread", None) is not None
+
+
+def encoder_created(sender: RTCRtpSender) -> bool:
+    """Whether aiortc created an encoder for this sender."""
+    return getattr(sender, "_RTCRtpSender__encoder", None) is not None
+
+
+def negotiated_codec(transceiver: RTCRtpTransceiver) -> Any | None:
+    """The primary negotiated codec (RTCRtpCodecParameters) of a transceiver."""
+    for codec in transceiver._codecs:
+        if codec.mimeType.lower() != f"{transceiver.kind}/rtx":
+            return codec
+    return None
+
+
+def outbound_params(transceiver: RTCRtpTransceiver) -> OutboundParams:
+    """SSRCs, payload types and extension ids a subscriber negotiated for a sender."""
+    sender = transceiver.sender
+    codec = negotiated_codec(transceiver)
+    if codec is None:
+        raise ValueError("transceiver has no negotiated codec")
+    rtx_pt = None
+    for c in transceiver._codecs:
+        if c.mimeType.lower().endswith("/rtx") and c.parameters.get("apt") == codec.payloadType:
+            rtx_pt = c.payloadType
+    ext = {e.uri: e.id for e in transceiver._headerExtensions}
+    return OutboundParams(
+        ssrc=sender._ssrc,
+        payload_type=codec.payloadType,
+        mid=transceiver.mid,
+        mid_ext_id=ext.get(URI_MID),
+        abs_send_time_ext_id=ext.get(URI_ABS_SEND_TIME),
+        audio_level_ext_id=ext.get(URI_AUDIO_LEVEL),
+        rtx_ssrc=sender._rtx_ssrc if rtx_pt is not None else None,
+        rtx_payload_type=rtx_pt,
+    )
+
+
+class SenderSink:
+    """Synchronous SRTP-protect + sendto on a sender's transport (the hot path)."""
+
+    __slots__ = ("_dtls", "_protect", "_sendto", "_addr", "dropped", "sent")
+
+    def __init__(self, sender: RTCRtpSender) -> None:
+        self._dtls = sender.transport
+        self._protect: Callable[[bytes], bytes] | None = None
+        self._sendto: Callable[[bytes, Any], None] | None = None
+        self._addr: Any = None
+        self.dropped = 0
+        self.sent = 0
+
+    def _resolve(self) -> bool:
+        dtls = self._dtls
+        if dtls._state != DtlsState.CONNECTED:
+            return False
+        pair = dtls.transport._connection._nominated.get(1)
+        if pair is None or pair.protocol.transport is None:
+            return False
+        self._protect = dtls._tx_srtp.protect
+        self._sendto = pair.protocol.transport.sendto
+        self._addr = pair.remote_addr
+        return True
+
+    def __call__(self, data: bytes) -> None:
+        protect = self._protect
+        if protect is None:
+            if not self._resolve():
+                self.dropped += 1
+                return
+            protect = self._protect
+            assert protect is not None
+        if self._dtls._state != DtlsState.CONNECTED:
+            self._protect = None
+            self.dropped += 1
+            return
+        try:
+            self._sendto(protect(data), self._addr)  # type: ignore[misc]
+            self.sent += 1
+        except Exception:  # noqa: BLE001 - a broken transport must not stop the fan-out
+            self._protect = None
+            self.dropped += 1
+
+
+def hook_sender(
+    sender: RTCRtpSender,
+    *,
+    on_nack: Callable[[list[int]], None],
+    on_keyframe_request: Callable[[], None],
+    on_receiver_report: Callable[[int, int, int], None],
+    sender_report: Callable[[float], tuple[int, int, int, int]],
+) -> None:
+    """Route a sender's RTCP feedback to a consumer and make its SRs describe our packets."""
+
+    async def retransmit(sequence_number: int) -> None:
+        on_nack([sequence_number])
+
+    def send_keyframe() -> None:
+        on_keyframe_request()
+
+    original_send_rtcp: Callable[[list[Any]], Awaitable[None]] = sender._send_rtcp
+    original_handle_rtcp: Callable[[Any], Awaitable[None]] = sender._handle_rtcp_packet
+
+    async def send_rtcp(packets: list[Any]) -> None:
+        for packet in packets:
+            if isinstance(packet, RtcpSrPacket) and packet.ssrc == sender._ssrc:
+                ntp, rtp_ts, count, octets = sender_report(time.time())
+                packet.sender_info = RtcpSenderInfo(
+                    ntp_timestamp=ntp, rtp_timestamp=rtp_ts, packet_count=count, octet_count=octets
+                )
+        await original_send_rtcp(packets)
+
+    async def handle_rtcp(packet: Any) -> None:
+        if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+            for report in packet.reports:
+                if report.ssrc == sender._ssrc:
+                    on_receiver_report(report.fraction_lost, report.packets_lost, report.jitter)
+        await original_handle_rtcp(packet)
+
+    sender._retransmit = retransmit  # type: ignore[method-assign]
+    sender._send_keyframe = send_keyframe  # type: ignore[method-assign]
+    sender._send_rtcp = send_rtcp  # type: ignore[method-assign]
+    sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+
+
+def hook_keyframe_requests(sender: RTCRtpSender, on_request: Callable[[], None]) -> None:
+    """Call ``on_request`` when the remote side asks this sender for a keyframe."""
+    sender._send_keyframe = on_request  # type: ignore[method-assign]
+
+
+def local_candidate_ports(pc: Any) -> list[tuple[str, int]]:
+    """(host, port) of every local ICE candidate of a peer connection."""
+    out: list[tuple[str, int]] = []
+    for transceiver in pc.getTransceivers():
+        conn = transceiver.sender.transport.transport._connection
+        for cand in conn.local_candidates:
+            out.append((cand.host, cand.port))
+    return out
+
+
+class DecodeErrorCounter(threading.Event):
+    """Replaces a receiver's decoder-error event to count decode failures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def set(self) -> None:
+        self.count += 1
+        super().set()
+
+
+def count_decode_errors(receiver: RTCRtpReceiver) -> DecodeErrorCounter:
+    """Count aiortc decode failures of a (client-side) receiver; call before it starts."""
+    counter = DecodeErrorCounter()
+    receiver._RTCRtpReceiver__decoder_error = counter  # type: ignore[attr-defined]
+    return counter

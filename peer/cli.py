@@ -1,0 +1,130 @@
+"""``cascade`` command line: ``node``, ``token`` and ``keygen``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from peer.server import NodeConfig, NodeServer
+from peer.tokens import issue_token, new_secret
+
+SECRET_ENV = "CASCADE_API_SECRET"
+
+
+def _read_secret(args: argparse.Namespace) -> str | None:
+    if getattr(args, "secret_file", None):
+        return Path(args.secret_file).read_text().strip()
+    return os.environ.get(SECRET_ENV)
+
+
+def _node_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("node", help="run a Cascade node")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP/WebSocket listen address")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--dev", action="store_true", help="dev mode: printed dev secret, dev tokens")
+    p.add_argument(
+        "--ice-ip",
+        action="append",
+        default=None,
+        help="address to gather ICE host candidates on (repeatable; default 127.0.0.1)",
+    )
+    p.add_argument("--secret-file", help=f"file with the API secret (else ${SECRET_ENV})")
+    p.add_argument("--max-consumers", type=int, default=2000)
+    p.add_argument("--max-cpu", type=float, default=0.85, help="refuse consumers above this")
+    p.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--log-level", default="INFO")
+
+
+def _token_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("token", help="issue an access token")
+    p.add_argument("--room", required=True)
+    p.add_argument("--identity", required=True)
+    p.add_argument("--ttl", type=float, default=3600, help="seconds")
+    p.add_argument("--no-publish", action="store_true")
+    p.add_argument("--no-subscribe", action="store_true")
+    p.add_argument("--secret-file", help=f"file with the API secret (else ${SECRET_ENV})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cascade`` console script."""
+    parser = argparse.ArgumentParser(prog="cascade", description="Cascade SFU node")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _node_parser(sub)
+    _token_parser(sub)
+    sub.add_parser("keygen", help="create a node identity key", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "keygen":
+        from dht.cli import keygen_main
+
+        return keygen_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "token":
+        secret = _read_secret(args)
+        if not secret:
+            print(f"no API secret: set ${SECRET_ENV} or pass --secret-file", file=sys.stderr)
+            return 2
+        print(
+            issue_token(
+                secret,
+                args.room,
+                args.identity,
+                ttl=args.ttl,
+                publish=not args.no_publish,
+                subscribe=not args.no_subscribe,
+            )
+        )
+        return 0
+    return run_node(args)
+
+
+def run_node(args: argparse.Namespace) -> int:
+    """Run a node until SIGINT/SIGTERM."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    secret = _read_secret(args)
+    if not secret:
+        if not args.dev:
+            print(f"no API secret: set ${SECRET_ENV}, pass --secret-file, or use --dev",
+                  file=sys.stderr)
+            return 2
+        secret = new_secret()
+        print(f"dev mode: API secret {secret}", flush=True)
+    config = NodeConfig(
+        host=args.host,
+        port=args.port,
+        api_secret=secret,
+        dev=args.dev,
+        ice_addresses=args.ice_ip or ["127.0.0.1"],
+        max_consumers=args.max_consumers,
+        max_cpu=args.max_cpu,
+    )
+    if args.uvloop:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: NodeConfig) -> int:
+    server = NodeServer(config)
+    await server.start()
+    print(f"cascade node listening on {server.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,425 @@
+"""The SFU object model (after mediasoup): Router per room, Producer per published
+track, Consumer per (subscriber, producer).
+
+This module is sans-I/O: packets come in through :meth:`Producer.receive` and
+leave through each consumer's ``sink`` callable; keyframe requests leave through
+the producer's ``send_keyframe_request`` callable. The asyncio/aiortc glue lives
+in :mod:`peer.session` and :mod:`peer.aiortc_adapter`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from peer.rtp import (
+    CachedPacket,
+    HeaderWriter,
+    OutboundParams,
+    PacketCache,
+    SequenceRewriter,
+    abs_send_time_now,
+    is_keyframe_start,
+    ntp_time,
+    shared_extensions,
+    wrap_rtx,
+)
+from peer.stats import AdmissionPolicy, KeyframeRequestLimiter, StreamStats
+
+
+class SfuError(Exception):
+    """An error with a protocol error code, reported to the client that caused it."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class CodecInfo:
+    """The codec a producer publishes with, as negotiated with its publisher."""
+
+    mime_type: str
+    clock_rate: int
+    channels: int | None = None
+    parameters: dict[str, str | int | None] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """Codec name without the kind prefix, e.g. ``VP8``."""
+        return self.mime_type.split("/", 1)[1]
+
+    @property
+    def kind(self) -> str:
+        """``audio`` or ``video``."""
+        return self.mime_type.split("/", 1)[0]
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+Sink = Callable[[bytes], None]
+
+
+class Producer:
+    """A published track. Receives source packets once and fans them out."""
+
+    def __init__(
+        self,
+        router: Router,
+        participant_id: str,
+        kind: str,
+        codec: CodecInfo,
+        *,
+        producer_id: str | None = None,
+        cache_size: int = 1024,
+        keyframe_request_delay: float = 0.5,
+    ) -> None:
+        self.id = producer_id or _new_id("pr")
+        self.router = router
+        self.participant_id = participant_id
+        self.kind = kind
+        self.codec = codec
+        self.is_video = kind == "video"
+        self.consumers: list[Consumer] = []
+        self.cache = PacketCache(cache_size)
+        self.stats = StreamStats()
+        self.closed = False
+        self.paused = False
+        self.last_keyframe_at = 0.0
+        self.keyframe_limiter = KeyframeRequestLimiter(keyframe_request_delay)
+        # Set by the transport adapter: sends PLI upstream to the publisher.
+        self.send_keyframe_request: Callable[[], None] = lambda: None
+        self._close_listeners: list[Callable[[Producer], None]] = []
+        # Raw packet listeners (relay flows): called with each CachedPacket.
+        self.packet_listeners: list[Callable[[CachedPacket], None]] = []
+
+    def on_close(self, listener: Callable[[Producer], None]) -> None:
+        """Call ``listener`` once when this producer closes."""
+        self._close_listeners.append(listener)
+
+    def receive(
+        self,
+        seq: int,
+        ts: int,
+        marker: int,
+        payload: bytes,
+        audio_level: int | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Take one source packet (already SRTP-decrypted and RTX-unwrapped) and forward it."""
+        if self.closed:
+            return
+        if now is None:
+            now = time.time()
+        keyframe = self.is_video and is_keyframe_start(self.codec.name, payload)
+        packet = CachedPacket(seq, ts, marker, payload, keyframe, audio_level)
+        self.cache.put(packet)
+        stats = self.stats
+        stats.packets += 1
+        stats.bytes += len(payload)
+        if keyframe:
+            stats.keyframes += 1
+            self.last_keyframe_at = now
+        if self.paused:
+            return
+        for listener in self.packet_listeners:
+            listener(packet)
+        if not self.consumers:
+            return
+        abs_time = abs_send_time_now(ntp_time(now))
+        shared: dict[tuple[int | None, int | None], bytes] = {}
+        for consumer in self.consumers:
+            layout = consumer.writer.shared_layout
+            ext = shared.get(layout)
+            if ext is None:
+                ext = shared[layout] = shared_extensions(layout, abs_time, audio_level)
+            consumer.forward(packet, ext, now)
+
+    def request_keyframe(self, now: float | None = None) -> None:
+        """Ask the publisher for a keyframe, rate-limited."""
+        if not self.is_video or self.closed:
+            return
+        if self.keyframe_limiter.request(time.time() if now is None else now):
+            self.stats.plis += 1
+            self.send_keyframe_request()
+
+    def tick(self, now: float) -> None:
+        """Timer work: held keyframe requests and rate sampling."""
+        if self.keyframe_limiter.poll(now):
+            self.stats.plis += 1
+            self.send_keyframe_request()
+        self.stats.sample(now)
+
+    def close(self) -> None:
+        """Close the producer and all of its consumers."""
+        if self.closed:
+            return
+        self.closed = True
+        for consumer in list(self.consumers):
+            consumer.close()
+        for listener in self._close_listeners:
+            listener(self)
+        self._close_listeners.clear()
+        self.packet_listeners.clear()
+
+    def describe(self) -> dict[str, object]:
+        """Public description sent to clients."""
+        return {
+            "producer_id": self.id,
+            "participant_id": self.participant_id,
+            "kind": self.kind,
+            "codec": self.codec.mime_type,
+        }
+
+
+class Consumer:
+    """One subscriber's view of one producer: rewrites and sends packets to its sink."""
+
+    def __init__(
+        self,
+        producer: Producer,
+        subscriber_id: str,
+        *,
+        consumer_id: str | None = None,
+        paused: bool = False,
+    ) -> None:
+        self.id = consumer_id or _new_id("co")
+        self.producer = producer
+        self.subscriber_id = subscriber_id
+        self.kind = producer.kind
+        self.params = OutboundParams(ssrc=0, payload_type=0)
+        self.writer = HeaderWriter(self.params)
+        self.rtx_writer: HeaderWriter | None = None
+        self.rtx_seq = random.randint(0, 0x7FFF)
+        self.rewriter = SequenceRewriter(
+            producer.codec.clock_rate, random.randint(0, 0x7FFF), random.getrandbits(32)
+        )
+        self.stats = StreamStats()
+        self.paused = paused
+        self.closed = False
+        self.waiting_keyframe = producer.is_video
+        self.sink: Sink | None = None
+        self._close_listeners: list[Callable[[Consumer], None]] = []
+
+    def on_close(self, listener: Callable[[Consumer], None]) -> None:
+        """Call ``listener`` once when this consumer closes."""
+        self._close_listeners.append(listener)
+
+    def attach(self, params: OutboundParams, sink: Sink) -> None:
+        """Start sending to ``sink`` with what the subscriber negotiated."""
+        self.params = params
+        self.writer = HeaderWriter(params)
+        if params.rtx_ssrc is not None and params.rtx_payload_type is not None:
+            self.rtx_writer = HeaderWriter(
+                OutboundParams(
+                    ssrc=params.rtx_ssrc,
+                    payload_type=params.rtx_payload_type,
+                    mid=params.mid,
+                    mid_ext_id=params.mid_ext_id,
+                    abs_send_time_ext_id=params.abs_send_time_ext_id,
+                )
+            )
+        self.sink = sink
+        if self.producer.is_video:
+            self.waiting_keyframe = True
+            self.producer.request_keyframe()
+
+    def forward(self, packet: CachedPacket, shared_ext: bytes, now: float) -> None:
+        """Rewrite one source packet for this subscriber and send it. Hot path."""
+        sink = self.sink
+        if sink is None or self.paused:
+            return
+        if self.waiting_keyframe:
+            if not packet.keyframe:
+                return
+            self.waiting_keyframe = False
+            self.rewriter.rebase()
+        seq, ts = self.rewriter.map(packet.seq, packet.ts, now)
+        sink(self.writer.header(packet.marker, seq, ts, shared_ext) + packet.payload)
+        stats = self.stats
+        stats.packets += 1
+        stats.bytes += len(packet.payload)
+
+    def handle_nack(self, lost: list[int]) -> None:
+        """Answer a subscriber's NACK from the producer's cache (as RTX when negotiated)."""
+        sink = self.sink
+        if sink is None:
+            return
+        self.stats.nacks += 1
+        for out_seq in lost:
+            src = self.producer.cache.get(self.rewriter.source_seq(out_seq))
+            if src is None:
+                continue
+            seq, ts = self.rewriter.peek(src.seq, src.ts)
+            if seq != out_seq:
+                continue
+            ext = shared_extensions(
+                self.writer.shared_layout, abs_send_time_now(ntp_time(time.time())), None
+            )
+            if self.rtx_writer is not None:
+                rtx_seq = self.rtx_seq
+                self.rtx_seq = (rtx_seq + 1) & 0xFFFF
+                ext_rtx = shared_extensions(self.rtx_writer.shared_layout, 0, None)
+                data = wrap_rtx(
+                    self.rtx_writer.header(src.marker, rtx_seq, ts, ext_rtx), seq, src.payload
+                )
+            else:
+                data = self.writer.header(src.marker, seq, ts, ext) + src.payload
+            sink(data)
+            self.stats.retransmits += 1
+
+    def handle_keyframe_request(self) -> None:
+        """A subscriber sent PLI/FIR: pass it upstream (rate-limited by the producer)."""
+        self.stats.plis += 1
+        self.producer.request_keyframe()
+
+    def handle_receiver_report(self, fraction_lost: int, packets_lost: int, jitter: int) -> None:
+        """Record what the subscriber reports about this stream."""
+        self.stats.fraction_lost = fraction_lost / 256
+        self.stats.packets_lost = packets_lost
+        self.stats.jitter = jitter / self.producer.codec.clock_rate
+
+    def sender_report(self, now: float) -> tuple[int, int, int, int]:
+        """(ntp, rtp timestamp, packet count, octet count) for an RTCP Sender Report."""
+        rw = self.rewriter
+        if rw.started:
+            rtp_ts = (rw.last_ts + int((now - rw.last_wall) * rw.clock_rate)) & 0xFFFFFFFF
+        else:
+            rtp_ts = rw.last_ts
+        return (
+            ntp_time(now),
+            rtp_ts,
+            self.stats.packets & 0xFFFFFFFF,
+            self.stats.bytes & 0xFFFFFFFF,
+        )
+
+    def pause(self) -> None:
+        """Stop forwarding; sequence numbers stay continuous on resume."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Resume forwarding, starting at the next keyframe for video."""
+        if not self.paused:
+            return
+        self.paused = False
+        self.rewriter.rebase()
+        if self.producer.is_video:
+            self.waiting_keyframe = True
+            self.producer.request_keyframe()
+
+    def close(self) -> None:
+        """Detach from the producer and notify listeners."""
+        if self.closed:
+            return
+        self.closed = True
+        self.sink = None
+        if self in self.producer.consumers:
+            self.producer.consumers.remove(self)
+        for listener in self._close_listeners:
+            listener(self)
+        self._close_listeners.clear()
+
+    def describe(self) -> dict[str, object]:
+        """Public description sent to the subscriber."""
+        return {
+            "consumer_id": self.id,
+            "producer_id": self.producer.id,
+            "participant_id": self.producer.participant_id,
+            "kind": self.kind,
+            "mid": self.params.mid,
+            "paused": self.paused,
+        }
+
+
+class Router:
+    """One room: its producers and consumers."""
+
+    def __init__(self, room: str, node: Node) -> None:
+        self.room = room
+        self.node = node
+        self.producers: dict[str, Producer] = {}
+        self.consumers: dict[str, Consumer] = {}
+        self.participants: set[str] = set()
+
+    def add_producer(self, producer: Producer) -> Producer:
+        """Register a producer created for this room."""
+        self.producers[producer.id] = producer
+        producer.on_close(lambda p: self.producers.pop(p.id, None))
+        return producer
+
+    def create_consumer(
+        self, producer_id: str, subscriber_id: str, paused: bool = False
+    ) -> Consumer:
+        """Subscribe ``subscriber_id`` to a producer; refuses if the node is overloaded."""
+        producer = self.producers.get(producer_id)
+        if producer is None or producer.closed:
+            raise SfuError("unknown_producer", f"no producer {producer_id!r} in this room")
+        refusal = self.node.admission.refusal(producer.stats.packet_rate)
+        if refusal is not None:
+            raise SfuError("overloaded", f"node refuses new consumers: {refusal}")
+        consumer = Consumer(producer, subscriber_id, paused=paused)
+        producer.consumers.append(consumer)
+        self.consumers[consumer.id] = consumer
+        consumer.on_close(lambda c: self.consumers.pop(c.id, None))
+        return consumer
+
+    def tick(self, now: float) -> None:
+        """Timer work for every producer and consumer."""
+        for producer in list(self.producers.values()):
+            producer.tick(now)
+        for consumer in self.consumers.values():
+            consumer.stats.sample(now)
+
+    def close(self) -> None:
+        """Close every producer (and so every consumer)."""
+        for producer in list(self.producers.values()):
+            producer.close()
+
+
+class Node:
+    """All routers on this node, plus node-wide admission control."""
+
+    def __init__(self, admission: AdmissionPolicy | None = None) -> None:
+        self.routers: dict[str, Router] = {}
+        self.admission = admission or AdmissionPolicy()
+
+    def router(self, room: str) -> Router:
+        """The room's router, created on first use."""
+        router = self.routers.get(room)
+        if router is None:
+            router = self.routers[room] = Router(room, self)
+        return router
+
+    def release(self, room: str) -> None:
+        """Drop a room's router once nobody is in it."""
+        router = self.routers.get(room)
+        if router is not None and not router.participants:
+            router.close()
+            del self.routers[room]
+
+    def tick(self, now: float) -> None:
+        """Timer work for all rooms."""
+        for router in list(self.routers.values()):
+            router.tick(now)
+
+    def totals(self) -> dict[str, float | int]:
+        """Node-wide counters for stats and metrics."""
+        producers = [p for r in self.routers.values() for p in r.producers.values()]
+        consumers = [c for r in self.routers.values() for c in r.consumers.values()]
+        return {
+            "rooms": len(self.routers),
+            "participants": sum(len(r.participants) for r in self.routers.values()),
+            "producers": len(producers),
+            "consumers": len(consumers),
+            "ingress_packets": sum(p.stats.packets for p in producers),
+            "egress_packets": sum(c.stats.packets for c in consumers),
+            "ingress_bitrate": round(sum(p.stats.bitrate for p in producers)),
+            "egress_bitrate": round(sum(c.stats.bitrate for c in consumers)),
+            "egress_packet_rate": round(sum(c.stats.packet_rate for c in consumers), 1),
+        }

@@ -1,0 +1,504 @@
+"""One participant's signaling session: the asyncio edge between a WebSocket,
+two aiortc peer connections (publish: client offers; subscribe: server offers,
+so renegotiation never glares) and the SFU engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCRtpTransceiver, RTCSessionDescription
+from aiortc.rtcrtpparameters import RTCRtpCodecCapability
+
+from peer import aiortc_adapter as rtc
+from peer.engine import CodecInfo, Consumer, Producer, Router, SfuError
+from peer.signaling import (
+    Answer,
+    ClientMessage,
+    GetStats,
+    Join,
+    Leave,
+    PauseConsumer,
+    Ping,
+    ProtocolError,
+    Publish,
+    ResumeConsumer,
+    Subscribe,
+    Unpublish,
+    Unsubscribe,
+)
+from peer.tokens import Grant, TokenError, verify_token
+
+if TYPE_CHECKING:
+    from peer.server import NodeServer
+
+log = logging.getLogger("cascade.session")
+
+SendFn = Callable[[dict[str, object]], Awaitable[None]]
+
+
+@dataclass
+class _Subscription:
+    consumer: Consumer
+    transceiver: RTCRtpTransceiver
+    track: rtc.SilentTrack
+    attached: bool = False
+
+
+@dataclass
+class _Negotiation:
+    busy: bool = False
+    again: bool = False
+    pending: list[_Subscription] = field(default_factory=list)
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ParticipantSession:
+    """Signaling state of one connected participant."""
+
+    def __init__(self, server: NodeServer, send: SendFn) -> None:
+        self.server = server
+        self._send = send
+        self.participant_id = f"pa-{uuid.uuid4().hex[:12]}"
+        self.name: str | None = None
+        self.grant: Grant | None = None
+        self.router: Router | None = None
+        self.auto_subscribe = True
+        self.publish_pc: RTCPeerConnection | None = None
+        self.subscribe_pc: RTCPeerConnection | None = None
+        self.producers: dict[str, Producer] = {}
+        self._ptx: dict[str, RTCRtpTransceiver] = {}
+        self.subscriptions: dict[str, _Subscription] = {}
+        self._negotiation = _Negotiation()
+        self._closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- plumbing -------------------------------------------------------------
+
+    async def send(self, message: dict[str, object]) -> None:
+        """Send a message to this participant; a dead socket is ignored."""
+        if self._closed:
+            return
+        with contextlib.suppress(Exception):
+            await self._send(message)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("session task failed: %r", task.exception())
+
+    async def handle(self, message: ClientMessage) -> None:
+        """Dispatch one validated client message; errors become ``error`` replies."""
+        request_id = message.id
+        try:
+            if isinstance(message, Ping):
+                await self.send({"type": "pong", "id": request_id, "time": time.time()})
+            elif isinstance(message, Join):
+                await self._join(message)
+            else:
+                if self.router is None or self.grant is None:
+                    raise ProtocolError("not_joined", "join a room first")
+                if isinstance(message, Publish):
+                    await self._publish(message)
+                elif isinstance(message, Answer):
+                    await self._answer(message)
+                elif isinstance(message, Subscribe):
+                    await self._subscribe_request(message)
+                elif isinstance(message, Unsubscribe):
+                    sub = self._own_subscription(message.consumer_id)
+                    sub.consumer.close()
+                    await self.send({"type": "unsubscribed", "id": request_id})
+                elif isinstance(message, PauseConsumer):
+                    self._own_subscription(message.consumer_id).consumer.pause()
+                    await self.send({"type": "paused", "id": request_id})
+                elif isinstance(message, ResumeConsumer):
+                    self._own_subscription(message.consumer_id).consumer.resume()
+                    await self.send({"type": "resumed", "id": request_id})
+                elif isinstance(message, Unpublish):
+                    producer = self.producers.get(message.producer_id)
+                    if producer is None:
+                        raise ProtocolError(
+                            "unknown_producer", f"you have no producer {message.producer_id!r}"
+                        )
+                    producer.close()
+                    await self.send({"type": "unpublished", "id": request_id})
+                elif isinstance(message, GetStats):
+                    await self.send({"type": "stats", "id": request_id, **self.stats()})
+                elif isinstance(message, Leave):
+                    await self.send({"type": "left", "id": request_id})
+                    await self.close()
+        except (ProtocolError, SfuError, TokenError) as exc:
+            await self.send(
+                {"type": "error", "code": exc.code, "message": exc.message, "id": request_id}
+            )
+        except Exception as exc:
+            log.exception("internal error handling %s", type(message).__name__)
+            await self.send(
+                {"type": "error", "code": "internal", "message": str(exc), "id": request_id}
+            )
+
+    def _own_subscription(self, consumer_id: str) -> _Subscription:
+        sub = self.subscriptions.get(consumer_id)
+        if sub is None:
+            raise ProtocolError("unknown_consumer", f"you have no consumer {consumer_id!r}")
+        return sub
+
+    # -- join / leave -----------------------------------------------------------
+
+    async def _join(self, message: Join) -> None:
+        if self.router is not None:
+            raise ProtocolError("already_joined", "this connection already joined a room")
+        self.grant = verify_token(self.server.api_secret, message.token, message.room)
+        self.name = message.name or self.grant.identity
+        self.auto_subscribe = message.auto_subscribe
+        router = self.server.node.router(message.room)
+        others = self.server.room_sessions(message.room)
+        self.router = router
+        router.participants.add(self.participant_id)
+        self.server.add_session(message.room, self)
+        await self.send(
+            {
+                "type": "joined",
+                "id": message.id,
+                "room": message.room,
+                "participant_id": self.participant_id,
+                "identity": self.grant.identity,
+                "can_publish": self.grant.can_publish,
+                "can_subscribe": self.grant.can_subscribe,
+                "participants": [s.describe() for s in others],
+                "producers": [p.describe() for p in router.producers.values()],
+            }
+        )
+        for other in others:
+            await other.send({"type": "participant_joined", "participant": self.describe()})
+        if self.auto_subscribe and self.grant.can_subscribe:
+            for producer in list(router.producers.values()):
+                self._try_auto_subscribe(producer)
+
+    def describe(self) -> dict[str, object]:
+        """Public description of this participant."""
+        return {"participant_id": self.participant_id, "name": self.name}
+
+    async def close(self) -> None:
+        """Leave the room: close producers, consumers and peer connections."""
+        if self._closed:
+            return
+        for producer in list(self.producers.values()):
+            producer.close()
+        for sub in list(self.subscriptions.values()):
+            sub.consumer.close()
+        self._closed = True
+        room = self.router.room if self.router else None
+        if self.router is not None:
+            self.router.participants.discard(self.participant_id)
+            self.server.remove_session(self.router.room, self)
+            for other in self.server.room_sessions(self.router.room):
+                await other.send(
+                    {"type": "participant_left", "participant_id": self.participant_id}
+                )
+        for task in list(self._tasks):
+            task.cancel()
+        for pc in (self.publish_pc, self.subscribe_pc):
+            if pc is not None:
+                with contextlib.suppress(Exception):
+                    await pc.close()
+        if room is not None:
+            self.server.node.release(room)
+
+    # -- publishing -------------------------------------------------------------
+
+    async def _publish(self, message: Publish) -> None:
+        assert self.router is not None and self.grant is not None
+        if not self.grant.can_publish:
+            raise ProtocolError("forbidden", "token does not grant publish")
+        if self.publish_pc is None:
+            self.publish_pc = RTCPeerConnection(rtc.rtc_configuration())
+            self._watch_connection(self.publish_pc, "publish")
+        pc = self.publish_pc
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=message.sdp, type="offer"))
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+        except Exception as exc:
+            raise ProtocolError("bad_sdp", f"offer rejected: {exc}") from None
+        known = {t.mid for t in self._ptx.values()}
+        created = []
+        for transceiver in pc.getTransceivers():
+            if transceiver.mid in known or transceiver.currentDirection not in (
+                "recvonly",
+                "sendrecv",
+            ):
+                continue
+            codec = rtc.negotiated_codec(transceiver)
+            if codec is None:
+                continue
+            producer = self._create_producer(transceiver, codec)
+            created.append({**producer.describe(), "mid": transceiver.mid})
+        await self.send(
+            {
+                "type": "published",
+                "id": message.id,
+                "sdp": pc.localDescription.sdp,
+                "producers": created,
+            }
+        )
+        for desc in created:
+            producer = self.router.producers[str(desc["producer_id"])]
+            for other in self.server.room_sessions(self.router.room):
+                if other is not self:
+                    await other.send({"type": "producer_added", "producer": producer.describe()})
+                    other._try_auto_subscribe(producer)
+
+    def _create_producer(self, transceiver: RTCRtpTransceiver, codec: Any) -> Producer:
+        assert self.router is not None
+        info = CodecInfo(
+            mime_type=codec.mimeType,
+            clock_rate=codec.clockRate,
+            channels=codec.channels,
+            parameters=dict(codec.parameters),
+        )
+        producer = Producer(
+            self.router,
+            self.participant_id,
+            transceiver.kind,
+            info,
+            keyframe_request_delay=self.server.keyframe_request_delay,
+        )
+        receiver = transceiver.receiver
+        rtc.tap_receiver(receiver, producer.receive)
+
+        def send_pli() -> None:
+            for ssrc in rtc.receiver_ssrcs(receiver):
+                rtc.send_pli(receiver, ssrc)
+                break
+
+        producer.send_keyframe_request = send_pli
+        producer.receiver = receiver  # type: ignore[attr-defined]
+        self.router.add_producer(producer)
+        self.producers[producer.id] = producer
+        self._ptx[producer.id] = transceiver
+
+        def closed(p: Producer) -> None:
+            self.producers.pop(p.id, None)
+            self._ptx.pop(p.id, None)
+            if self.router is not None:
+                for other in self.server.room_sessions(self.router.room):
+                    if other is not self:
+                        other._spawn(
+                            other.send({"type": "producer_removed", "producer_id": p.id})
+                        )
+
+        producer.on_close(closed)
+        return producer
+
+    # -- subscribing ------------------------------------------------------------
+
+    def _try_auto_subscribe(self, producer: Producer) -> None:
+        if not self.auto_subscribe or self.grant is None or not self.grant.can_subscribe:
+            return
+        if producer.participant_id == self.participant_id or self._closed:
+            return
+        try:
+            self._subscribe(producer.id, paused=False)
+        except SfuError as exc:
+            self._spawn(
+                self.send(
+                    {
+                        "type": "error",
+                        "code": exc.code,
+                        "message": exc.message,
+                        "producer_id": producer.id,
+                    }
+                )
+            )
+
+    async def _subscribe_request(self, message: Subscribe) -> None:
+        assert self.grant is not None
+        if not self.grant.can_subscribe:
+            raise ProtocolError("forbidden", "token does not grant subscribe")
+        for sub in self.subscriptions.values():
+            if sub.consumer.producer.id == message.producer_id:
+                raise ProtocolError("already_subscribed", "already consuming this producer")
+        consumer = self._subscribe(message.producer_id, paused=message.paused)
+        await self.send({"type": "subscribed", "id": message.id, "consumer_id": consumer.id})
+
+    def _subscribe(self, producer_id: str, paused: bool) -> Consumer:
+        assert self.router is not None
+        producer = self.router.producers.get(producer_id)
+        if producer is not None and producer.participant_id == self.participant_id:
+            raise ProtocolError("bad_request", "cannot consume your own producer")
+        consumer = self.router.create_consumer(producer_id, self.participant_id, paused=paused)
+        if self.subscribe_pc is None:
+            self.subscribe_pc = RTCPeerConnection(rtc.rtc_configuration())
+            self._watch_connection(self.subscribe_pc, "subscribe")
+        track = rtc.SilentTrack(consumer.kind)
+        transceiver = self.subscribe_pc.addTransceiver(track, direction="sendonly")
+        transceiver.setCodecPreferences(_codec_preferences(consumer.producer.codec))
+        sub = _Subscription(consumer, transceiver, track)
+        rtc.hook_sender(
+            transceiver.sender,
+            on_nack=consumer.handle_nack,
+            on_keyframe_request=consumer.handle_keyframe_request,
+            on_receiver_report=consumer.handle_receiver_report,
+            sender_report=consumer.sender_report,
+        )
+        self.subscriptions[consumer.id] = sub
+        consumer.on_close(self._consumer_closed)
+        self._negotiation.pending.append(sub)
+        self._spawn(self._renegotiate())
+        return consumer
+
+    def _consumer_closed(self, consumer: Consumer) -> None:
+        sub = self.subscriptions.pop(consumer.id, None)
+        if sub is None or self._closed:
+            return
+        sub.track.stop()
+        if sub in self._negotiation.pending:
+            self._negotiation.pending.remove(sub)
+        sub.transceiver.direction = "inactive"
+        self._spawn(
+            self.send(
+                {
+                    "type": "consumer_closed",
+                    "consumer_id": consumer.id,
+                    "producer_id": consumer.producer.id,
+                    "mid": sub.transceiver.mid,
+                }
+            )
+        )
+        self._spawn(self._renegotiate())
+
+    async def _renegotiate(self) -> None:
+        neg = self._negotiation
+        if neg.busy:
+            neg.again = True
+            return
+        pc = self.subscribe_pc
+        if pc is None or self._closed:
+            return
+        neg.busy = True
+        try:
+            while True:
+                neg.again = False
+                batch = list(neg.pending)
+                neg.pending.clear()
+                neg.answered.clear()
+                offer = await pc.createOffer()
+                await pc.setLocalDescription(offer)
+                await self.send(
+                    {
+                        "type": "offer",
+                        "sdp": pc.localDescription.sdp,
+                        "consumers": [
+                            {**s.consumer.describe(), "mid": s.transceiver.mid}
+                            for s in batch
+                            if not s.consumer.closed
+                        ],
+                    }
+                )
+                try:
+                    await asyncio.wait_for(neg.answered.wait(), self.server.answer_timeout)
+                except TimeoutError:
+                    log.warning("%s did not answer the subscribe offer", self.participant_id)
+                    await self.send(
+                        {"type": "error", "code": "answer_timeout", "message": "no answer"}
+                    )
+                    for s in batch:
+                        s.consumer.close()
+                    return
+                for s in batch:
+                    if not s.consumer.closed:
+                        self._spawn(self._attach(s))
+                if not neg.again and not neg.pending:
+                    return
+        finally:
+            neg.busy = False
+
+    async def _attach(self, sub: _Subscription) -> None:
+        sender = sub.transceiver.sender
+        dtls = sender.transport
+        deadline = time.monotonic() + 15
+        while dtls.state != "connected":
+            if dtls.state in ("failed", "closed") or time.monotonic() > deadline:
+                sub.consumer.close()
+                return
+            await asyncio.sleep(0.02)
+        if sub.consumer.closed:
+            return
+        params = rtc.outbound_params(sub.transceiver)
+        sub.consumer.attach(params, rtc.SenderSink(sender))
+        sub.attached = True
+
+    async def _answer(self, message: Answer) -> None:
+        pc = self.subscribe_pc
+        if pc is None or pc.signalingState != "have-local-offer":
+            raise ProtocolError("unexpected_answer", "no subscribe offer is outstanding")
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=message.sdp, type="answer"))
+        except Exception as exc:
+            raise ProtocolError("bad_sdp", f"answer rejected: {exc}") from None
+        self._negotiation.answered.set()
+
+    # -- connection state and stats --------------------------------------------
+
+    def _watch_connection(self, pc: RTCPeerConnection, role: str) -> None:
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState == "failed":
+                log.info("%s %s connection failed", self.participant_id, role)
+                await self.close()
+
+    def stats(self) -> dict[str, object]:
+        """This participant's producer and consumer stats."""
+        producers: dict[str, object] = {}
+        for pid, producer in self.producers.items():
+            receiver = getattr(producer, "receiver", None)
+            if receiver is not None:
+                _, lost, jitter = rtc.receiver_loss(receiver)
+                producer.stats.packets_lost = lost
+                producer.stats.jitter = jitter / producer.codec.clock_rate
+            producers[pid] = {"kind": producer.kind, **producer.stats.as_dict()}
+        consumers = {
+            cid: {"kind": s.consumer.kind, "producer_id": s.consumer.producer.id,
+                  **s.consumer.stats.as_dict()}
+            for cid, s in self.subscriptions.items()
+        }
+        return {"producers": producers, "consumers": consumers}
+
+    def codec_instances(self) -> int:
+        """Decoders and encoders aiortc created on this node for this participant (always 0)."""
+        count = sum(rtc.decoder_running(t.receiver) for t in self._ptx.values())
+        if self.subscribe_pc is not None:
+            count += sum(rtc.encoder_created(t.sender) for t in self.subscribe_pc.getTransceivers())
+        return count
+
+
+def _codec_preferences(codec: CodecInfo) -> list[RTCRtpCodecCapability]:
+    caps = RTCRtpSender.getCapabilities(codec.kind).codecs
+    chosen = [c for c in caps if c.mimeType.lower() == codec.mime_type.lower()]
+    if codec.name.upper() == "H264":
+        plid = str(codec.parameters.get("profile-level-id", ""))[:2]
+        pm = str(codec.parameters.get("packetization-mode", "0"))
+        same = [
+            c
+            for c in chosen
+            if str(c.parameters.get("packetization-mode", "0")) == pm
+            and str(c.parameters.get("profile-level-id", ""))[:2] == plid
+        ]
+        chosen = same or chosen
+    if not chosen:
+        raise SfuError("unsupported_codec", f"cannot forward {codec.mime_type}")
+    if codec.kind == "video":
+        chosen += [c for c in caps if c.mimeType.lower() == "video/rtx"][:1]
+    return chosen
