@@ -321,3 +321,20 @@ def count_decode_errors(receiver: RTCRtpReceiver) -> DecodeErrorCounter:
     counter = DecodeErrorCounter()
     receiver._RTCRtpReceiver__decoder_error = counter  # type: ignore[attr-defined]
     return counter
+
+
+def set_receive_filter(pc: Any, keep: Callable[[bytes], bool]) -> None:
+    """Drop incoming datagrams of ``pc`` for which ``keep`` is false (loss emulation)."""
+    seen: set[int] = set()
+    for transceiver in pc.getTransceivers():
+        conn = transceiver.receiver.transport.transport._connection
+        if id(conn) in seen:
+            continue
+        seen.add(id(conn))
+        original = conn.data_received
+
+        def data_received(data: bytes, component: int, _orig: Any = original) -> None:
+            if keep(data):
+                _orig(data, component)
+
+        conn.data_received = data_received

@@ -3,7 +3,7 @@
     client = CascadeClient("http://127.0.0.1:8080")
     await client.connect()
     await client.join("room", token)
-    await client.publish([TestPatternVideoTrack(), ToneAudioTrack()])
+    await client.publish([PatternVideoTrack(), ToneAudioTrack()])
     ...  # client.tracks fills as the node offers consumers
     await client.close()
 """
@@ -91,7 +91,8 @@ class CascadeClient:
         self.participant_id: str | None = None
         self.room_state: dict[str, Any] = {}
         self.tracks: dict[str, SubscribedTrack] = {}
-        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.events: list[dict[str, Any]] = []
+        self._event_added = asyncio.Event()
         self.producers: list[dict[str, Any]] = []
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -166,7 +167,8 @@ class CascadeClient:
             track = self.tracks.get(str(message.get("consumer_id")))
             if track is not None:
                 track.ended = True
-        self.events.put_nowait(message)
+        self.events.append(message)
+        self._event_added.set()
         for listener in self._listeners:
             listener(message)
 
@@ -262,12 +264,16 @@ class CascadeClient:
         return await asyncio.wait_for(ready(), timeout)
 
     async def wait_event(self, kind: str, timeout: float = 10, **match: Any) -> dict[str, Any]:
-        """Wait for the next server event of ``kind`` whose fields match ``match``."""
+        """Wait for a server event of ``kind`` (received so far or later) matching ``match``."""
         async def find() -> dict[str, Any]:
             while True:
-                event = await self.events.get()
-                if event.get("type") == kind and all(event.get(k) == v for k, v in match.items()):
-                    return event
+                for event in self.events:
+                    if event.get("type") == kind and all(
+                        event.get(k) == v for k, v in match.items()
+                    ):
+                        return event
+                self._event_added.clear()
+                await self._event_added.wait()
 
         return await asyncio.wait_for(find(), timeout)
 

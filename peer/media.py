@@ -129,7 +129,7 @@ class _PacedTrack(MediaStreamTrack):
         self._count += 1
 
 
-class TestPatternVideoTrack(_PacedTrack):
+class PatternVideoTrack(_PacedTrack):
     """Pre-encoded VP8 test pattern; jumps to a keyframe when one is requested."""
 
     kind = "video"

@@ -78,15 +78,35 @@ class ParticipantSession:
         self._negotiation = _Negotiation()
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._outbox: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
 
     # -- plumbing -------------------------------------------------------------
 
-    async def send(self, message: dict[str, object]) -> None:
-        """Send a message to this participant; a dead socket is ignored."""
+    def post(self, message: dict[str, object]) -> None:
+        """Queue a message to this participant; messages leave in posting order."""
         if self._closed:
             return
-        with contextlib.suppress(Exception):
-            await self._send(message)
+        self._outbox.put_nowait(message)
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write())
+
+    async def send(self, message: dict[str, object]) -> None:
+        """Queue a message (async form of :meth:`post`)."""
+        self.post(message)
+
+    async def _write(self) -> None:
+        while True:
+            message = await self._outbox.get()
+            try:
+                await self._send(message)
+            except Exception:  # noqa: BLE001 - a dead socket ends the session elsewhere
+                log.debug("dropping message to closed socket")
+
+    async def flush(self) -> None:
+        """Wait until queued messages were written."""
+        while not self._outbox.empty() and self._writer is not None and not self._writer.done():
+            await asyncio.sleep(0.005)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -198,17 +218,18 @@ class ParticipantSession:
             producer.close()
         for sub in list(self.subscriptions.values()):
             sub.consumer.close()
+        await self.flush()
         self._closed = True
         room = self.router.room if self.router else None
         if self.router is not None:
             self.router.participants.discard(self.participant_id)
             self.server.remove_session(self.router.room, self)
             for other in self.server.room_sessions(self.router.room):
-                await other.send(
-                    {"type": "participant_left", "participant_id": self.participant_id}
-                )
+                other.post({"type": "participant_left", "participant_id": self.participant_id})
         for task in list(self._tasks):
             task.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
         for pc in (self.publish_pc, self.subscribe_pc):
             if pc is not None:
                 with contextlib.suppress(Exception):
@@ -295,9 +316,7 @@ class ParticipantSession:
             if self.router is not None:
                 for other in self.server.room_sessions(self.router.room):
                     if other is not self:
-                        other._spawn(
-                            other.send({"type": "producer_removed", "producer_id": p.id})
-                        )
+                        other.post({"type": "producer_removed", "producer_id": p.id})
 
         producer.on_close(closed)
         return producer
@@ -312,15 +331,13 @@ class ParticipantSession:
         try:
             self._subscribe(producer.id, paused=False)
         except SfuError as exc:
-            self._spawn(
-                self.send(
-                    {
-                        "type": "error",
-                        "code": exc.code,
-                        "message": exc.message,
-                        "producer_id": producer.id,
-                    }
-                )
+            self.post(
+                {
+                    "type": "error",
+                    "code": exc.code,
+                    "message": exc.message,
+                    "producer_id": producer.id,
+                }
             )
 
     async def _subscribe_request(self, message: Subscribe) -> None:
@@ -367,15 +384,13 @@ class ParticipantSession:
         if sub in self._negotiation.pending:
             self._negotiation.pending.remove(sub)
         sub.transceiver.direction = "inactive"
-        self._spawn(
-            self.send(
-                {
-                    "type": "consumer_closed",
-                    "consumer_id": consumer.id,
-                    "producer_id": consumer.producer.id,
-                    "mid": sub.transceiver.mid,
-                }
-            )
+        self.post(
+            {
+                "type": "consumer_closed",
+                "consumer_id": consumer.id,
+                "producer_id": consumer.producer.id,
+                "mid": sub.transceiver.mid,
+            }
         )
         self._spawn(self._renegotiate())
 

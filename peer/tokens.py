@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import jwt
 
 ISSUER = "cascade"
-MIN_SECRET_BYTES = 16
+MIN_SECRET_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
