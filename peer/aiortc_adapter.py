@@ -15,6 +15,8 @@ What we rely on, and why:
 - ``RTCDtlsTransport._tx_srtp`` and aioice's nominated pair: the forwarding
   hot path protects and sends synchronously, without a coroutine per packet.
 - ``aioice.ice.get_host_addresses``: ICE listen addresses are configurable.
+- ``aioice.ice.Connection.data_received``: empty datagrams are dropped (aiortc
+  1.16 crashes its DTLS loop on one).
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ from aiortc.rtp import RtcpRrPacket, RtcpSenderInfo, RtcpSrPacket, RtpPacket
 from peer.rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, OutboundParams
 
 _ORIGINAL_GET_HOST_ADDRESSES = aioice.ice.get_host_addresses
+_ORIGINAL_DATA_RECEIVED = aioice.ice.Connection.data_received
+
+
+def _guarded_data_received(self: aioice.ice.Connection, data: bytes, component: int) -> None:
+    # aiortc's DTLS loop indexes data[0]: one empty UDP datagram from anyone would
+    # kill the transport (and the participant's media). Drop those here.
+    if data:
+        _ORIGINAL_DATA_RECEIVED(self, data, component)
+
+
+aioice.ice.Connection.data_received = _guarded_data_received  # type: ignore[method-assign]
 _ice_addresses: list[str] | None = None
 
 

@@ -1,0 +1,161 @@
+"""Malformed, unauthorised and hostile input gets a clear error while a call keeps flowing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import aiohttp
+import pytest
+
+from peer.client import CascadeClient, CascadeError
+from peer.media import PatternVideoTrack
+from peer.tokens import issue_token
+from tests.conftest import SECRET, ClientFactory, token
+
+VALID_OFFER_LIKE = "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
+
+
+@pytest.fixture
+async def call_in_progress(node, clients: ClientFactory):
+    pub = await clients("call", "alice")
+    producers = await pub.publish([PatternVideoTrack(160, 120)])
+    sub = await clients("call", "bob")
+    (track,) = await sub.wait_for_tracks(1, "video")
+    return pub, sub, track, producers[0]["producer_id"]
+
+
+async def raw_reply(client: CascadeClient, text: str) -> dict:
+    before = len(client.events)
+    await client.send_raw(text)
+    for _ in range(200):
+        for event in client.events[before:]:
+            if event.get("type") == "error":
+                return event
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no error reply to {text[:60]!r}")
+
+
+RAW_CASES = [
+    ("not json at all", "bad_json"),
+    ("{\"type\": \"join\", ", "bad_json"),
+    ("[1, 2, 3]", "bad_message"),
+    ("{\"room\": \"x\"}", "bad_message"),
+    ("{\"type\": \"teleport\"}", "unknown_type"),
+    ("{\"type\": \"join\", \"room\": 123, \"token\": \"t\"}", "bad_message"),
+    ("{\"type\": \"join\", \"room\": \"x\", \"token\": \"t\", \"evil\": 1}", "bad_message"),
+    ("{\"type\": \"join\", \"room\": \"../etc\", \"token\": \"t\"}", "bad_message"),
+    ("{\"type\": \"subscribe\"}", "bad_message"),
+    ("{\"type\": \"publish\", \"sdp\": 5}", "bad_message"),
+    (json.dumps({"type": "ping", "pad": "x" * 70_000}), "too_large"),
+    ("{\"type\": \"publish\", \"sdp\": \"" + "v=0 " * 10 + "\"}", "not_joined"),
+]
+
+
+@pytest.mark.parametrize(("text", "code"), RAW_CASES)
+async def test_malformed_messages_get_error_codes(call_in_progress, clients, text, code):
+    _, _, track, _ = call_in_progress
+    frames = track.frames_decoded
+    attacker = await clients()
+    reply = await raw_reply(attacker, text)
+    assert reply["code"] == code
+    # The attacker's socket still works and the call keeps flowing.
+    assert (await attacker.ping())["type"] == "pong"
+    await asyncio.sleep(0.3)
+    assert track.frames_decoded > frames
+
+
+async def expect_error(coro, code: str) -> None:
+    with pytest.raises(CascadeError) as info:
+        await coro
+    assert info.value.code == code
+
+
+async def test_token_and_grant_errors(call_in_progress, clients):
+    _, _, track, producer_id = call_in_progress
+    frames = track.frames_decoded
+    c = await clients()
+    await expect_error(c.join("call", "garbage.token.value"), "bad_token")
+    expired = issue_token(SECRET, "call", "eve", ttl=-10)
+    await expect_error(c.join("call", expired), "token_expired")
+    await expect_error(c.join("call", token("other-room", "eve")), "forbidden")
+    forged = issue_token("another-secret-of-enough-length-0123456789", "call", "eve")
+    await expect_error(c.join("call", forged), "bad_token")
+    await expect_error(c.request({"type": "subscribe", "producer_id": producer_id}), "not_joined")
+
+    viewer = await clients("call", "viewer", auto_subscribe=False)
+    viewer_only = await clients()
+    await viewer_only.join("call", token("call", "v2", publish=False), auto_subscribe=False)
+    await expect_error(viewer_only.publish([PatternVideoTrack(160, 120)]), "forbidden")
+    no_sub = await clients()
+    await no_sub.join("call", token("call", "v3", subscribe=False), auto_subscribe=False)
+    await expect_error(no_sub.subscribe(producer_id), "forbidden")
+    await expect_error(viewer.join("call", token("call", "viewer")), "already_joined")
+    await asyncio.sleep(0.3)
+    assert track.frames_decoded > frames
+
+
+async def test_unknown_ids_and_bad_sdp(call_in_progress, clients):
+    pub, _, track, producer_id = call_in_progress
+    frames = track.frames_decoded
+    c = await clients("call", "mallory", auto_subscribe=False)
+    await expect_error(c.subscribe("pr-doesnotexist"), "unknown_producer")
+    await expect_error(c.unsubscribe("co-doesnotexist"), "unknown_consumer")
+    await expect_error(c.pause("co-doesnotexist"), "unknown_consumer")
+    await expect_error(c.resume("co-doesnotexist"), "unknown_consumer")
+    await expect_error(c.unpublish(producer_id), "unknown_producer")  # not mine
+    await expect_error(pub.subscribe(producer_id), "bad_request")  # my own
+    await expect_error(c.request({"type": "publish", "sdp": VALID_OFFER_LIKE}), "bad_sdp")
+    await expect_error(c.request({"type": "answer", "sdp": VALID_OFFER_LIKE}), "unexpected_answer")
+    await c.subscribe(producer_id)
+    await expect_error(c.subscribe(producer_id), "already_subscribed")
+    await asyncio.sleep(0.3)
+    assert track.frames_decoded > frames
+    assert track.stats()["decode_errors"] == 0
+
+
+async def test_binary_and_oversized_frames(node, call_in_progress):
+    _, _, track, _ = call_in_progress
+    frames = track.frames_decoded
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(node.url.replace("http", "ws") + "/ws") as ws:
+            await ws.send_bytes(b"\xff\xfe\x00garbage")
+            reply = json.loads((await ws.receive(timeout=5)).data)
+            assert reply["code"] == "bad_json"
+        async with http.ws_connect(node.url.replace("http", "ws") + "/ws") as ws:
+            await ws.send_str("x" * (2 * 1024 * 1024))
+            msg = await ws.receive(timeout=5)
+            # Beyond the hard limit the node closes that socket with 1009 (message too big).
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert ws.close_code == 1009
+    await asyncio.sleep(0.3)
+    assert track.frames_decoded > frames
+
+
+async def test_garbage_udp_on_media_ports(node, call_in_progress):
+    pub, sub, track, _ = call_in_progress
+    from peer import aiortc_adapter as rtc
+
+    ports = set()
+    for session in node.sessions["call"]:
+        for pc in (session.publish_pc, session.subscribe_pc):
+            if pc is not None:
+                ports.update(rtc.local_candidate_ports(pc))
+    assert ports
+    frames = track.frames_decoded
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    garbage = [b"", b"\x00", b"\x80" * 12, b"\x90\x60" + b"\xab" * 200, b"\x16\xfe\xfd" + b"\x00" * 50,
+               b"\x00\x01\x00\x00" + b"\x21\x12\xa4\x42" + b"\x00" * 12, bytes(range(256)) * 4]
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        for host, port in ports:
+            for g in garbage:
+                sock.sendto(g, (host, port))
+        await asyncio.sleep(0.01)
+    sock.close()
+    await asyncio.sleep(0.5)
+    assert track.frames_decoded > frames + 10
+    assert track.stats()["decode_errors"] == 0
+    assert (await pub.ping())["type"] == "pong"
