@@ -1,0 +1,228 @@
+"""Kademlia ``Server`` subclass storing and finding signed multi-writer records."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kademlia.network import Server
+from kademlia.node import Node
+
+from dht.protocol import CrawlResult, DirectoryProtocol, RecordCrawl
+from dht.records import RecordRejected, SignedRecord, ValidationPolicy, verify_record
+from dht.storage import RecordStorage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DhtConfig:
+    """Tuning of the DHT layer."""
+
+    ksize: int = 20
+    alpha: int = 3
+    replicas: int = 8
+    """Records are stored on this many closest peers; lookups ask this many."""
+    rpc_timeout: float = 1.0
+    round_timeout: float = 0.3
+    lookup_timeout: float = 3.0
+    table_refresh_interval: float = 300.0
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Verified records found under a key, merged across holders."""
+
+    records: list[SignedRecord]
+    """Highest-sequence record of each publisher (tombstones included; may have expired)."""
+    holders: int
+    """How many peers answered."""
+    rejected: int
+    """Records that failed verification."""
+
+
+def map_address(host: str, listen_family: int) -> str | None:
+    """Adapt a literal IP for a socket of ``listen_family``; None if unreachable from it.
+
+    An IPv6 (dual-stack) socket reaches IPv4 peers as ``::ffff:a.b.c.d``.
+    """
+    addr = ipaddress.ip_address(host.split("%", 1)[0])
+    if listen_family == socket.AF_INET:
+        if addr.version == 4:
+            return str(addr)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return None
+    if addr.version == 4:
+        return f"::ffff:{addr}"
+    return host
+
+
+class DirectoryServer(Server):
+    """A kademlia node whose values are validated, per-publisher signed records."""
+
+    protocol_class = DirectoryProtocol
+
+    def __init__(
+        self,
+        node_id: bytes,
+        *,
+        policy: ValidationPolicy | None = None,
+        config: DhtConfig | None = None,
+        storage: RecordStorage | None = None,
+    ) -> None:
+        self.config = config = config or DhtConfig()
+        self.policy = policy = policy or ValidationPolicy()
+        super().__init__(
+            ksize=config.ksize,
+            alpha=config.alpha,
+            node_id=node_id,
+        )
+        self.storage: RecordStorage = storage if storage is not None else RecordStorage(policy)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.protocol: DirectoryProtocol | None
+        self.family = socket.AF_INET
+
+    def _create_protocol(self) -> DirectoryProtocol:
+        return DirectoryProtocol(
+            self.node, self.storage, self.ksize, rpc_timeout=self.config.rpc_timeout
+        )
+
+    async def listen(self, port: int, interface: str = "127.0.0.1") -> None:
+        """Bind the UDP socket (port 0 picks a free one)."""
+        self.family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        await super().listen(port, interface)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port)."""
+        if self.transport is None:
+            raise RuntimeError("not listening")
+        sockname = self.transport.get_extra_info("sockname")
+        return str(sockname[0]), int(sockname[1])
+
+    def refresh_table(self, interval: float | None = None) -> None:
+        """Periodically refresh lonely buckets (never republishes stored values)."""
+        interval = interval or self.config.table_refresh_interval
+        task = asyncio.ensure_future(self._refresh_table())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        loop = asyncio.get_event_loop()
+        self.refresh_loop = loop.call_later(interval, self.refresh_table, interval)
+
+    async def _refresh_table(self) -> None:
+        if self.protocol is None:
+            return
+        ids = self.protocol.get_refresh_ids()
+        await asyncio.gather(*(self._crawl(key, fetch_records=False) for key in ids))
+
+    def _usable(self, addrs: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+        usable = []
+        for host, port in addrs:
+            mapped = map_address(host, self.family)
+            if mapped is None:
+                log.warning("bootstrap %s:%s unreachable from this address family", host, port)
+            else:
+                usable.append((mapped, port))
+        return usable
+
+    async def bootstrap(self, addrs: Sequence[tuple[str, int]]) -> list[Node]:
+        """Ping literal-IP contacts, then crawl towards our own id."""
+        if self.protocol is None:
+            raise RuntimeError("not listening")
+        gathered = await asyncio.gather(*map(self.bootstrap_node, self._usable(addrs)))
+        nodes = [n for n in gathered if n is not None]
+        for node in nodes:
+            self.protocol.welcome_if_new(node)
+        result = await self._crawl(self.node.id, peers=nodes, fetch_records=False)
+        return result.holders
+
+    async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
+        """Ping one address; its Node if it answered."""
+        assert self.protocol is not None
+        ok, node_id = await self.protocol.ping(addr, self.node.id)
+        if ok and isinstance(node_id, bytes) and len(node_id) == 20:
+            return Node(node_id, addr[0], addr[1])
+        return None
+
+    async def _crawl(
+        self, key: bytes, *, peers: list[Node] | None = None, fetch_records: bool = True
+    ) -> CrawlResult:
+        assert self.protocol is not None
+        target = Node(key)
+        if peers is None:
+            peers = self.protocol.router.find_neighbors(target, self.ksize)
+        loop = asyncio.get_running_loop()
+        crawl = RecordCrawl(
+            self.protocol,
+            target,
+            peers,
+            self.ksize,
+            self.alpha,
+            replicas=self.config.replicas,
+            round_timeout=self.config.round_timeout,
+            deadline=loop.time() + self.config.lookup_timeout,
+            fetch_records=fetch_records,
+        )
+        return await crawl.find()
+
+    async def get_records(self, key: bytes) -> Lookup:
+        """Look ``key`` up on the closest peers (and locally); verify and merge the records."""
+        if self.protocol is None:
+            raise RuntimeError("not listening")
+        result = await self._crawl(key)
+        now = self.storage.clock()
+        wires = set(result.records)
+        wires.update(r.wire for r in self.storage.records(key))
+        verified: list[SignedRecord] = []
+        rejected = 0
+        for wire in wires:
+            try:
+                verified.append(verify_record(wire, now=now, key=key, policy=self.policy))
+            except RecordRejected:
+                rejected += 1
+        newest: dict[bytes, SignedRecord] = {}
+        for record in verified:
+            current = newest.get(record.publisher)
+            if current is None or record.seq > current.seq:
+                newest[record.publisher] = record
+        return Lookup(list(newest.values()), len(result.holders), rejected)
+
+    async def put_record(self, key: bytes, wire: bytes) -> int:
+        """Store a record on the closest peers (and locally if we are among them).
+
+        Returns how many holders accepted it (0 if no peer answered).
+        """
+        if self.protocol is None:
+            raise RuntimeError("not listening")
+        result = await self._crawl(key, fetch_records=False)
+        holders = result.holders
+        target = Node(key)
+        accepted = 0
+        if len(holders) < self.config.replicas or self.node.distance_to(target) < max(
+            h.distance_to(target) for h in holders
+        ):
+            try:
+                self.storage.put(key, wire)
+                accepted += 1
+            except RecordRejected as exc:
+                log.warning("own record refused locally: %s", exc)
+        answers: list[Any] = await asyncio.gather(
+            *(self.protocol.call_store(h, key, wire) for h in holders)
+        )
+        accepted += sum(1 for ok, value in answers if ok and value is True)
+        return accepted
+
+    def stop(self) -> None:
+        """Close the socket and stop the table refresh."""
+        super().stop()
+        if self.protocol is not None:
+            self.protocol.close()
+        for task in self._tasks:
+            task.cancel()
+        self.protocol = None
