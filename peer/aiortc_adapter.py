@@ -103,12 +103,14 @@ PacketHandler = Callable[[int, int, int, bytes, int | None], None]
 class _ForwardingBuffer:
     """Stands in for aiortc's jitter buffer: hands each packet to the SFU, keeps nothing."""
 
-    __slots__ = ("handler",)
+    __slots__ = ("handler", "media_ssrc")
 
     def __init__(self, handler: PacketHandler) -> None:
         self.handler = handler
+        self.media_ssrc: int | None = None
 
     def add(self, packet: RtpPacket) -> tuple[bool, None]:
+        self.media_ssrc = packet.ssrc  # after RTX unwrap: the media SSRC
         level = packet.extensions.audio_level
         self.handler(
             packet.sequence_number,
@@ -149,10 +151,10 @@ def _stop_decoder_thread(receiver: RTCRtpReceiver) -> None:
         receiver._RTCRtpReceiver__decoder_thread = None  # type: ignore[attr-defined]
 
 
-def receiver_ssrcs(receiver: RTCRtpReceiver) -> list[int]:
-    """SSRCs seen so far by a receiver (media, after RTX unwrap) with their stats."""
-    streams = getattr(receiver, "_RTCRtpReceiver__remote_streams", {})
-    return list(streams)
+def media_ssrc(receiver: RTCRtpReceiver) -> int | None:
+    """The media SSRC a tapped receiver last forwarded (never an RTX or probe SSRC)."""
+    buffer = getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None)
+    return buffer.media_ssrc if isinstance(buffer, _ForwardingBuffer) else None
 
 
 def receiver_loss(receiver: RTCRtpReceiver) -> tuple[int, int, float]:

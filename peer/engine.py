@@ -64,6 +64,7 @@ def _new_id(prefix: str) -> str:
 
 
 Sink = Callable[[bytes], None]
+KEYFRAME_RETRY_INTERVAL = 1.0
 
 
 class Producer:
@@ -150,7 +151,14 @@ class Producer:
             self.send_keyframe_request()
 
     def tick(self, now: float) -> None:
-        """Timer work: held keyframe requests and rate sampling."""
+        """Timer work: held keyframe requests, retries for waiting consumers, rates."""
+        if (
+            self.is_video
+            and now - self.keyframe_limiter.last_sent >= KEYFRAME_RETRY_INTERVAL
+            and any(c.waiting_keyframe and c.sink is not None for c in self.consumers)
+        ):
+            # The request or the keyframe itself was lost: ask again.
+            self.request_keyframe(now)
         if self.keyframe_limiter.poll(now):
             self.stats.plis += 1
             self.send_keyframe_request()

@@ -300,9 +300,9 @@ class ParticipantSession:
         rtc.tap_receiver(receiver, producer.receive)
 
         def send_pli() -> None:
-            for ssrc in rtc.receiver_ssrcs(receiver):
+            ssrc = rtc.media_ssrc(receiver)
+            if ssrc is not None:
                 rtc.send_pli(receiver, ssrc)
-                break
 
         producer.send_keyframe_request = send_pli
         producer.receiver = receiver  # type: ignore[attr-defined]
