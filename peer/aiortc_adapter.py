@@ -53,6 +53,7 @@ def _guarded_data_received(self: aioice.ice.Connection, data: bytes, component: 
 
 aioice.ice.Connection.data_received = _guarded_data_received  # type: ignore[method-assign]
 _ice_addresses: list[str] | None = None
+_background: set[asyncio.Future[None]] = set()
 
 
 def set_ice_addresses(addresses: list[str] | None) -> None:
@@ -174,7 +175,9 @@ def receiver_loss(receiver: RTCRtpReceiver) -> tuple[int, int, float]:
 
 def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
     """Send RTCP PLI to a publisher (fire and forget)."""
-    asyncio.ensure_future(receiver._send_rtcp_pli(media_ssrc))
+    task = asyncio.ensure_future(receiver._send_rtcp_pli(media_ssrc))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def decoder_running(receiver: RTCRtpReceiver) -> bool:
@@ -221,7 +224,7 @@ def outbound_params(transceiver: RTCRtpTransceiver) -> OutboundParams:
 class SenderSink:
     """Synchronous SRTP-protect + sendto on a sender's transport (the hot path)."""
 
-    __slots__ = ("_dtls", "_protect", "_sendto", "_addr", "dropped", "sent")
+    __slots__ = ("_addr", "_dtls", "_protect", "_sendto", "dropped", "sent")
 
     def __init__(self, sender: RTCRtpSender) -> None:
         self._dtls = sender.transport
@@ -258,7 +261,7 @@ class SenderSink:
         try:
             self._sendto(protect(data), self._addr)  # type: ignore[misc]
             self.sent += 1
-        except Exception:  # noqa: BLE001 - a broken transport must not stop the fan-out
+        except Exception:
             self._protect = None
             self.dropped += 1
 

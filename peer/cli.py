@@ -23,7 +23,7 @@ def _read_secret(args: argparse.Namespace) -> str | None:
     return os.environ.get(SECRET_ENV)
 
 
-def _node_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("node", help="run a Cascade node")
     p.add_argument("--host", default="127.0.0.1", help="HTTP/WebSocket listen address")
     p.add_argument("--port", type=int, default=8080)
@@ -41,7 +41,7 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--log-level", default="INFO")
 
 
-def _token_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("token", help="issue an access token")
     p.add_argument("--room", required=True)
     p.add_argument("--identity", required=True)
@@ -90,8 +90,10 @@ def run_node(args: argparse.Namespace) -> int:
     secret = _read_secret(args)
     if not secret:
         if not args.dev:
-            print(f"no API secret: set ${SECRET_ENV}, pass --secret-file, or use --dev",
-                  file=sys.stderr)
+            print(
+                f"no API secret: set ${SECRET_ENV}, pass --secret-file, or use --dev",
+                file=sys.stderr,
+            )
             return 2
         secret = new_secret()
         print(f"dev mode: API secret {secret}", flush=True)

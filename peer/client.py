@@ -1,11 +1,11 @@
 """Python SDK: a Cascade participant built on aiortc.
 
-    client = CascadeClient("http://127.0.0.1:8080")
-    await client.connect()
-    await client.join("room", token)
-    await client.publish([PatternVideoTrack(), ToneAudioTrack()])
-    ...  # client.tracks fills as the node offers consumers
-    await client.close()
+client = CascadeClient("http://127.0.0.1:8080")
+await client.connect()
+await client.join("room", token)
+await client.publish([PatternVideoTrack(), ToneAudioTrack()])
+...  # client.tracks fills as the node offers consumers
+await client.close()
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from av import VideoFrame
 
 from peer import aiortc_adapter as rtc
 
@@ -152,7 +153,7 @@ class CascadeClient:
                     future.set_result(message)
                     continue
                 await self._on_event(message)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.debug("signaling reader stopped: %r", exc)
         finally:
             for future in self._pending.values():
@@ -249,12 +250,16 @@ class CascadeClient:
         with contextlib.suppress(Exception):
             await self.request({"type": "leave"})
 
-    async def wait_for_tracks(self, count: int, kind: str | None = None, timeout: float = 20) -> list[SubscribedTrack]:
+    async def wait_for_tracks(
+        self, count: int, kind: str | None = None, timeout: float = 20
+    ) -> list[SubscribedTrack]:
         """Wait until ``count`` tracks (of ``kind``) decoded their first frame."""
+
         async def ready() -> list[SubscribedTrack]:
             while True:
                 done = [
-                    t for t in self.tracks.values()
+                    t
+                    for t in self.tracks.values()
                     if (kind is None or t.kind == kind) and t.frames_decoded > 0
                 ]
                 if len(done) >= count:
@@ -265,6 +270,7 @@ class CascadeClient:
 
     async def wait_event(self, kind: str, timeout: float = 10, **match: Any) -> dict[str, Any]:
         """Wait for a server event of ``kind`` (received so far or later) matching ``match``."""
+
         async def find() -> dict[str, Any]:
             while True:
                 for event in self.events:
@@ -328,7 +334,7 @@ class CascadeClient:
                 if sub.first_frame_at is None:
                     sub.first_frame_at = loop.time()
                     sub.first_frame.set()
-                if sub.kind == "video":
+                if isinstance(frame, VideoFrame):
                     sub.width, sub.height = frame.width, frame.height
         except MediaStreamError:
             pass

@@ -358,7 +358,7 @@ class Router:
     def add_producer(self, producer: Producer) -> Producer:
         """Register a producer created for this room."""
         self.producers[producer.id] = producer
-        producer.on_close(lambda p: self.producers.pop(p.id, None))
+        producer.on_close(self._forget_producer)
         return producer
 
     def create_consumer(
@@ -374,8 +374,14 @@ class Router:
         consumer = Consumer(producer, subscriber_id, paused=paused)
         producer.consumers.append(consumer)
         self.consumers[consumer.id] = consumer
-        consumer.on_close(lambda c: self.consumers.pop(c.id, None))
+        consumer.on_close(self._forget_consumer)
         return consumer
+
+    def _forget_producer(self, producer: Producer) -> None:
+        self.producers.pop(producer.id, None)
+
+    def _forget_consumer(self, consumer: Consumer) -> None:
+        self.consumers.pop(consumer.id, None)
 
     def tick(self, now: float) -> None:
         """Timer work for every producer and consumer."""

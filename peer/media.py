@@ -58,19 +58,27 @@ def vp8_test_pattern(
     rng = np.random.default_rng(7)
     for i in range(total):
         y = ((xs + ys + i * 4) % 256).astype(np.uint8)
-        box = (slice((i * 3) % (height - 60), (i * 3) % (height - 60) + 60),
-               slice((i * 7) % (width - 60), (i * 7) % (width - 60) + 60))
+        box = (
+            slice((i * 3) % (height - 60), (i * 3) % (height - 60) + 60),
+            slice((i * 7) % (width - 60), (i * 7) % (width - 60) + 60),
+        )
         y[box] = 255 - y[box]
         # Noise keeps the encoder near its target bitrate, like a camera would.
         y ^= rng.integers(0, 24, size=y.shape, dtype=np.uint8)
         u = np.full((height // 2, width // 2), (i * 2) % 256, np.uint8)
         v = np.full((height // 2, width // 2), 128, np.uint8)
         frame = av.VideoFrame(width, height, "yuv420p")
-        frame.planes[0].update(y.tobytes() if frame.planes[0].line_size == width else _pad(y, frame.planes[0].line_size))
+        frame.planes[0].update(
+            y.tobytes()
+            if frame.planes[0].line_size == width
+            else _pad(y, frame.planes[0].line_size)
+        )
         frame.planes[1].update(_pad(u, frame.planes[1].line_size))
         frame.planes[2].update(_pad(v, frame.planes[2].line_size))
         frame.pts = i
-        frame.pict_type = av.video.frame.PictureType.I if i % fps == 0 else av.video.frame.PictureType.NONE
+        frame.pict_type = (
+            av.video.frame.PictureType.I if i % fps == 0 else av.video.frame.PictureType.NONE
+        )
         data = b"".join(bytes(p) for p in codec.encode(frame))
         if i % fps == 0:
             keyframes.append(len(frames))
@@ -134,7 +142,9 @@ class PatternVideoTrack(_PacedTrack):
 
     kind = "video"
 
-    def __init__(self, width: int = 640, height: int = 480, fps: int = 30, bitrate: int = 1_000_000) -> None:
+    def __init__(
+        self, width: int = 640, height: int = 480, fps: int = 30, bitrate: int = 1_000_000
+    ) -> None:
         super().__init__(1.0 / fps)
         self.clip = vp8_test_pattern(width, height, fps, bitrate)
         self._index = 0

@@ -118,9 +118,7 @@ class HeaderWriter:
             pad = (-total) % 4
             words = (total + pad) // 4
             self._b0 = RTP_VERSION_EXT
-            self._suffix = (
-                struct.pack("!IHH", params.ssrc, 0xBEDE, words) + own + b"\x00" * pad
-            )
+            self._suffix = struct.pack("!IHH", params.ssrc, 0xBEDE, words) + own + b"\x00" * pad
 
     def header(self, marker: int, seq: int, ts: int, shared_ext: bytes) -> bytes:
         """Header bytes (fixed header + extension block) for one outgoing packet."""

@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 from aiohttp import WSMsgType, web
@@ -192,9 +193,8 @@ class NodeServer:
         await site.start()
         self._ticker = asyncio.ensure_future(self._tick())
         if self.config.port == 0:
-            server = site._server
-            assert server is not None
-            self.config.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            server: Any = site._server
+            self.config.port = server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         """Close every session and stop serving."""

@@ -100,7 +100,7 @@ class ParticipantSession:
             message = await self._outbox.get()
             try:
                 await self._send(message)
-            except Exception:  # noqa: BLE001 - a dead socket ends the session elsewhere
+            except Exception:
                 log.debug("dropping message to closed socket")
 
     async def flush(self) -> None:
@@ -485,8 +485,11 @@ class ParticipantSession:
                 producer.stats.jitter = jitter / producer.codec.clock_rate
             producers[pid] = {"kind": producer.kind, **producer.stats.as_dict()}
         consumers = {
-            cid: {"kind": s.consumer.kind, "producer_id": s.consumer.producer.id,
-                  **s.consumer.stats.as_dict()}
+            cid: {
+                "kind": s.consumer.kind,
+                "producer_id": s.consumer.producer.id,
+                **s.consumer.stats.as_dict(),
+            }
             for cid, s in self.subscriptions.items()
         }
         return {"producers": producers, "consumers": consumers}

@@ -15,7 +15,9 @@ MAX_SDP_BYTES = 48 * 1024
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 RoomName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[\w.\-]+$")]
-RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**53)] | Annotated[str, msgspec.Meta(max_length=64)]
+RequestId = (
+    Annotated[int, msgspec.Meta(ge=0, le=2**53)] | Annotated[str, msgspec.Meta(max_length=64)]
+)
 Sdp = Annotated[str, msgspec.Meta(min_length=10, max_length=MAX_SDP_BYTES)]
 
 

@@ -38,7 +38,9 @@ ClientFactory = Callable[..., Awaitable[CascadeClient]]
 async def clients(node: NodeServer) -> AsyncIterator[ClientFactory]:
     made: list[CascadeClient] = []
 
-    async def make(room: str | None = None, identity: str = "user", **join: object) -> CascadeClient:
+    async def make(
+        room: str | None = None, identity: str = "user", **join: object
+    ) -> CascadeClient:
         client = CascadeClient(node.url)
         await client.connect()
         made.append(client)

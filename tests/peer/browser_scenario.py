@@ -36,7 +36,9 @@ FRAMES_DECODED = """async () => {
 
 
 async def main() -> int:
-    server = NodeServer(NodeConfig(port=8080, api_secret="browser-test-secret-0123456789abcdef", dev=True))
+    server = NodeServer(
+        NodeConfig(port=8080, api_secret="browser-test-secret-0123456789abcdef", dev=True)
+    )
     await server.start()
     result: dict[str, object] = {}
     try:
@@ -49,7 +51,9 @@ async def main() -> int:
             await publisher.goto(server.url)
             await publisher.fill("#name", "camera")
             await publisher.click("#join-button")
-            await publisher.wait_for_function("window.cascade.published !== undefined", timeout=20000)
+            await publisher.wait_for_function(
+                "window.cascade.published !== undefined", timeout=20000
+            )
             await viewer.goto(server.url)
             await viewer.fill("#name", "viewer")
             await viewer.uncheck("#publish")
@@ -65,13 +69,18 @@ async def main() -> int:
                 "document.querySelectorAll('figure[data-kind=video] video').length"
             )
             result["video_width"] = await viewer.evaluate(
-                "Math.max(...[...document.querySelectorAll('figure[data-kind=video] video')].map(v => v.videoWidth))"
+                "Math.max(...[...document.querySelectorAll('figure[data-kind=video] video')]"
+                ".map(v => v.videoWidth))"
             )
             result["server_codec_instances"] = server.stats()["codec_instances"]
             result["totals"] = server.stats()["totals"]
             result["rooms"] = server.stats()["rooms"]
-            result["sub_state"] = await viewer.evaluate("window.cascade.subPc && window.cascade.subPc.connectionState")
-            result["status"] = await viewer.evaluate("document.getElementById('status').textContent")
+            result["sub_state"] = await viewer.evaluate(
+                "window.cascade.subPc && window.cascade.subPc.connectionState"
+            )
+            result["status"] = await viewer.evaluate(
+                "document.getElementById('status').textContent"
+            )
             await browser.close()
     finally:
         await server.stop()

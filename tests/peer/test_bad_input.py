@@ -15,7 +15,9 @@ from peer.media import PatternVideoTrack
 from peer.tokens import issue_token
 from tests.conftest import SECRET, ClientFactory, token
 
-VALID_OFFER_LIKE = "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
+VALID_OFFER_LIKE = (
+    "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
+)
 
 
 @pytest.fixture
@@ -40,17 +42,17 @@ async def raw_reply(client: CascadeClient, text: str) -> dict:
 
 RAW_CASES = [
     ("not json at all", "bad_json"),
-    ("{\"type\": \"join\", ", "bad_json"),
+    ('{"type": "join", ', "bad_json"),
     ("[1, 2, 3]", "bad_message"),
-    ("{\"room\": \"x\"}", "bad_message"),
-    ("{\"type\": \"teleport\"}", "unknown_type"),
-    ("{\"type\": \"join\", \"room\": 123, \"token\": \"t\"}", "bad_message"),
-    ("{\"type\": \"join\", \"room\": \"x\", \"token\": \"t\", \"evil\": 1}", "bad_message"),
-    ("{\"type\": \"join\", \"room\": \"../etc\", \"token\": \"t\"}", "bad_message"),
-    ("{\"type\": \"subscribe\"}", "bad_message"),
-    ("{\"type\": \"publish\", \"sdp\": 5}", "bad_message"),
+    ('{"room": "x"}', "bad_message"),
+    ('{"type": "teleport"}', "unknown_type"),
+    ('{"type": "join", "room": 123, "token": "t"}', "bad_message"),
+    ('{"type": "join", "room": "x", "token": "t", "evil": 1}', "bad_message"),
+    ('{"type": "join", "room": "../etc", "token": "t"}', "bad_message"),
+    ('{"type": "subscribe"}', "bad_message"),
+    ('{"type": "publish", "sdp": 5}', "bad_message"),
     (json.dumps({"type": "ping", "pad": "x" * 70_000}), "too_large"),
-    ("{\"type\": \"publish\", \"sdp\": \"" + "v=0 " * 10 + "\"}", "not_joined"),
+    ('{"type": "publish", "sdp": "' + "v=0 " * 10 + '"}', "not_joined"),
 ]
 
 
@@ -135,7 +137,7 @@ async def test_binary_and_oversized_frames(node, call_in_progress):
 
 
 async def test_garbage_udp_on_media_ports(node, call_in_progress):
-    pub, sub, track, _ = call_in_progress
+    pub, _sub, track, _ = call_in_progress
     from peer import aiortc_adapter as rtc
 
     ports = set()
@@ -146,8 +148,15 @@ async def test_garbage_udp_on_media_ports(node, call_in_progress):
     assert ports
     frames = track.frames_decoded
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    garbage = [b"", b"\x00", b"\x80" * 12, b"\x90\x60" + b"\xab" * 200, b"\x16\xfe\xfd" + b"\x00" * 50,
-               b"\x00\x01\x00\x00" + b"\x21\x12\xa4\x42" + b"\x00" * 12, bytes(range(256)) * 4]
+    garbage = [
+        b"",
+        b"\x00",
+        b"\x80" * 12,
+        b"\x90\x60" + b"\xab" * 200,
+        b"\x16\xfe\xfd" + b"\x00" * 50,
+        b"\x00\x01\x00\x00" + b"\x21\x12\xa4\x42" + b"\x00" * 12,
+        bytes(range(256)) * 4,
+    ]
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         for host, port in ports:

@@ -62,7 +62,9 @@ async def test_late_joiner_decodes_within_one_second(node, clients: ClientFactor
     assert track.stats()["decode_errors"] == 0
 
 
-async def test_publisher_leaves_subscribers_told_and_room_keeps_working(node, clients: ClientFactory):
+async def test_publisher_leaves_subscribers_told_and_room_keeps_working(
+    node, clients: ClientFactory
+):
     pub = await clients("leave", "alice")
     (video,) = await pub.publish([PatternVideoTrack(160, 120)])
     sub = await clients("leave", "bob")

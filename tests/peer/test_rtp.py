@@ -1,0 +1,197 @@
+"""Unit tests of the sans-I/O RTP core: rewriting, continuity, keyframes, cache, tokens."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
+from aiortc.rtp import HeaderExtensionsMap, RtpPacket
+
+from peer.engine import CodecInfo, Node, Producer, SfuError
+from peer.rtp import (
+    URI_ABS_SEND_TIME,
+    URI_MID,
+    CachedPacket,
+    HeaderWriter,
+    OutboundParams,
+    PacketCache,
+    SequenceRewriter,
+    is_keyframe_start,
+    parse_rtcp_nack_fci,
+    shared_extensions,
+)
+from peer.stats import AdmissionPolicy, KeyframeRequestLimiter
+from peer.tokens import TokenError, issue_token, verify_token
+
+SECRET = "unit-secret-0123456789abcdef-0123456789"
+
+
+def parse(data: bytes, mid_id: int = 1, abs_id: int = 3) -> RtpPacket:
+    ext = HeaderExtensionsMap()
+    ext.configure(
+        RTCRtpParameters(
+            headerExtensions=[
+                RTCRtpHeaderExtensionParameters(id=mid_id, uri=URI_MID),
+                RTCRtpHeaderExtensionParameters(id=abs_id, uri=URI_ABS_SEND_TIME),
+            ]
+        )
+    )
+    return RtpPacket.parse(data, ext)
+
+
+def test_header_writer_output_parses_with_rewritten_fields():
+    params = OutboundParams(
+        ssrc=0xDEADBEEF, payload_type=97, mid="3", mid_ext_id=1, abs_send_time_ext_id=3
+    )
+    writer = HeaderWriter(params)
+    ext = shared_extensions(writer.shared_layout, 0x123456, None)
+    data = writer.header(1, 65535, 0xFFFFFFFF, ext) + b"payload"
+    packet = parse(data)
+    assert packet.ssrc == 0xDEADBEEF and packet.payload_type == 97
+    assert packet.sequence_number == 65535 and packet.timestamp == 0xFFFFFFFF
+    assert packet.marker == 1
+    assert packet.extensions.mid == "3"
+    assert packet.extensions.abs_send_time == 0x123456
+    assert packet.payload == b"payload"
+
+
+def test_header_writer_without_extensions():
+    writer = HeaderWriter(OutboundParams(ssrc=5, payload_type=111))
+    data = writer.header(0, 1, 2, b"") + b"x"
+    packet = RtpPacket.parse(data)
+    assert (packet.ssrc, packet.payload_type, packet.sequence_number, packet.timestamp) == (
+        5,
+        111,
+        1,
+        2,
+    )
+    assert len(data) == 13
+
+
+def test_sequence_rewriter_continuous_across_switch_and_wrap():
+    rw = SequenceRewriter(90000, initial_seq=65534, initial_ts=100)
+    assert rw.map(1000, 5000, now=0.0) == (65534, 100)
+    assert rw.map(1001, 8000, now=0.033) == (65535, 3100)
+    assert rw.map(1002, 11000, now=0.066) == (0, 6100)  # wraps
+    rw.rebase()  # switch to another source with unrelated numbering
+    seq, ts = rw.map(40000, 777, now=1.066)
+    assert seq == 1
+    assert ts == (6100 + 90000) & 0xFFFFFFFF  # advanced by one second of wall clock
+    assert rw.source_seq(1) == 40000
+    # A retransmission of an older packet does not move "last" back.
+    rw.map(39999, 0, now=1.1)
+    assert rw.last_seq == 1
+
+
+def vp8_payload(keyframe: bool, start: bool = True, picture_id: int | None = 300) -> bytes:
+    b0 = 0x10 if start else 0
+    if picture_id is None:
+        return bytes([b0]) + bytes([0x00 if keyframe else 0x01]) + b"\x00" * 10
+    return (
+        bytes([0x80 | b0, 0x80])
+        + struct.pack("!H", 0x8000 | picture_id)
+        + bytes([0x00 if keyframe else 0x01])
+        + b"\x00" * 10
+    )
+
+
+def test_keyframe_detection():
+    assert is_keyframe_start("VP8", vp8_payload(True))
+    assert is_keyframe_start("VP8", vp8_payload(True, picture_id=None))
+    assert not is_keyframe_start("VP8", vp8_payload(False))
+    assert not is_keyframe_start("VP8", vp8_payload(True, start=False))
+    assert not is_keyframe_start("VP8", b"")
+    assert is_keyframe_start("H264", bytes([0x65, 0x88]))  # IDR slice
+    assert is_keyframe_start("H264", bytes([0x67, 0x42]))  # SPS
+    assert not is_keyframe_start("H264", bytes([0x41, 0x9A]))  # non-IDR
+    stap = (
+        bytes([0x18])
+        + struct.pack("!H", 2)
+        + bytes([0x67, 0x42])
+        + struct.pack("!H", 2)
+        + bytes([0x68, 0xCE])
+    )
+    assert is_keyframe_start("H264", stap)
+    assert is_keyframe_start("H264", bytes([0x7C, 0x85]))  # FU-A start of IDR
+    assert not is_keyframe_start("H264", bytes([0x7C, 0x05]))  # FU-A continuation
+    assert is_keyframe_start("opus", b"\x01")
+
+
+def test_packet_cache_returns_exact_sequence_only():
+    cache = PacketCache(8)
+    cache.put(CachedPacket(3, 0, 0, b"a", False, None))
+    cache.put(CachedPacket(11, 0, 0, b"b", False, None))  # same slot, evicts 3
+    assert cache.get(3) is None
+    assert cache.get(11).payload == b"b"
+    with pytest.raises(ValueError):
+        PacketCache(1000)
+
+
+def test_nack_fci():
+    fci = struct.pack("!HH", 100, 0b101)
+    assert parse_rtcp_nack_fci(fci) == [100, 101, 103]
+
+
+def test_keyframe_limiter_holds_and_releases():
+    lim = KeyframeRequestLimiter(0.5)
+    assert lim.request(0.0)
+    assert not lim.request(0.1)
+    assert not lim.poll(0.3)
+    assert lim.poll(0.6)
+    assert not lim.poll(0.7)
+
+
+def test_admission_refuses_before_overload():
+    node = Node(AdmissionPolicy(max_consumers=2, max_cpu=0.8))
+    router = node.router("r")
+    producer = router.add_producer(
+        Producer(router, "p", "audio", CodecInfo("audio/opus", 48000, 2))
+    )
+    router.create_consumer(producer.id, "s1")
+    node.admission.update(0.9, 0, 1)
+    with pytest.raises(SfuError) as info:
+        router.create_consumer(producer.id, "s2")
+    assert info.value.code == "overloaded"
+    node.admission.update(0.1, 0, 2)
+    with pytest.raises(SfuError):
+        router.create_consumer(producer.id, "s2")
+    node.admission.update(0.1, 0, 1)
+    router.create_consumer(producer.id, "s2")
+
+
+def test_producer_fanout_keyframe_gate_and_nack():
+    node = Node()
+    router = node.router("r")
+    producer = router.add_producer(Producer(router, "p", "video", CodecInfo("video/VP8", 90000)))
+    sent: list[bytes] = []
+    consumer = router.create_consumer(producer.id, "s")
+    consumer.attach(OutboundParams(ssrc=42, payload_type=97), sent.append)
+    producer.receive(10, 1000, 1, vp8_payload(False), now=1.0)
+    assert sent == []  # waits for a keyframe
+    producer.receive(11, 4000, 0, vp8_payload(True), now=1.1)
+    producer.receive(12, 4000, 1, vp8_payload(False, start=False), now=1.1)
+    assert len(sent) == 2
+    first, second = RtpPacket.parse(sent[0]), RtpPacket.parse(sent[1])
+    assert first.ssrc == 42 and second.sequence_number == (first.sequence_number + 1) & 0xFFFF
+    consumer.handle_nack([first.sequence_number])
+    assert RtpPacket.parse(sent[-1]).payload == first.payload
+    producer.close()
+    assert consumer.closed and not router.consumers
+
+
+def test_tokens():
+    t = issue_token(SECRET, "room", "alice", ttl=60, publish=False, now=1000)
+    grant = verify_token(SECRET, t, "room", now=1010)
+    assert grant.identity == "alice" and not grant.can_publish and grant.can_subscribe
+    with pytest.raises(TokenError) as e:
+        verify_token(SECRET, t, "room", now=2000)
+    assert e.value.code == "token_expired"
+    with pytest.raises(TokenError) as e:
+        verify_token(SECRET, t, "other", now=1010)
+    assert e.value.code == "forbidden"
+    with pytest.raises(TokenError) as e:
+        verify_token("x" * 40, t, "room", now=1010)
+    assert e.value.code == "bad_token"
+    with pytest.raises(ValueError):
+        issue_token("short", "room", "a")
