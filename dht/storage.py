@@ -134,7 +134,7 @@ class RecordStorage(IStorage):
         if not records:
             del self._data[key]
 
-    def keys(self) -> list[bytes]:
+    def stored_keys(self) -> list[bytes]:
         """Keys currently holding records."""
         self.expire()
         return list(self._data)
