@@ -1,0 +1,71 @@
+"""Interfaces between the relay and the SFU engine (implemented by ``peer/``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+__all__ = ["CODEC_PARAM_KEYS", "PacketListener", "ProducerLookup", "RelaySource"]
+
+#: A callback receiving one plain (SRTP-decrypted) RTP packet.
+PacketListener = Callable[[bytes], None]
+
+#: Keys expected in :meth:`RelaySource.codec_params` (all optional except ``mime_type``
+#: and ``clock_rate``).  Values must be msgpack-serialisable (str, int, float, bool,
+#: None, bytes, lists and str-keyed dicts of those).
+CODEC_PARAM_KEYS = (
+    "mime_type",  # str, e.g. "video/VP8", "audio/opus"
+    "clock_rate",  # int, e.g. 90000
+    "channels",  # int | None (audio)
+    "payload_type",  # int, the origin payload type of the packets
+    "rtx_payload_type",  # int | None
+    "sdp_fmtp",  # dict[str, str | int] | str
+    "rtcp_feedback",  # list[[type, parameter | None]], e.g. [["nack", None], ["nack", "pli"]]
+    "ssrc",  # int, origin SSRC of the packets
+)
+
+
+class RelaySource(Protocol):
+    """What the origin side of the relay needs from a local producer.
+
+    The lead implements it on ``peer.Producer``; :class:`relay.RemoteProducer` implements
+    it too, so a remote producer can be relayed again (chained hops).
+
+    Packets are delivered **as received by the producer**: plain RTP after SRTP
+    decryption, with the origin SSRC, payload type and sequence numbers, before any
+    per-consumer rewriting.  The relay forwards them byte-for-byte; the remote node's
+    consumers rewrite them exactly as they would a local producer's packets.
+    """
+
+    @property
+    def kind(self) -> str:
+        """``"audio"`` or ``"video"``."""
+        ...
+
+    def codec_params(self) -> Mapping[str, object]:
+        """Codec parameters of the packets (see :data:`CODEC_PARAM_KEYS`)."""
+        ...
+
+    def add_packet_listener(self, cb: PacketListener) -> None:
+        """Call ``cb(rtp_bytes)`` for every packet from now on (on the event loop thread)."""
+        ...
+
+    def remove_packet_listener(self, cb: PacketListener) -> None:
+        """Stop calling ``cb``; unknown callbacks are ignored."""
+        ...
+
+    def request_keyframe(self) -> None:
+        """Ask the publisher for a keyframe (PLI/FIR); the relay rate-limits calls."""
+        ...
+
+    def get_cached_packet(self, seq: int) -> bytes | None:
+        """The packet with RTP sequence number ``seq`` if still cached, else ``None``."""
+        ...
+
+    def on_close(self, cb: Callable[[], None]) -> None:
+        """Call ``cb()`` once when the producer closes."""
+        ...
+
+
+#: Resolves a producer id to a local source (``None`` if unknown).
+ProducerLookup = Callable[[str], RelaySource | None]
