@@ -1,0 +1,40 @@
+"""Small API checks that need no network."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+import dht
+from dht import Directory, NodeIdentity
+from dht.server import map_address
+
+
+def test_public_api_is_exported() -> None:
+    for name in dht.__all__:
+        assert hasattr(dht, name), name
+    assert dht.__doc__
+
+
+def test_directory_validates_region_and_ttl() -> None:
+    identity = NodeIdentity.generate()
+    with pytest.raises(ValueError):
+        Directory(identity, "no spaces allowed")
+    with pytest.raises(ValueError):
+        Directory(identity, "eu", ttl=3600)
+    with pytest.raises(ValueError):
+        Directory(identity, "eu", ttl=0)
+    directory = Directory(identity, "eu")
+    assert directory.ttl <= 15
+    assert directory.refresh_interval <= directory.ttl / 2
+    assert directory.record.relay_key == identity.public_key
+    assert directory.node_id == identity.node_id
+
+
+def test_bootstrap_addresses_are_mapped_to_the_listening_family() -> None:
+    assert map_address("127.0.0.1", socket.AF_INET) == "127.0.0.1"
+    assert map_address("::1", socket.AF_INET) is None
+    assert map_address("::ffff:10.0.0.1", socket.AF_INET) == "10.0.0.1"
+    assert map_address("10.0.0.1", socket.AF_INET6) == "::ffff:10.0.0.1"
+    assert map_address("fe80::1%eth0", socket.AF_INET6) == "fe80::1%eth0"
