@@ -95,6 +95,7 @@ class NackTracker:
         "max_retries",
         "missing",
         "reorder_wait",
+        "reordered",
         "repaired",
         "resets",
         "retry_interval",
@@ -117,6 +118,7 @@ class NackTracker:
         self.gaps = 0
         self.lost = 0
         self.repaired = 0
+        self.reordered = 0
         self.duplicates = 0
         self.resets = 0
 
@@ -128,8 +130,9 @@ class NackTracker:
     def on_packet(self, seq: int, now: float) -> int:
         """Record a received sequence number.
 
-        Returns 0 for a new in-order (or forward-jumping) packet, 1 for a repaired (or
-        late) packet that was missing, 2 for a duplicate or stale one (drop it).
+        Returns 0 for a new in-order (or forward-jumping) packet, 1 for a packet that was
+        missing (:attr:`repaired` if NACKed before, else :attr:`reordered`), 2 for a
+        duplicate or stale one (drop it).
         """
         highest = self._highest
         if highest < 0:
@@ -153,8 +156,12 @@ class NackTracker:
             self._highest = seq
             return 0
         # backwards
-        if self.missing.pop(seq, None) is not None:
-            self.repaired += 1
+        entry = self.missing.pop(seq, None)
+        if entry is not None:
+            if entry[1]:
+                self.repaired += 1
+            else:
+                self.reordered += 1
             return 1
         if 0x10000 - diff > self.max_gap:
             # far behind: the stream restarted with lower numbers
@@ -199,6 +206,7 @@ class RemoteProducerStats:
     bytes: int = 0
     lost: int = 0
     repaired: int = 0
+    reordered: int = 0
     duplicates: int = 0
     nacks_sent: int = 0
     nack_seqs_sent: int = 0
@@ -378,7 +386,8 @@ class RemoteProducer:
         stats.bytes += len(pkt)
         self._cache[seq & self._mask] = pkt
         if verdict == 1:
-            stats.repaired += 1
+            stats.repaired = tracker.repaired
+            stats.reordered = tracker.reordered
         elif tracker.missing:
             self._upstream.wake_at(now + tracker.reorder_wait)
         for cb in self._listeners:

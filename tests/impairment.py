@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass, field
+from typing import cast
 
 LOCALHOST = "127.0.0.1"
 
@@ -48,8 +49,8 @@ class Impairment:
         at = now + self.delay
         if self.jitter > 0:
             at += self.rng.uniform(0, self.jitter)
-        if self.preserve_order and at < self._last:
-            at = self._last
+        if self.preserve_order and at <= self._last:
+            at = self._last + 1e-6  # strictly later: equal timer deadlines may swap
         self._last = at
         self.passed += 1
         self.bytes_passed += size
@@ -63,8 +64,7 @@ class _Upstream(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.proxy._forward(self.proxy.down, data, self.client, None)
@@ -107,8 +107,7 @@ class ImpairmentProxy:
         transport, _ = await self._loop.create_datagram_endpoint(
             lambda: _Front(self), local_addr=(LOCALHOST, port)
         )
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._front = transport
+        self._front = cast(asyncio.DatagramTransport, transport)
         self.port = transport.get_extra_info("sockname")[1]
         return self
 

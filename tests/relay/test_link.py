@@ -1,0 +1,457 @@
+"""Integration tests: real QUIC between relay endpoints on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from relay import ErrorCode, RelayLink, RelayRefused, RemoteProducer, SubscribeError
+from relay import protocol as p
+from tests.impairment import Impairment, ImpairmentProxy
+from tests.relay.helpers import VP8, Collector, FakeSource, Node, fast_config, wait_until
+
+LOCAL = "127.0.0.1"
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[Node, Node]]:
+    a = await Node().start()
+    b = await Node().start()
+    a.allow(b)
+    yield a, b
+    await b.endpoint.close()
+    await a.endpoint.close()
+
+
+async def pump(src: FakeSource, n: int, size: int = 200, rate: float = 1000.0) -> list[int]:
+    """Emit ``n`` packets at about ``rate`` packets/s; returns their sequence numbers."""
+    seqs = []
+    t0 = time.monotonic()
+    for i in range(n):
+        seqs.append(p.rtp_seq(src.emit_next(size)))
+        ahead = t0 + (i + 1) / rate - time.monotonic()
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+        elif i % 20 == 0:
+            await asyncio.sleep(0)
+    return seqs
+
+
+async def live_link(b: Node, a: Node, port: int | None = None) -> RelayLink:
+    link = b.endpoint.link(a.pub, LOCAL, port or a.port)
+    await link.wait_live(10)
+    return link
+
+
+async def test_subscribe_delivers_codec_and_packets(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    a.sources["cam"] = FakeSource()
+    link = await live_link(b, a)
+    rp = await link.subscribe("cam")
+    assert rp.kind == "video"
+    assert rp.codec_params() == VP8
+    col = Collector()
+    rp.add_packet_listener(col)
+    sent = await pump(a.sources["cam"], 200)
+    assert await wait_until(lambda: len(col.seqs) >= 200)
+    assert col.seqs == sent
+    assert col.packets[0] == a.sources["cam"].cache[sent[0]]  # byte-for-byte
+    assert rp.stats.packets == 200 and rp.stats.lost == 0
+
+
+async def test_subscribe_unknown_producer(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    link = await live_link(b, a)
+    with pytest.raises(SubscribeError) as ei:
+        await link.subscribe("nope")
+    assert ei.value.code == ErrorCode.NOT_FOUND
+
+
+async def test_one_flow_per_producer_regardless_of_listeners() -> None:
+    a = await Node().start()
+    b = await Node().start()
+    a.allow(b)
+    proxy = await ImpairmentProxy((LOCAL, a.port)).start()
+    try:
+        src = FakeSource()
+        a.sources["cam"] = src
+        link = await live_link(b, a, proxy.port)
+        rps = await asyncio.gather(*(link.subscribe("cam") for _ in range(10)))
+        assert all(rp is rps[0] for rp in rps)
+        rp = rps[0]
+        first = Collector()
+        rp.add_packet_listener(first)
+        await pump(src, 20)
+        assert await wait_until(lambda: len(first.seqs) >= 20)
+
+        async def measure(n: int) -> int:
+            before = proxy.bytes_total
+            target = len(first.seqs) + n
+            await pump(src, n, size=1000, rate=500)
+            assert await wait_until(lambda: len(first.seqs) >= target)
+            await asyncio.sleep(0.2)  # let ACKs settle
+            return proxy.bytes_total - before
+
+        one = await measure(400)
+        others = [Collector() for _ in range(9)]
+        for c in others:
+            rp.add_packet_listener(c)
+        ten = await measure(400)
+        assert all(c.seqs == first.seqs[-400:] for c in others)
+        flows = a.endpoint.origin_flows()
+        assert len(flows) == 1 and flows[0][1] == "cam"
+        assert len(src.listeners) == 1
+        ratio = ten / one
+        print(f"link bytes: 1 listener {one}, 10 listeners {ten}, ratio {ratio:.4f}")
+        assert 0.95 <= ratio <= 1.05, (one, ten)
+    finally:
+        await b.endpoint.close()
+        await a.endpoint.close()
+        proxy.close()
+
+
+async def test_loss_repaired_by_nack_through_impaired_link() -> None:
+    a = await Node().start()
+    b = await Node().start()
+    a.allow(b)
+    proxy = await ImpairmentProxy(
+        (LOCAL, a.port),
+        up=Impairment(delay=0.04, jitter=0.002, loss=0.02, seed=11),
+        down=Impairment(delay=0.04, jitter=0.002, loss=0.02, seed=12),
+    ).start()
+    try:
+        src = FakeSource(cache=2048)
+        a.sources["cam"] = src
+        link = await live_link(b, a, proxy.port)
+        rp = await link.subscribe("cam")
+        cols = [Collector(), Collector()]
+        for c in cols:
+            rp.add_packet_listener(c)
+        await pump(src, 5, size=300, rate=200)  # warm up: starts the sequence tracker
+        assert await wait_until(lambda: len(cols[0].seqs) >= 1)
+        sent = await pump(src, 500, size=300, rate=200)
+        # keep the stream going so that tail losses are detected as gaps too
+        want = set(sent)
+
+        async def tail() -> None:
+            while not all(want <= set(c.seqs) for c in cols):
+                await pump(src, 10, size=300, rate=200)
+
+        task = asyncio.create_task(tail())
+        try:
+            ok = await wait_until(lambda: all(want <= set(c.seqs) for c in cols), 20)
+        finally:
+            task.cancel()
+        missing = want - set(cols[0].seqs)
+        print(f"loss test: proxy dropped {proxy.up.dropped}+{proxy.down.dropped}, {rp.stats}")
+        assert ok, f"never repaired: {sorted(missing)} stats={rp.stats}"
+        assert proxy.down.dropped > 0  # there really was loss on the link
+        assert rp.stats.repaired > 0
+        assert rp.stats.nacks_sent > 0
+        assert cols[0].seqs == cols[1].seqs
+    finally:
+        await b.endpoint.close()
+        await a.endpoint.close()
+        proxy.close()
+
+
+async def test_packets_missing_from_origin_cache_are_given_up() -> None:
+    a = await Node().start()
+    b = await Node(fast_config(nack_max_retries=2, nack_retry_interval=0.05)).start()
+    a.allow(b)
+    try:
+        src = FakeSource()
+        a.sources["cam"] = src
+        link = await live_link(b, a)
+        rp = await link.subscribe("cam")
+        col = Collector()
+        rp.add_packet_listener(col)
+        await pump(src, 10)
+        src.seq += 3  # three packets "lost" before the relay and not in the cache
+        await pump(src, 10)
+        assert await wait_until(lambda: rp.stats.lost == 3, 10)
+        assert len(col.seqs) == 20
+        flows = a.endpoint.origin_flows()
+        assert flows[0][3].nack_misses >= 3
+    finally:
+        await b.endpoint.close()
+        await a.endpoint.close()
+
+
+async def test_dialler_refuses_wrong_server_key() -> None:
+    a = await Node().start()
+    b = await Node().start()
+    c = Node()  # the node b meant to reach; a answers instead
+    a.allow(b)
+    try:
+        a.sources["cam"] = FakeSource()
+        link = b.endpoint.link(c.pub, LOCAL, a.port)
+        with pytest.raises(RelayRefused) as ei:
+            await link.wait_live(10)
+        assert ei.value.code == ErrorCode.WRONG_PEER
+        assert a.endpoint.origin_flows() == []
+        assert a.sources["cam"].listeners == []
+    finally:
+        await b.endpoint.close()
+        await a.endpoint.close()
+
+
+async def test_listener_refuses_unauthorized_client() -> None:
+    a = await Node().start()
+    b = await Node().start()  # not in a's allowlist
+    try:
+        link = b.endpoint.link(a.pub, LOCAL, a.port)
+        with pytest.raises(RelayRefused) as ei:
+            await link.wait_live(10)
+        assert ei.value.code == ErrorCode.UNAUTHORIZED
+        assert "not authorized" in ei.value.reason
+        assert a.endpoint.counters.auth_refused >= 1
+    finally:
+        await b.endpoint.close()
+        await a.endpoint.close()
+
+
+async def test_listener_refuses_client_claiming_someone_elses_key() -> None:
+    a = await Node().start()
+    b = await Node().start()
+    victim = Node()
+    a.allow(victim)  # b claims to be the authorised victim but cannot sign for it
+    b.endpoint.public_key = victim.pub
+    try:
+        a.sources["cam"] = FakeSource()
+        link = b.endpoint.link(a.pub, LOCAL, a.port)
+        with pytest.raises(RelayRefused) as ei:
+            await link.wait_live(10)
+        assert ei.value.code == ErrorCode.AUTH_FAILED
+        assert a.sources["cam"].listeners == []
+    finally:
+        await b.endpoint.close()
+        await a.endpoint.close()
+
+
+async def test_cut_link_detected_reported_and_recovered() -> None:
+    a = await Node().start()
+    b = await Node().start()
+    a.allow(b)
+    proxy = await ImpairmentProxy((LOCAL, a.port)).start()
+    try:
+        src = FakeSource()
+        a.sources["cam"] = src
+        link = await live_link(b, a, proxy.port)
+        link_states: list[str] = []
+        link.on_state(link_states.append)
+        rp = await link.subscribe("cam")
+        rp_states: list[str] = []
+        rp.on_state(rp_states.append)
+        col = Collector()
+        rp.add_packet_listener(col)
+        await pump(src, 50)
+        assert await wait_until(lambda: len(col.seqs) >= 50)
+        old_flow = rp.flow_id
+
+        proxy.set_blocked(True)
+        t_cut = time.monotonic()
+        pumping = asyncio.create_task(pump(src, 10_000, rate=100))
+        try:
+            assert await wait_until(lambda: link.state == "interrupted", 8)
+            detected = time.monotonic() - t_cut
+            print(f"cut detected after {detected:.2f} s")
+            assert detected < 4.5, detected  # ~3 s target, generous deadline
+            assert rp_states == ["interrupted"]
+            # the origin also noticed and released its producer listener
+            assert await wait_until(lambda: not src.listeners, 8)
+            kf_before = src.keyframe_requests
+
+            proxy.set_blocked(False)
+            assert await wait_until(lambda: link.state == "live" and rp.state == "live", 15)
+            n = len(col.seqs)
+            assert await wait_until(lambda: len(col.seqs) > n + 20, 10)
+        finally:
+            pumping.cancel()
+        assert link_states[:2] == ["interrupted", "live"]
+        assert rp_states == ["interrupted", "live"]
+        assert rp.flow_id is not None and link.connects == 2 and link.disconnects == 1
+        assert old_flow is not None
+        assert len(src.listeners) == 1  # re-subscribed: still one flow
+        assert await wait_until(lambda: src.keyframe_requests > kf_before, 5)
+    finally:
+        await b.endpoint.close()
+        await a.endpoint.close()
+        proxy.close()
+
+
+async def test_garbage_does_not_break_other_flows(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    s1, s2 = FakeSource(), FakeSource(kind="audio")
+    a.sources["v"] = s1
+    a.sources["a"] = s2
+    link = await live_link(b, a)
+    rp1, rp2 = await link.subscribe("v"), await link.subscribe("a")
+    c1, c2 = Collector(), Collector()
+    rp1.add_packet_listener(c1)
+    rp2.add_packet_listener(c2)
+    server_conn = next(iter(a.endpoint._sessions))
+    client_conn = link._conn
+    assert client_conn is not None and client_conn.ctrl_id is not None
+    assert rp1.flow_id is not None
+    ctrl_id, flow1 = client_conn.ctrl_id, rp1.flow_id
+
+    async def attack() -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client_port = link._transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
+        for i in range(50):
+            # raw UDP junk at both QUIC sockets
+            sock.sendto(b"\xff" * (i + 1), (LOCAL, a.port))
+            sock.sendto(b"\x40" + bytes(30), (LOCAL, client_port))
+            # authenticated-but-bogus DATAGRAM frames: junk, unknown flow, non-RTP
+            server_conn._quic.send_datagram_frame(b"junk")
+            server_conn._quic.send_datagram_frame(p.datagram_prefix(999) + bytes([0x80]) * 20)
+            server_conn._quic.send_datagram_frame(p.datagram_prefix(flow1) + bytes(20))
+            server_conn.transmit()
+            client_conn._quic.send_datagram_frame(b"\x00" * 40)
+            # malformed (but well-framed) control messages in both directions
+            bad = b"\xc1\xc1"
+            client_conn._quic.send_stream_data(ctrl_id, struct.pack("!BI", 1, 2) + bad)
+            client_conn.send_msg(p.KeyframeRequest(12345))  # unknown flow id
+            client_conn.send_msg(p.Nack(12345, [1, 2]))
+            client_conn.transmit()
+            await asyncio.sleep(0.005)
+        sock.close()
+
+    sent = await asyncio.gather(pump(s1, 300), pump(s2, 300), attack())
+    assert await wait_until(lambda: len(c1.seqs) >= 300 and len(c2.seqs) >= 300)
+    assert c1.seqs == sent[0] and c2.seqs == sent[1]
+    bc, ac = b.endpoint.counters, a.endpoint.counters
+    assert bc.datagrams_malformed >= 100 and bc.datagrams_unknown_flow >= 50
+    assert ac.datagrams_unexpected >= 50
+    assert ac.control_malformed >= 50 and ac.unknown_flow_requests >= 100
+    assert link.state == "live" and link.connects == 1
+
+
+async def test_oversized_control_message_closes_only_that_connection() -> None:
+    a = await Node().start()
+    b = await Node().start()
+    c = await Node().start()
+    a.allow(b)
+    a.allow(c)
+    try:
+        src = FakeSource()
+        a.sources["cam"] = src
+        good = await live_link(b, a)
+        rp = await good.subscribe("cam")
+        col = Collector()
+        rp.add_packet_listener(col)
+        bad = await live_link(c, a)
+        bad_rp = await bad.subscribe("cam")
+        states: list[str] = []
+        bad.on_state(states.append)
+        conn = bad._conn
+        assert conn is not None and conn.ctrl_id is not None
+        conn._quic.send_stream_data(conn.ctrl_id, struct.pack("!BI", 1, 10_000_000) + b"x" * 100)
+        conn.transmit()
+        sent = await pump(src, 300)
+        assert await wait_until(lambda: "interrupted" in states, 10)
+        assert conn.close_code == ErrorCode.MESSAGE_TOO_LARGE
+        assert a.endpoint.counters.control_fatal == 1
+        assert await wait_until(lambda: len(col.seqs) >= 300)
+        assert col.seqs[-300:] == sent
+        assert good.state == "live" and good.connects == 1
+        # the offender reconnects cleanly and its flow is re-subscribed
+        assert await wait_until(lambda: bad.state == "live" and bad_rp.state == "live", 10)
+    finally:
+        for n in (b, c, a):
+            await n.endpoint.close()
+
+
+async def test_linger_then_unsubscribe(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    src = FakeSource()
+    a.sources["cam"] = src
+    link = await live_link(b, a)
+    rp = await link.subscribe("cam")
+    col = Collector()
+    rp.add_packet_listener(col)
+    rp.remove_packet_listener(col)
+    await asyncio.sleep(0.2)  # shorter than the 0.5 s linger
+    rp.add_packet_listener(col)
+    await asyncio.sleep(0.5)
+    assert not rp.closed and len(src.listeners) == 1
+    closed: list[bool] = []
+    rp.on_close(lambda: closed.append(True))
+    rp.remove_packet_listener(col)
+    assert await wait_until(lambda: rp.closed and not src.listeners, 5)
+    assert closed == [True]
+    assert a.endpoint.origin_flows() == []
+    rp2 = await link.subscribe("cam")  # a new subscription opens a new flow
+    assert rp2 is not rp and not rp2.closed
+
+
+async def test_unused_subscription_closes_after_linger(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    src = FakeSource()
+    a.sources["cam"] = src
+    link = await live_link(b, a)
+    rp = await link.subscribe("cam")
+    assert await wait_until(lambda: rp.closed and not src.listeners, 5)
+
+
+async def test_producer_closed_propagates(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    src = FakeSource()
+    a.sources["cam"] = src
+    link = await live_link(b, a)
+    rp: RemoteProducer = await link.subscribe("cam")
+    rp.add_packet_listener(Collector())
+    closed: list[bool] = []
+    rp.on_close(lambda: closed.append(True))
+    src.close()
+    assert await wait_until(lambda: closed == [True])
+    assert rp.closed and "cam" not in link.producers
+
+
+async def test_keyframe_requests_rate_limited_end_to_end(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    src = FakeSource()
+    a.sources["cam"] = src
+    link = await live_link(b, a)
+    rp = await link.subscribe("cam")
+    rp.add_packet_listener(Collector())
+    for _ in range(20):
+        rp.request_keyframe()
+        await asyncio.sleep(0.005)
+    assert await wait_until(lambda: src.keyframe_requests == 1)
+    assert await wait_until(lambda: src.keyframe_requests == 2, 3)  # trailing one
+    await asyncio.sleep(0.6)
+    assert src.keyframe_requests == 2
+    # a misbehaving peer bypassing its limiter is policed by the origin
+    conn = link._conn
+    assert conn is not None and rp.flow_id is not None
+    for _ in range(20):
+        conn.send_msg(p.KeyframeRequest(rp.flow_id))
+    await asyncio.sleep(0.3)
+    assert src.keyframe_requests == 3
+    flows = a.endpoint.origin_flows()
+    assert flows[0][3].keyframes_dropped >= 19
+
+
+async def test_local_nack_goes_upstream_when_not_cached(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    src = FakeSource()
+    a.sources["cam"] = src
+    link = await live_link(b, a)
+    rp = await link.subscribe("cam")
+    col = Collector()
+    rp.add_packet_listener(col)
+    await pump(src, 30)
+    assert await wait_until(lambda: len(col.seqs) >= 30)
+    assert rp.get_cached_packet(5) is not None
+    rp._cache[7 & rp._mask] = None  # evict one from the relay-side cache
+    rp.nack([5, 7])
+    flows = a.endpoint.origin_flows()
+    assert await wait_until(lambda: flows[0][3].retransmits == 1)
+    assert rp.stats.duplicates >= 1  # the retransmission reached the remote side
