@@ -269,10 +269,11 @@ class _Conn(QuicConnectionProtocol):
         if self.dead:
             return
         now = self._loop.time()
-        if not self.authed and now - self.started > self.cfg.auth_timeout:
-            self.abort(ErrorCode.AUTH_FAILED, "authentication timed out")
-            return
-        if now - self.last_rx > self.cfg.dead_after:
+        if not self.authed:
+            if now - self.started > self.cfg.auth_timeout:
+                self.abort(ErrorCode.AUTH_FAILED, "authentication timed out")
+                return
+        elif now - self.last_rx > self.cfg.dead_after:
             self.counters.heartbeat_timeouts += 1
             self.abort(ErrorCode.HEARTBEAT_TIMEOUT, "no heartbeat from peer")
             return
@@ -424,7 +425,13 @@ class _ServerConn(_Conn):
                 self.abort(ErrorCode.AUTH_FAILED, "client signature invalid")
                 return
             self.authed = True
+            self.last_rx = self._loop.time()
             self.send_msg(AuthOk())
+            # a reconnecting peer supersedes its previous (probably dead) connection, so
+            # there is never more than one flow per (producer, remote node)
+            for other in list(ep._sessions):
+                if other is not self and other.peer_key == self.peer_key and other.authed:
+                    other.abort(ErrorCode.SHUTDOWN, "superseded by a new connection")
         else:
             ep.counters.auth_refused += 1
             self.abort(ErrorCode.PROTOCOL_VIOLATION, "message before authentication")
@@ -563,6 +570,7 @@ class _ClientConn(_Conn):
                 self.send_msg(Auth(auth.sign_transcript(ep.private_key, data)))
             elif isinstance(msg, AuthOk) and self.ready:
                 self.authed = True
+                self.last_rx = self._loop.time()
                 self.settled.set()
                 link._on_connected(self)
             else:

@@ -455,3 +455,22 @@ async def test_local_nack_goes_upstream_when_not_cached(pair: tuple[Node, Node])
     flows = a.endpoint.origin_flows()
     assert await wait_until(lambda: flows[0][3].retransmits == 1)
     assert rp.stats.duplicates >= 1  # the retransmission reached the remote side
+
+
+async def test_reconnect_supersedes_stale_origin_connection(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    src = FakeSource()
+    a.sources["cam"] = src
+    link = await live_link(b, a)
+    rp = await link.subscribe("cam")
+    rp.add_packet_listener(Collector())
+    old = next(iter(a.endpoint._sessions))
+    conn = link._conn
+    assert conn is not None
+    # the dialler gives up on the connection silently (as after a local timeout)
+    conn.terminate(ErrorCode.HEARTBEAT_TIMEOUT, "test", True)
+    assert await wait_until(lambda: link.connects == 2 and rp.state == "live", 10)
+    assert await wait_until(lambda: old.dead, 5)
+    assert old.close_reason == "superseded by a new connection"
+    assert len(a.endpoint._sessions) == 1
+    assert len(src.listeners) == 1
