@@ -37,6 +37,7 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--secret-file", help=f"file with the API secret (else ${SECRET_ENV})")
     p.add_argument("--max-consumers", type=int, default=2000)
     p.add_argument("--max-cpu", type=float, default=0.85, help="refuse consumers above this")
+    p.add_argument("--max-egress-pps", type=float, default=60_000.0)
     p.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--log-level", default="INFO")
 
@@ -105,6 +106,7 @@ def run_node(args: argparse.Namespace) -> int:
         ice_addresses=args.ice_ip or ["127.0.0.1"],
         max_consumers=args.max_consumers,
         max_cpu=args.max_cpu,
+        max_egress_pps=args.max_egress_pps,
     )
     if args.uvloop:
         with contextlib.suppress(ImportError):

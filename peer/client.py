@@ -82,12 +82,15 @@ class CascadeClient:
         *,
         ice_addresses: list[str] | None = None,
         decode: bool = True,
+        count_only: bool = False,
         request_timeout: float = 15.0,
     ) -> None:
         self.url = url.rstrip("/")
         if ice_addresses is not None:
             rtc.set_ice_addresses(ice_addresses)
-        self.decode = decode
+        self.decode = decode and not count_only
+        # count_only: media is counted (packets, frames, gaps) but never parsed or decoded.
+        self.counter: rtc.RtpCounter | None = rtc.RtpCounter() if count_only else None
         self.request_timeout = request_timeout
         self.participant_id: str | None = None
         self.room_state: dict[str, Any] = {}
@@ -307,6 +310,8 @@ class CascadeClient:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=message["sdp"], type="offer"))
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
+            if self.counter is not None:
+                self.counter.install(pc)
             assert self._ws is not None
             await self._ws.send_str(json.dumps({"type": "answer", "sdp": pc.localDescription.sdp}))
 
