@@ -21,7 +21,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aioquic.asyncio import QuicConnectionProtocol, serve
 from aioquic.asyncio.server import QuicServer
@@ -183,6 +183,20 @@ class _Conn(QuicConnectionProtocol):
         pending = getattr(quic, "_datagrams_pending", None)
         self.dgram_queue: deque[bytes] = pending if isinstance(pending, deque) else deque()
         self.max_payload = self.cfg.max_datagram_size - 64
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        """Feed one UDP datagram to QUIC; once authenticated, batch the ACK/transmit.
+
+        aioquic transmits after every datagram; deferring it with ``call_soon`` lets one
+        transmit (and ACK) cover every datagram read in the same loop iteration.
+        """
+        self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+        self._process_events()
+        if self.authed:
+            if self._transmit_task is None:
+                self._transmit_task = self._loop.call_soon(self.transmit)
+        else:
+            self.transmit()
 
     # -- sending --------------------------------------------------------------------
 

@@ -14,9 +14,11 @@ Only 127.0.0.1 is ever bound or addressed.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import random
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 LOCALHOST = "127.0.0.1"
 
@@ -99,6 +101,9 @@ class ImpairmentProxy:
         self._upstreams: dict[tuple[str, int], _Upstream] = {}
         self._pending: dict[tuple[str, int], list[bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[int, list[Any]] = {id(self.up): [], id(self.down): []}
+        self._timers: dict[int, tuple[float, asyncio.Handle]] = {}
+        self._counter = itertools.count()
         self.port = 0
 
     async def start(self, port: int = 0) -> ImpairmentProxy:
@@ -161,10 +166,36 @@ class ImpairmentProxy:
         at = imp.decide(now, len(data))
         if at is None:
             return
-        if at <= now:
+        queue = self._queues[id(imp)]
+        if at <= now and not queue:
             self._send(data, client, upstream)
-        else:
-            self._loop.call_at(at, self._send, data, client, upstream)
+            return
+        # one timer per direction over a heap: event-loop timers are not FIFO for equal
+        # (or, on uvloop, same-millisecond) deadlines, which would reorder packets
+        heapq.heappush(queue, (at, next(self._counter), data, client, upstream))
+        self._arm(imp, queue)
+
+    def _arm(self, imp: Impairment, queue: list[Any]) -> None:
+        assert self._loop is not None
+        key = id(imp)
+        head = queue[0][0]
+        timer = self._timers.get(key)
+        if timer is not None:
+            if timer[0] <= head:
+                return
+            timer[1].cancel()
+        self._timers[key] = (head, self._loop.call_at(head, self._flush, imp))
+
+    def _flush(self, imp: Impairment) -> None:
+        assert self._loop is not None
+        self._timers.pop(id(imp), None)
+        queue = self._queues[id(imp)]
+        now = self._loop.time()
+        while queue and queue[0][0] <= now + 0.0005:
+            _, _, data, client, upstream = heapq.heappop(queue)
+            self._send(data, client, upstream)
+        if queue:
+            self._arm(imp, queue)
 
     def _send(self, data: bytes, client: tuple[str, int] | None, up: _Upstream | None) -> None:
         if up is not None:
@@ -175,6 +206,9 @@ class ImpairmentProxy:
 
     def close(self) -> None:
         """Stop forwarding and close every socket."""
+        for _, handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
         for up in self._upstreams.values():
             if up.transport is not None:
                 up.transport.close()
