@@ -677,6 +677,11 @@ class RelayLink:
         """Open remote producers by producer id (a copy)."""
         return dict(self._producers)
 
+    def update_address(self, host: str, port: int) -> None:
+        """Use a new address for the peer from the next (re)connection on."""
+        self.host = host
+        self.port = port
+
     def on_state(self, cb: Callable[[str], None]) -> None:
         """Call ``cb(state)`` on every link state change."""
         self._state_cbs.append(cb)

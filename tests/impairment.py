@@ -35,7 +35,7 @@ class Impairment:
     #: keep packet order even with jitter (a packet never overtakes the previous one)
     preserve_order: bool = True
     rng: random.Random = field(init=False)
-    _last: float = field(init=False, default=0.0)
+    _last: float = field(init=False, default=float("-inf"))
     passed: int = field(init=False, default=0)
     dropped: int = field(init=False, default=0)
     bytes_passed: int = field(init=False, default=0)
