@@ -258,6 +258,23 @@ async def run_cascade(n: int, args: argparse.Namespace) -> CaseResult:
         for c in probe_clients:
             video = [t for t in c.tracks.values() if t.kind == "video"][0]
             probes.append(_CascadeProbe(c, video))
+        profile = os.environ.get("CASCADE_BENCH_PROFILE")
+        if profile:  # py-spy flame data of the node during the measurement window
+            subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "-p",
+                    str(server.pid),
+                    "-d",
+                    str(int(args.duration)),
+                    "-f",
+                    "raw",
+                    "-o",
+                    f"{profile}-n{n}.txt",
+                    "--nonblocking",
+                ]
+            )
         await measure(server.pid, counters, probes, args.duration, result)  # type: ignore[arg-type]
         # The probes decode on the load core; count them as subscribers too.
         result.connected += len(probe_clients)

@@ -213,6 +213,7 @@ class Consumer:
         self.closed = False
         self.waiting_keyframe = producer.is_video
         self.sink: Sink | None = None
+        self._gated = True
         self._close_listeners: list[Callable[[Consumer], None]] = []
 
     def on_close(self, listener: Callable[[Consumer], None]) -> None:
@@ -237,22 +238,33 @@ class Consumer:
         if self.producer.is_video:
             self.waiting_keyframe = True
             self.producer.request_keyframe()
+        self._update_gate()
 
     def forward(self, packet: CachedPacket, shared_ext: bytes, now: float) -> None:
         """Rewrite one source packet for this subscriber and send it. Hot path."""
-        sink = self.sink
-        if sink is None or self.paused:
+        if self._gated and not self._pass_gate(packet):
             return
-        if self.waiting_keyframe:
-            if not packet.keyframe:
-                return
-            self.waiting_keyframe = False
-            self.rewriter.rebase()
         seq, ts = self.rewriter.map(packet.seq, packet.ts, now)
-        sink(self.writer.header(packet.marker, seq, ts, shared_ext) + packet.payload)
+        payload = packet.payload
+        self.sink(self.writer.header(packet.marker, seq, ts, shared_ext) + payload)  # type: ignore[misc]
         stats = self.stats
         stats.packets += 1
-        stats.bytes += len(packet.payload)
+        stats.bytes += len(payload)
+
+    def _update_gate(self) -> None:
+        # One flag on the hot path instead of three checks.
+        self._gated = self.sink is None or self.paused or self.waiting_keyframe
+
+    def _pass_gate(self, packet: CachedPacket) -> bool:
+        if self.sink is None or self.paused:
+            return False
+        if self.waiting_keyframe:
+            if not packet.keyframe:
+                return False
+            self.waiting_keyframe = False
+            self.rewriter.rebase()
+        self._update_gate()
+        return True
 
     def handle_nack(self, lost: list[int]) -> None:
         """Answer a subscriber's NACK from the producer's cache (as RTX when negotiated)."""
@@ -310,6 +322,7 @@ class Consumer:
     def pause(self) -> None:
         """Stop forwarding; sequence numbers stay continuous on resume."""
         self.paused = True
+        self._update_gate()
 
     def resume(self) -> None:
         """Resume forwarding, starting at the next keyframe for video."""
@@ -320,6 +333,7 @@ class Consumer:
         if self.producer.is_video:
             self.waiting_keyframe = True
             self.producer.request_keyframe()
+        self._update_gate()
 
     def close(self) -> None:
         """Detach from the producer and notify listeners."""
@@ -327,6 +341,7 @@ class Consumer:
             return
         self.closed = True
         self.sink = None
+        self._gated = True
         if self in self.producer.consumers:
             self.producer.consumers.remove(self)
         for listener in self._close_listeners:
