@@ -256,7 +256,7 @@ async def run_cascade(n: int, args: argparse.Namespace) -> CaseResult:
         await asyncio.sleep(args.warmup)
         probes = []
         for c in probe_clients:
-            video = [t for t in c.tracks.values() if t.kind == "video"][0]
+            video = next(t for t in c.tracks.values() if t.kind == "video")
             probes.append(_CascadeProbe(c, video))
         profile = os.environ.get("CASCADE_BENCH_PROFILE")
         if profile:  # py-spy flame data of the node during the measurement window
@@ -338,54 +338,28 @@ async def run_janus(n: int, args: argparse.Namespace) -> CaseResult:
         await asyncio.sleep(1.0)
         print(f"# janus publisher connection: {pub.pc.connectionState}", file=sys.stderr)
         probes_n = min(PROBES, n)
-        subs = [janus_mod.JanusSubscriber(http, base, room, pub.feed_id) for _ in range(n)]
+        subs = [
+            janus_mod.JanusSubscriber(http, base, room, pub.feed_id, count_only=i >= probes_n)
+            for i in range(n)
+        ]
         probes = [Probe() for _ in range(probes_n)]
         for sub, probe in zip(subs, probes, strict=False):
             probe_track(sub.pc, probe, tasks)
-            sub.counter = None  # type: ignore[assignment]
-        for sub in subs[probes_n:]:
-            pass
         pcs += subs
-        await gather_batched([_janus_start(s) for s in subs])
+        await gather_batched([s.start() for s in subs])
         counters = [s.counter for s in subs if s.counter is not None]
         await wait_flowing(counters)
         await asyncio.sleep(args.warmup)
         await measure(server.pid, counters, probes, args.duration, result)
         result.connected += probes_n
     finally:
-        for t in tasks:
-            t.cancel()
+        for task in tasks:
+            task.cancel()
         await asyncio.gather(*(p.close() for p in pcs), return_exceptions=True)
         await http.close()
         stop_process(server)
         shutil.rmtree(folder, ignore_errors=True)
     return result
-
-
-async def _janus_start(sub: janus_mod.JanusSubscriber) -> None:
-    if sub.counter is None:
-        # probe: decode instead of counting
-        await sub.session.open()
-        event = await sub.session.message(
-            {
-                "request": "join",
-                "ptype": "subscriber",
-                "room": sub.room,
-                "streams": [{"feed": sub.feed}],
-            }
-        )
-        assert "jsep" in event, event
-        await sub.pc.setRemoteDescription(
-            RTCSessionDescription(sdp=event["jsep"]["sdp"], type="offer")
-        )
-        await sub.pc.setLocalDescription(await sub.pc.createAnswer())
-        await sub.session.message(
-            {"request": "start", "room": sub.room},
-            {"type": "answer", "sdp": sub.pc.localDescription.sdp},
-            wait_event=False,
-        )
-    else:
-        await sub.start()
 
 
 # -- MediaRelay ------------------------------------------------------------------------
@@ -454,8 +428,8 @@ async def run_mediarelay(n: int, args: argparse.Namespace) -> CaseResult:
         result.connected += probes_n
         result.notes.append("re-encodes with aiortc's VP8 encoder (its own bitrate control)")
     finally:
-        for t in tasks:
-            t.cancel()
+        for task in tasks:
+            task.cancel()
         await asyncio.gather(*(p.close() for p in pcs), return_exceptions=True)
         await http.close()
         stop_process(server)

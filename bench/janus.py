@@ -4,6 +4,7 @@ its configuration, process and a minimal HTTP API client driving aiortc peers.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import random
@@ -135,7 +136,7 @@ class JanusSession:
                     data = await resp.json(content_type=None)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001
+            except Exception:
                 await asyncio.sleep(0.1)
                 continue
             for event in data if isinstance(data, list) else [data]:
@@ -159,10 +160,8 @@ class JanusSession:
         if self._poller is not None:
             self._poller.cancel()
         if self.session_id is not None:
-            try:
+            with contextlib.suppress(Exception):
                 await self._post(f"{self.base}/{self.session_id}", {"janus": "destroy"})
-            except Exception:  # noqa: BLE001
-                pass
 
 
 async def create_room(http: aiohttp.ClientSession, base: str, room: int) -> None:
@@ -224,14 +223,16 @@ class JanusPublisher:
 
 
 class JanusSubscriber:
-    """A receive-only aiortc subscriber of one Janus feed, counting packets."""
+    """A receive-only aiortc subscriber of one Janus feed: counts packets, or decodes."""
 
-    def __init__(self, http: aiohttp.ClientSession, base: str, room: int, feed: int) -> None:
+    def __init__(
+        self, http: aiohttp.ClientSession, base: str, room: int, feed: int, count_only: bool = True
+    ) -> None:
         self.session = JanusSession(http, base)
         self.room = room
         self.feed = feed
         self.pc = RTCPeerConnection(rtc.rtc_configuration())
-        self.counter = rtc.RtpCounter()
+        self.counter = rtc.RtpCounter() if count_only else None
 
     async def start(self) -> None:
         """Subscribe: Janus offers, we answer and start."""
@@ -247,7 +248,8 @@ class JanusSubscriber:
         jsep = event["jsep"]
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=jsep["sdp"], type="offer"))
         await self.pc.setLocalDescription(await self.pc.createAnswer())
-        self.counter.install(self.pc)
+        if self.counter is not None:
+            self.counter.install(self.pc)
         await self.session.message(
             {"request": "start", "room": self.room},
             {"type": "answer", "sdp": self.pc.localDescription.sdp},
