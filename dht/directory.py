@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
@@ -248,11 +249,10 @@ class Directory:
         await asyncio.gather(*jobs)
 
     async def _refresh_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time() + self.refresh_interval
+        # jittered (75-100% of the interval) so that nodes started together do not refresh
+        # in lock-step bursts
         while True:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            next_at = max(next_at + self.refresh_interval, loop.time())
+            await asyncio.sleep(self.refresh_interval * random.uniform(0.75, 1.0))
             try:
                 await self.refresh()
             except Exception:

@@ -69,6 +69,7 @@ class DirectoryProtocol(KademliaProtocol):
         *,
         rpc_timeout: float = 1.0,
         response_budget: int = RESPONSE_BUDGET,
+        dead_for: float = 60.0,
     ) -> None:
         super().__init__(source_node, storage, ksize)
         self._wait_timeout = rpc_timeout
@@ -76,6 +77,9 @@ class DirectoryProtocol(KademliaProtocol):
         self.response_budget = response_budget
         self.traffic = TrafficCounters()
         self._tasks: set[asyncio.Future[Any]] = set()
+        self.dead_for = dead_for
+        self._recently_dead: dict[bytes, float] = {}
+        self._welcomed: dict[bytes, float] = {}
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         self.keep_alive(asyncio.ensure_future(coro))
@@ -193,17 +197,44 @@ class DirectoryProtocol(KademliaProtocol):
         if not result[0]:
             log.debug("no response from %s, removing from router", node)
             self.router.remove_contact(node)
+            now = asyncio.get_running_loop().time()
+            if len(self._recently_dead) > 4096:
+                self._recently_dead = {k: t for k, t in self._recently_dead.items() if t > now}
+            self._recently_dead[node.id] = now + self.dead_for
             return result
         self.welcome_if_new(node)
         return result
+
+    def is_recently_dead(self, node_id: bytes) -> bool:
+        """True if the peer timed out lately and has not been heard from since.
+
+        Crawls skip such peers even when other nodes still list them.
+        """
+        until = self._recently_dead.get(node_id)
+        if until is None:
+            return False
+        if until <= asyncio.get_running_loop().time():
+            del self._recently_dead[node_id]
+            return False
+        return True
 
     def welcome_if_new(self, node: Node) -> None:
         """Add a new contact; hand it the records it is now among the closest holders of.
 
         Unlike kademlia's version, storage keys are already hashed and are not hashed again.
         """
+        self._recently_dead.pop(node.id, None)
         if not self.router.is_new_node(node):
             return
+        # a node parked in a full bucket's replacement list stays "new" to kademlia; hand it
+        # records at most once per `dead_for` seconds instead of on every message
+        now = asyncio.get_running_loop().time()
+        if self._welcomed.get(node.id, 0.0) > now:
+            self.router.add_contact(node)
+            return
+        if len(self._welcomed) > 4096:
+            self._welcomed = {k: t for k, t in self._welcomed.items() if t > now}
+        self._welcomed[node.id] = now + self.dead_for
         for key, wire in self.storage:
             keynode = Node(key)
             neighbors = self.router.find_neighbors(keynode)
@@ -224,6 +255,8 @@ class CrawlResult:
     records: list[bytes] = field(default_factory=list)
     holders: list[Node] = field(default_factory=list)
     """The closest peers that answered, nearest first."""
+    unresponsive: list[Node] = field(default_factory=list)
+    """Peers of the closest set that had not answered (slow or dead) when the crawl ended."""
     dead: int = 0
     rounds: int = 0
 
@@ -245,12 +278,15 @@ def _parse_nodes(raw: object) -> list[Node]:
 
 
 class RecordCrawl(SpiderCrawl):
-    """Iterative lookup of ``key`` that collects record pages from the ``replicas`` closest
-    live peers.
+    """Iterative lookup of ``key`` that collects answers from the ``replicas`` closest
+    responsive peers (the window).
 
-    At most ``alpha`` queries are "active"; a query unanswered after ``round_timeout`` stops
-    counting as active (so the crawl moves on) and its peer is presumed dead for termination.
-    Peers that time out are never re-added within the crawl.
+    At most ``alpha`` queries are "active"; a query unanswered after ``round_timeout`` becomes
+    "slow": it no longer blocks new queries and leaves the window, so the next closest peer
+    is asked instead. The crawl ends when every peer of the window answered, and never with
+    fewer than ``quorum`` answers while more peers are known.
+    Peers that time out are dropped and never re-added within the crawl (nor, for a while,
+    by later crawls: see :meth:`DirectoryProtocol.is_recently_dead`).
     """
 
     def __init__(
@@ -262,6 +298,7 @@ class RecordCrawl(SpiderCrawl):
         alpha: int,
         *,
         replicas: int,
+        quorum: int,
         round_timeout: float,
         deadline: float,
         fetch_records: bool = True,
@@ -269,6 +306,7 @@ class RecordCrawl(SpiderCrawl):
         super().__init__(protocol, node, peers, ksize, alpha)
         self.protocol: DirectoryProtocol = protocol
         self.replicas = replicas
+        self.quorum = quorum
         self.round_timeout = round_timeout
         self.deadline = deadline
         self.fetch_records = fetch_records
@@ -288,12 +326,18 @@ class RecordCrawl(SpiderCrawl):
             return True, {"nodes": result[1]}
         return result
 
-    def _candidates(self) -> list[Node]:
-        """The closest peers not known or presumed dead."""
+    def _window(self) -> list[Node]:
+        """The closest peers neither dead nor slow."""
         return [n for n in self.nearest if n.id not in self.slow][: self.replicas]
 
+    def _settled(self, window: list[Node], paging: bool) -> bool:
+        if paging or not all(n.id in self.answered for n in window):
+            return False
+        # never settle on too few answers (e.g. every query went slow at once)
+        return len(window) >= min(self.quorum, len(self.nearest))
+
     async def find(self) -> CrawlResult:
-        """Run the crawl until the closest ``replicas`` live peers have answered."""
+        """Crawl until the window is settled (or the deadline passes)."""
         loop = asyncio.get_running_loop()
         inflight: dict[asyncio.Future[tuple[bool, Any]], tuple[Node, bytes, float]] = {}
         try:
@@ -304,18 +348,18 @@ class RecordCrawl(SpiderCrawl):
                 for peer, _, started in inflight.values():
                     if now - started >= self.round_timeout and peer.id not in self.answered:
                         self.slow.add(peer.id)
-                candidates = self._candidates()
+                window = self._window()
                 paging = any(after for _, after, _ in inflight.values())
-                if not paging and all(n.id in self.answered for n in candidates):
+                if self._settled(window, paging):
                     break
                 active = sum(
                     1 for peer, _, started in inflight.values() if peer.id not in self.slow
                 )
-                uncontacted = [n for n in self.nearest.get_uncontacted() if n.id not in self.slow]
-                candidate_ids = {n.id for n in candidates}
-                if all(n.id in candidate_ids for n in uncontacted[: self.alpha]):
-                    # converged: query every remaining close candidate at once
-                    launch = [n for n in uncontacted if n.id in candidate_ids]
+                uncontacted = self.nearest.get_uncontacted()
+                window_ids = {n.id for n in window}
+                if all(n.id in window_ids for n in uncontacted[: self.alpha]):
+                    # converged: query every remaining peer of the window at once
+                    launch = [n for n in uncontacted if n.id in window_ids]
                 else:
                     launch = uncontacted[: max(self.alpha - active, 0)]
                 for peer in launch:
@@ -329,6 +373,12 @@ class RecordCrawl(SpiderCrawl):
                 done, _ = await asyncio.wait(
                     inflight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
+                if not done:
+                    # the process may just have been descheduled: let answers already in
+                    # the socket buffer through before declaring anyone slow
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+                    done = {f for f in inflight if f.done()}
                 for finished in done:
                     peer, _, _ = inflight.pop(finished)
                     self._handle(peer, finished.result(), inflight, loop.time())
@@ -337,8 +387,9 @@ class RecordCrawl(SpiderCrawl):
             # from the routing table (handle_call_response); answers are simply ignored
             for pending in inflight:
                 self.protocol.keep_alive(pending)
-        closest = [n for n in self.nearest if n.id in self.answered]
-        self.result.holders = closest[: self.replicas]
+        closest = list(self.nearest)
+        self.result.holders = [n for n in closest if n.id in self.answered][: self.replicas]
+        self.result.unresponsive = [n for n in closest[: self.replicas] if n.id in self.slow]
         self.result.dead = len(self.dead)
         return self.result
 
@@ -355,7 +406,11 @@ class RecordCrawl(SpiderCrawl):
             self.slow.add(peer.id)
             self.nearest.remove([peer.id])
             return
-        nodes = [n for n in _parse_nodes(answer.get("nodes")) if n.id not in self.dead]
+        nodes = [
+            n
+            for n in _parse_nodes(answer.get("nodes"))
+            if n.id not in self.dead and not self.protocol.is_recently_dead(n.id)
+        ]
         nodes = [n for n in nodes if n.id != self.protocol.source_node.id]
         if nodes:
             self.nearest.push(nodes)

@@ -28,9 +28,14 @@ class DhtConfig:
     alpha: int = 3
     replicas: int = 8
     """Records are stored on this many closest peers; lookups ask this many."""
+    quorum: int = 3
+    """A lookup waits for at least this many of the closest peers to answer."""
     rpc_timeout: float = 1.0
-    round_timeout: float = 0.3
+    round_timeout: float = 0.2
+    """A query unanswered this long stops holding up a crawl."""
     lookup_timeout: float = 3.0
+    dead_for: float = 60.0
+    """Peers that timed out are skipped by crawls this long, unless heard from again."""
     table_refresh_interval: float = 300.0
 
 
@@ -90,7 +95,11 @@ class DirectoryServer(Server):
 
     def _create_protocol(self) -> DirectoryProtocol:
         return DirectoryProtocol(
-            self.node, self.storage, self.ksize, rpc_timeout=self.config.rpc_timeout
+            self.node,
+            self.storage,
+            self.ksize,
+            rpc_timeout=self.config.rpc_timeout,
+            dead_for=self.config.dead_for,
         )
 
     async def listen(self, port: int, interface: str = "127.0.0.1") -> None:
@@ -165,6 +174,7 @@ class DirectoryServer(Server):
             self.ksize,
             self.alpha,
             replicas=self.config.replicas,
+            quorum=self.config.quorum,
             round_timeout=self.config.round_timeout,
             deadline=loop.time() + self.config.lookup_timeout,
             fetch_records=fetch_records,
@@ -212,6 +222,10 @@ class DirectoryServer(Server):
                 accepted += 1
             except RecordRejected as exc:
                 log.warning("own record refused locally: %s", exc)
+        for peer in result.unresponsive:  # slow, maybe alive: store without waiting
+            self.protocol.keep_alive(
+                asyncio.ensure_future(self.protocol.call_store(peer, key, wire))
+            )
         answers: list[Any] = await asyncio.gather(
             *(self.protocol.call_store(h, key, wire) for h in holders)
         )
