@@ -13,7 +13,8 @@ Measured, in the same run:
   payload, CLOCK_MONOTONIC is shared by both processes) — and the same for a baseline
   that forwards the same packets over a plain UDP socket, so the *added* latency and
   the CPU ratio of the QUIC layer are printed;
-* link bytes (UDP payload both ways, counted by a pass-through proxy) for 1, 10 and 50
+* link bytes (UDP payload origin -> remote, counted by a pass-through proxy; the
+  reverse direction, ACKs and control only, is reported separately) for 1, 10 and 50
   remote listeners of one producer.
 
     python -m bench.relay                      # defaults: 2000 pkt/s, 1100 B, 4 s
@@ -272,9 +273,11 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         await _recv(pipe)
         await asyncio.sleep(0.3)
         flow_count = len(ep.origin_flows())
-        bytes0 = proxy.bytes_total if proxy else 0
+        down0 = proxy.down.bytes_passed if proxy else 0
+        total0 = proxy.bytes_total if proxy else 0
         cpu = await emit(src.emit, n, args.rate, args.size)
-        link_bytes = (proxy.bytes_total - bytes0) if proxy else None
+        link_bytes = (proxy.down.bytes_passed - down0) if proxy else None
+        link_total = (proxy.bytes_total - total0) if proxy else None
         flows = ep.origin_flows()
         remote = await _recv(pipe)
         stats = flows[0][3] if flows else None
@@ -285,6 +288,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
             "origin_flows": flow_count,
             "origin_dropped": stats.dropped if stats else None,
             "link_bytes": link_bytes,
+            "link_bytes_both_ways": link_total,
             "remote": remote,
         }
     finally:
@@ -365,6 +369,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         },
         "delivered": {"quic": quic["remote"]["packets"], "udp": udp["remote"]["packets"]},
         "link_bytes": {str(k): v["link_bytes"] for k, v in links.items()},
+        "link_bytes_both_ways": {str(k): v["link_bytes_both_ways"] for k, v in links.items()},
         "link_flows": {str(k): v["origin_flows"] for k, v in links.items()},
         "link_bytes_ratio": {
             f"{k}:{args.listeners[0]}": (v["link_bytes"] or 0) / base for k, v in links.items()
@@ -399,12 +404,15 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"{'added latency p50/p95 us':28}{lat['added_p50']:14.0f}{lat['added_p95']:14.0f}")
     print(f"{'delivered':28}{r['delivered']['quic']:14d}{r['delivered']['udp']:14d}")
     print(f"(generator cost subtracted on the origin: {r['generator_cpu_us_per_packet']:.1f} us)")
-    print(f"{'remote listeners':28}{'link bytes':>14}{'flows':>8}{'ratio':>10}{'delivered':>11}")
+    print(
+        f"{'remote listeners':28}{'link bytes':>14}{'flows':>8}{'ratio':>10}{'delivered':>11}"
+        f"{'both ways':>12}"
+    )
     for k, v in r["link_bytes"].items():
         key = next(x for x in r["link_bytes_ratio"] if x.startswith(f"{k}:"))
         print(
             f"{k:>28}{v:14d}{r['link_flows'][k]:8d}{r['link_bytes_ratio'][key]:10.4f}"
-            f"{r['delivered_per_listener_count'][k]:11d}"
+            f"{r['delivered_per_listener_count'][k]:11d}{r['link_bytes_both_ways'][k]:12d}"
         )
 
 

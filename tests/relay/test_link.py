@@ -90,19 +90,21 @@ async def test_one_flow_per_producer_regardless_of_listeners() -> None:
         assert await wait_until(lambda: len(first.seqs) >= 20)
 
         async def measure(n: int) -> int:
-            before = proxy.bytes_total
-            target = len(first.seqs) + n
-            await pump(src, n, size=1000, rate=500)
-            assert await wait_until(lambda: len(first.seqs) >= target)
+            """Origin->remote link bytes while relaying ``n`` packets."""
+            before = proxy.down.bytes_passed
+            want = set(await pump(src, n, size=1000, rate=500))
+            while not await wait_until(lambda: want <= set(first.seqs), 3):
+                await pump(src, 2, size=20)  # a lost tail is only seen as a gap later
             await asyncio.sleep(0.2)  # let ACKs settle
-            return proxy.bytes_total - before
+            return proxy.down.bytes_passed - before
 
         one = await measure(400)
         others = [Collector() for _ in range(9)]
         for c in others:
             rp.add_packet_listener(c)
         ten = await measure(400)
-        assert all(c.seqs == first.seqs[-400:] for c in others)
+        assert all(c.seqs == first.seqs[-len(c.seqs) :] for c in others)
+        assert all(len(c.seqs) >= 400 for c in others)
         flows = a.endpoint.origin_flows()
         assert len(flows) == 1 and flows[0][1] == "cam"
         assert len(src.listeners) == 1
