@@ -248,49 +248,42 @@ def _send_socket(protocol: Any) -> socket.socket:
     return sock
 
 
-def _fast_protect(session: Any) -> Callable[[bytes], bytes]:
-    """pylibsrtp's protect without its per-call allocation and checks (same C call)."""
-    cdata = session._cdata
-    buffer = session._buffer
-    ctx = session._srtp[0]
-    length = _srtp_ffi.new("int *")
-    srtp_protect = _srtp_lib.srtp_protect
-    limit = len(cdata) - 144  # pylibsrtp.SRTP_MAX_TRAILER_LEN
-
-    def protect(data: bytes, _keepalive: Any = session) -> bytes:
-        # _keepalive: ctx is a raw pointer owned by the session; never let it be freed first.
-        n = len(data)
-        if n > limit:
-            raise ValueError("packet is too long")
-        length[0] = n
-        buffer[0:n] = data
-        if srtp_protect(ctx, cdata, length):
-            raise ValueError("srtp_protect failed")
-        return buffer[0 : length[0]]
-
-    return protect
-
-
-class _NotReady(Exception):
-    pass
-
-
-def _not_ready(data: bytes) -> bytes:
-    raise _NotReady
+_SRTP_MAX_TRAILER_LEN = 144  # pylibsrtp.SRTP_MAX_TRAILER_LEN
 
 
 class SenderSink:
     """Synchronous SRTP-protect + sendto on a sender's transport (the hot path).
 
-    Until the sender's DTLS transport is connected, packets are dropped (and counted);
-    the first packet after that resolves the SRTP session and the nominated ICE pair.
+    Protection calls libsrtp through pylibsrtp's own session and buffer, without the
+    per-call allocation and checks of ``Session.protect``; sending uses a dup of the
+    ICE pair's socket. Until the sender's DTLS transport is connected, packets are
+    dropped (and counted); the first packet after that resolves the SRTP session and
+    the nominated ICE pair.
     """
 
-    __slots__ = ("_addr", "_dtls", "_protect", "_sendto", "dropped")
+    __slots__ = (
+        "_addr",
+        "_buffer",
+        "_cdata",
+        "_ctx",
+        "_dtls",
+        "_length",
+        "_limit",
+        "_protect",
+        "_sendto",
+        "_session",
+        "dropped",
+    )
 
     def __init__(self, sender: RTCRtpSender) -> None:
         self._dtls = sender.transport
-        self._protect: Callable[[bytes], bytes] = _not_ready
+        self._session: Any = None  # keeps the libsrtp context alive while _ctx is used
+        self._ctx: Any = None
+        self._cdata: Any = None
+        self._buffer: Any = None
+        self._length = _srtp_ffi.new("int *")
+        self._limit = 0
+        self._protect = _srtp_lib.srtp_protect
         self._sendto: Callable[[bytes, Any], int] | None = None
         self._addr: Any = None
         self.dropped = 0
@@ -302,23 +295,45 @@ class SenderSink:
         pair = dtls.transport._connection._nominated.get(1)
         if pair is None or pair.protocol.transport is None:
             return False
+        session = dtls._tx_srtp
+        self._session = session
+        self._cdata = session._cdata
+        self._buffer = session._buffer
+        self._limit = len(session._cdata) - _SRTP_MAX_TRAILER_LEN
         self._sendto = _send_socket(pair.protocol).sendto
         self._addr = pair.remote_addr
-        self._protect = _fast_protect(dtls._tx_srtp)
+        self._ctx = session._srtp[0]
         return True
 
     def __call__(self, data: bytes) -> None:
+        n = len(data)
+        length = self._length
+        length[0] = n
         try:
-            self._sendto(self._protect(data), self._addr)  # type: ignore[misc]
+            if n > self._limit:
+                raise ValueError("packet too long for SRTP buffer")
+            buffer = self._buffer
+            buffer[0:n] = data
+            if self._protect(self._ctx, self._cdata, length):
+                raise ValueError("srtp_protect failed")
+            self._sendto(buffer[0 : length[0]], self._addr)  # type: ignore[misc]
         except BlockingIOError:  # socket buffer full: drop, as a router queue would
             self.dropped += 1
         except Exception:  # not connected yet, or the transport broke
-            self._protect = _not_ready
             self.dropped += 1
-            if self._resolve():
-                with contextlib.suppress(Exception):
-                    self._sendto(self._protect(data), self._addr)  # type: ignore[misc]
-                    self.dropped -= 1
+            self._ctx = None
+            self._limit = 0
+            if n and self._resolve():
+                self._retry(data)
+
+    def _retry(self, data: bytes) -> None:
+        with contextlib.suppress(Exception):
+            n = len(data)
+            self._length[0] = n
+            self._buffer[0:n] = data
+            if not self._protect(self._ctx, self._cdata, self._length):
+                self._sendto(self._buffer[0 : self._length[0]], self._addr)  # type: ignore[misc]
+                self.dropped -= 1
 
 
 def hook_sender(
