@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
@@ -200,13 +200,26 @@ class CascadeClient:
         self.room_state = reply
         return reply
 
-    async def publish(self, tracks: list[MediaStreamTrack]) -> list[dict[str, Any]]:
-        """Publish tracks (one publish negotiation); returns the new producers."""
+    async def publish(
+        self, tracks: list[MediaStreamTrack], *, video_codec: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Publish tracks (one publish negotiation); returns the new producers.
+
+        ``video_codec`` (e.g. ``"video/H264"``) restricts what video is offered with.
+        """
         if self._publish_pc is None:
             self._publish_pc = RTCPeerConnection(rtc.rtc_configuration())
         pc = self._publish_pc
         for track in tracks:
             transceiver = pc.addTransceiver(track, direction="sendonly")
+            if video_codec is not None and track.kind == "video":
+                transceiver.setCodecPreferences(
+                    [
+                        c
+                        for c in RTCRtpSender.getCapabilities("video").codecs
+                        if c.mimeType.lower() in (video_codec.lower(), "video/rtx")
+                    ]
+                )
             request_keyframe = getattr(track, "request_keyframe", None)
             if request_keyframe is not None:
                 rtc.hook_keyframe_requests(transceiver.sender, request_keyframe)
