@@ -23,6 +23,9 @@ MAX_DATAGRAM = 9000
 """Datagrams larger than this are dropped unread (rpcudp itself never sends more than ~8 KiB
 of request; our answers stay under ``RESPONSE_BUDGET`` plus a node list)."""
 
+LATE_TIMER = 0.05
+"""A timeout firing this late means the process was stalled; it gets one extension."""
+
 _Address = tuple[Any, ...]
 
 
@@ -70,16 +73,19 @@ class DirectoryProtocol(KademliaProtocol):
         rpc_timeout: float = 1.0,
         response_budget: int = RESPONSE_BUDGET,
         dead_for: float = 60.0,
+        answer_neighbors: int = 8,
     ) -> None:
         super().__init__(source_node, storage, ksize)
         self._wait_timeout = rpc_timeout
         self.storage: RecordStorage = storage
         self.response_budget = response_budget
+        self.answer_neighbors = answer_neighbors
         self.traffic = TrafficCounters()
         self._tasks: set[asyncio.Future[Any]] = set()
         self.dead_for = dead_for
         self._recently_dead: dict[bytes, float] = {}
         self._welcomed: dict[bytes, float] = {}
+        self._extended: set[bytes] = set()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         self.keep_alive(asyncio.ensure_future(coro))
@@ -93,6 +99,7 @@ class DirectoryProtocol(KademliaProtocol):
             if not future.done():
                 future.set_result((False, None))
         self._outstanding.clear()
+        self._extended.clear()
 
     def keep_alive(self, task: asyncio.Future[Any]) -> None:
         """Hold a reference to a background task until it finishes."""
@@ -129,15 +136,30 @@ class DirectoryProtocol(KademliaProtocol):
         pending = self._outstanding.pop(msg_id, None)
         if pending is None:
             return
+        self._extended.discard(msg_id)
         future, timeout = pending
         timeout.cancel()
         if not future.done():
             future.set_result((True, data))
 
     def _timeout(self, msg_id: bytes) -> None:
-        pending = self._outstanding.pop(msg_id, None)
-        if pending is not None and not pending[0].done():
-            pending[0].set_result((False, None))
+        pending = self._outstanding.get(msg_id)
+        if pending is None:
+            return
+        future, handle = pending
+        loop = asyncio.get_running_loop()
+        lag = loop.time() - handle.when()
+        if lag > LATE_TIMER and msg_id not in self._extended:
+            # this process was stalled: the answer may be waiting in a socket buffer (or its
+            # handler not yet run); give it a moment instead of declaring the peer dead
+            self._extended.add(msg_id)
+            new_handle = loop.call_later(max(lag, LATE_TIMER), self._timeout, msg_id)
+            self._outstanding[msg_id] = (future, new_handle)
+            return
+        self._extended.discard(msg_id)
+        del self._outstanding[msg_id]
+        if not future.done():
+            future.set_result((False, None))
 
     # ------------------------------------------------------------------ RPC handlers
 
@@ -177,7 +199,9 @@ class DirectoryProtocol(KademliaProtocol):
         answer: dict[str, Any] = {"records": page.records, "next": page.next_after}
         if not after:
             self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
-            neighbors = self.router.find_neighbors(Node(key), exclude=Node(nodeid, *sender[:2]))
+            neighbors = self.router.find_neighbors(
+                Node(key), self.answer_neighbors, exclude=Node(nodeid, *sender[:2])
+            )
             answer["nodes"] = [tuple(n) for n in neighbors]
         return answer
 
@@ -259,6 +283,9 @@ class CrawlResult:
     """Peers of the closest set that had not answered (slow or dead) when the crawl ended."""
     dead: int = 0
     rounds: int = 0
+    settled: bool = False
+    """True if a quorum of the closest peers answered (not cut short by deadline or lack of
+    peers)."""
 
 
 def _parse_nodes(raw: object) -> list[Node]:
@@ -283,8 +310,8 @@ class RecordCrawl(SpiderCrawl):
 
     At most ``alpha`` queries are "active"; a query unanswered after ``round_timeout`` becomes
     "slow": it no longer blocks new queries and leaves the window, so the next closest peer
-    is asked instead. The crawl ends when every peer of the window answered, and never with
-    fewer than ``quorum`` answers while more peers are known.
+    is asked instead. The crawl ends when every peer of the window answered and at least
+    ``quorum`` of the ``replicas`` closest peers not known dead (slow ones included) answered.
     Peers that time out are dropped and never re-added within the crawl (nor, for a while,
     by later crawls: see :meth:`DirectoryProtocol.is_recently_dead`).
     """
@@ -333,8 +360,11 @@ class RecordCrawl(SpiderCrawl):
     def _settled(self, window: list[Node], paging: bool) -> bool:
         if paging or not all(n.id in self.answered for n in window):
             return False
-        # never settle on too few answers (e.g. every query went slow at once)
-        return len(window) >= min(self.quorum, len(self.nearest))
+        # slow peers may just be overloaded (a hot key): require a quorum of answers from
+        # the closest peers not known dead, so an overloaded holder set is waited for
+        core = list(self.nearest)[: self.replicas]
+        answered = sum(1 for n in core if n.id in self.answered)
+        return answered >= min(self.quorum, len(core))
 
     async def find(self) -> CrawlResult:
         """Crawl until the window is settled (or the deadline passes)."""
@@ -351,6 +381,7 @@ class RecordCrawl(SpiderCrawl):
                 window = self._window()
                 paging = any(after for _, after, _ in inflight.values())
                 if self._settled(window, paging):
+                    self.result.settled = True
                     break
                 active = sum(
                     1 for peer, _, started in inflight.values() if peer.id not in self.slow

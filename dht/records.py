@@ -354,6 +354,34 @@ def verify_record(
     )
 
 
+class RecordVerifier:
+    """:func:`verify_record` with a bounded cache, so a record seen again (refreshed copies
+    held by several peers, a holder's own copy) costs no second signature check."""
+
+    def __init__(self, policy: ValidationPolicy | None = None, capacity: int = 4096) -> None:
+        self.policy = policy or ValidationPolicy()
+        self.capacity = capacity
+        self._cache: dict[bytes, SignedRecord] = {}
+
+    def verify(self, wire: object, *, now: float, key: bytes | None = None) -> SignedRecord:
+        """Like :func:`verify_record` under this verifier's policy."""
+        cached = self._cache.get(wire) if isinstance(wire, bytes) else None
+        if cached is None:
+            record = verify_record(wire, now=now, key=key, policy=self.policy)
+            if len(self._cache) >= self.capacity:
+                del self._cache[next(iter(self._cache))]
+            self._cache[record.wire] = record
+            return record
+        # signature, encoding and certificate were checked; time and key binding may differ
+        if key is not None and cached.key != key:
+            raise RecordRejected(RejectReason.WRONG_KEY)
+        if cached.expires_at <= now:
+            raise RecordRejected(RejectReason.EXPIRED)
+        if cached.expires_at > now + self.policy.max_ttl + self.policy.max_clock_skew:
+            raise RecordRejected(RejectReason.TTL_TOO_LONG)
+        return cached
+
+
 # ---------------------------------------------------------------------------- merging
 
 

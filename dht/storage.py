@@ -16,10 +16,10 @@ from kademlia.storage import IStorage
 from dht.records import (
     KEY_BYTES,
     RecordRejected,
+    RecordVerifier,
     RejectReason,
     SignedRecord,
     ValidationPolicy,
-    verify_record,
 )
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,17 @@ class RecordStorage(IStorage):
         max_keys: int = MAX_KEYS,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.policy = policy or ValidationPolicy()
+        self.verifier = RecordVerifier(policy)
         self.max_records_per_key = max_records_per_key
         self.max_keys = max_keys
         self.clock = clock
         self._data: dict[bytes, dict[bytes, SignedRecord]] = {}
         self.rejected: dict[RejectReason, int] = {}
+
+    @property
+    def policy(self) -> ValidationPolicy:
+        """The validation rules applied to every record."""
+        return self.verifier.policy
 
     # ------------------------------------------------------------------ sans-I/O API
 
@@ -74,7 +79,7 @@ class RecordStorage(IStorage):
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
             raise RecordRejected(RejectReason.GARBAGE, "bad key")
         now = self.clock()
-        record = verify_record(wire, now=now, key=key, policy=self.policy)
+        record = self.verifier.verify(wire, now=now, key=key)
         records = self._data.get(key)
         if records is None:
             self.expire()
