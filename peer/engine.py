@@ -99,6 +99,10 @@ class Producer:
         self._close_listeners: list[Callable[[Producer], None]] = []
         # Raw packet listeners (relay flows): called with each CachedPacket.
         self.packet_listeners: list[Callable[[CachedPacket], None]] = []
+        # "local" (a publisher on this node) or "relay" (bridged from another node).
+        self.origin = "local"
+        # Set for relayed producers: asks upstream for packets this cache does not hold.
+        self.fetch_missing: Callable[[list[int]], None] | None = None
 
     def on_close(self, listener: Callable[[Producer], None]) -> None:
         """Call ``listener`` once when this producer closes."""
@@ -272,9 +276,11 @@ class Consumer:
         if sink is None:
             return
         self.stats.nacks += 1
+        missing: list[int] = []
         for out_seq in lost:
             src = self.producer.cache.get(self.rewriter.source_seq(out_seq))
             if src is None:
+                missing.append(self.rewriter.source_seq(out_seq))
                 continue
             seq, ts = self.rewriter.peek(src.seq, src.ts)
             if seq != out_seq:
@@ -293,6 +299,8 @@ class Consumer:
                 data = self.writer.header(src.marker, seq, ts, ext) + src.payload
             sink(data)
             self.stats.retransmits += 1
+        if missing and self.producer.fetch_missing is not None:
+            self.producer.fetch_missing(missing)
 
     def handle_keyframe_request(self) -> None:
         """A subscriber sent PLI/FIR: pass it upstream (rate-limited by the producer)."""

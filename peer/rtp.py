@@ -270,3 +270,34 @@ def ntp_time(unix_time: float) -> int:
     """64-bit NTP timestamp from a Unix time."""
     seconds = unix_time + 2208988800
     return (int(seconds) << 32) | int((seconds % 1) * (1 << 32))
+
+
+_PLAIN = struct.Struct("!BBHII")
+
+
+def plain_rtp(packet: CachedPacket, payload_type: int, ssrc: int) -> bytes:
+    """A minimal RTP packet (no extensions) for a cached source packet: relay framing."""
+    return (
+        _PLAIN.pack(
+            RTP_VERSION_NOEXT, (packet.marker << 7) | payload_type, packet.seq, packet.ts, ssrc
+        )
+        + packet.payload
+    )
+
+
+def parse_plain_rtp(data: bytes) -> tuple[int, int, int, bytes]:
+    """(seq, timestamp, marker, payload) of an RTP packet; skips CSRCs, extensions, padding."""
+    if len(data) < 12 or data[0] >> 6 != 2:
+        raise ValueError("not an RTP packet")
+    b0, b1, seq, ts, _ssrc = _PLAIN.unpack_from(data)
+    pos = 12 + 4 * (b0 & 0x0F)
+    if b0 & 0x10:
+        if len(data) < pos + 4:
+            raise ValueError("truncated RTP extension")
+        pos += 4 + 4 * ((data[pos + 2] << 8) | data[pos + 3])
+    end = len(data)
+    if b0 & 0x20:
+        end -= data[-1]
+    if pos > end:
+        raise ValueError("truncated RTP packet")
+    return seq, ts, b1 >> 7, data[pos:end]

@@ -15,7 +15,7 @@ import psutil
 from aiohttp import WSMsgType, web
 
 from peer import aiortc_adapter as rtc
-from peer.engine import Node
+from peer.engine import Node, Producer
 from peer.session import ParticipantSession
 from peer.signaling import ProtocolError, decode_client_message, encode
 from peer.stats import AdmissionPolicy
@@ -76,6 +76,20 @@ class NodeServer:
     def add_session(self, room: str, session: ParticipantSession) -> None:
         """Record that ``session`` joined ``room``."""
         self.sessions.setdefault(room, []).append(session)
+
+    def announce_producer(self, room: str, producer: Producer) -> None:
+        """Tell the room about a new producer (local or relayed) and auto-subscribe to it."""
+        for session in self.room_sessions(room):
+            if session.participant_id != producer.participant_id:
+                session.post({"type": "producer_added", "producer": producer.describe()})
+                session._try_auto_subscribe(producer)
+
+        def removed(p: Producer) -> None:
+            for session in self.room_sessions(room):
+                if session.participant_id != p.participant_id:
+                    session.post({"type": "producer_removed", "producer_id": p.id})
+
+        producer.on_close(removed)
 
     def remove_session(self, room: str, session: ParticipantSession) -> None:
         """Record that ``session`` left ``room``."""

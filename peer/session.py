@@ -276,10 +276,7 @@ class ParticipantSession:
         )
         for desc in created:
             producer = self.router.producers[str(desc["producer_id"])]
-            for other in self.server.room_sessions(self.router.room):
-                if other is not self:
-                    await other.send({"type": "producer_added", "producer": producer.describe()})
-                    other._try_auto_subscribe(producer)
+            self.server.announce_producer(self.router.room, producer)
 
     def _create_producer(self, transceiver: RTCRtpTransceiver, codec: Any) -> Producer:
         assert self.router is not None
@@ -313,10 +310,6 @@ class ParticipantSession:
         def closed(p: Producer) -> None:
             self.producers.pop(p.id, None)
             self._ptx.pop(p.id, None)
-            if self.router is not None:
-                for other in self.server.room_sessions(self.router.room):
-                    if other is not self:
-                        other.post({"type": "producer_removed", "producer_id": p.id})
 
         producer.on_close(closed)
         return producer

@@ -60,15 +60,15 @@ async def test_sender_reports_carry_consumer_counts(node, clients: ClientFactory
 
 
 async def test_admission_control_refuses_consumers_and_keeps_calls(node, clients: ClientFactory):
-    node.node.admission.max_consumers = 2
     pub = await clients("adm", "alice")
     await pub.publish([PatternVideoTrack(160, 120)])
     sub1 = await clients("adm", "bob")
     (track,) = await sub1.wait_for_tracks(1, "video")
     sub2 = await clients("adm", "carol", auto_subscribe=False)
     producer_id = pub.producers[0]["producer_id"]
-    # One consumer exists; the next one fits, the one after is refused.
-    node.node.admission.update(0.0, 0.0, 2)
+    # The node is at its consumer limit: the next consumer is refused.
+    node.node.admission.max_consumers = 1
+    node.node.admission.update(0.0, 0.0, 1)
     try:
         await sub2.subscribe(producer_id)
         raise AssertionError("expected overloaded")
