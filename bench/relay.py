@@ -219,8 +219,10 @@ async def _recv(pipe: Connection, timeout: float = 30.0) -> dict[str, Any]:
     return msg
 
 
-async def emit(source_emit: Callable[[bytes], None], n: int, rate: float, size: int) -> float:
-    """Emit ``n`` packets paced at ``rate`` (5 ms bursts); returns CPU seconds used."""
+async def emit(
+    source_emit: Callable[[bytes], None], n: int, rate: float, size: int, tick: float = 0.005
+) -> float:
+    """Emit ``n`` packets paced at ``rate`` in bursts every ``tick`` s; returns CPU seconds."""
     cpu0 = time.process_time()
     t0 = time.monotonic()
     sent = 0
@@ -229,7 +231,7 @@ async def emit(source_emit: Callable[[bytes], None], n: int, rate: float, size: 
         while sent < due:
             source_emit(make_packet(sent, size))
             sent += 1
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(tick)
     await asyncio.sleep(0.3)  # drain: ACKs, last transmits
     return time.process_time() - cpu0
 
@@ -253,7 +255,8 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
     rkey = Ed25519PrivateKey.generate()
     rpub = public_key_bytes(rkey)
     src = BenchSource()
-    ep = RelayEndpoint(okey, {PRODUCER: src}.get, lambda k: k == rpub, RelayConfig())
+    cfg = RelayConfig(datagram_flush_batch=args.flush_batch)
+    ep = RelayEndpoint(okey, {PRODUCER: src}.get, lambda k: k == rpub, cfg)
     await ep.start()
     proxy = None
     port = ep.address[1]
@@ -272,21 +275,22 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
     try:
         await _recv(pipe)
         await asyncio.sleep(0.3)
-        flow_count = len(ep.origin_flows())
+        before = ep.origin_flows()
+        flow_count = len(before)
+        stats = before[0][3] if before else None  # live object, read after the run
         down0 = proxy.down.bytes_passed if proxy else 0
         total0 = proxy.bytes_total if proxy else 0
-        cpu = await emit(src.emit, n, args.rate, args.size)
+        cpu = await emit(src.emit, n, args.rate, args.size, args.tick_ms / 1000)
         link_bytes = (proxy.down.bytes_passed - down0) if proxy else None
         link_total = (proxy.bytes_total - total0) if proxy else None
-        flows = ep.origin_flows()
         remote = await _recv(pipe)
-        stats = flows[0][3] if flows else None
         return {
             "listeners": listeners,
             "sent": n,
             "origin_cpu_s": cpu,
             "origin_flows": flow_count,
             "origin_dropped": stats.dropped if stats else None,
+            "origin_retransmits": stats.retransmits if stats else None,
             "link_bytes": link_bytes,
             "link_bytes_both_ways": link_total,
             "remote": remote,
@@ -316,7 +320,7 @@ async def run_udp(args: argparse.Namespace) -> dict[str, Any]:
 
         src.add_packet_listener(forward)
         await asyncio.sleep(0.3)
-        cpu = await emit(src.emit, n, args.rate, args.size)
+        cpu = await emit(src.emit, n, args.rate, args.size, args.tick_ms / 1000)
         remote = await _recv(pipe)
         sock.close()
         return {"sent": n, "origin_cpu_s": cpu, "remote": remote}
@@ -328,7 +332,7 @@ async def run_generator(args: argparse.Namespace) -> float:
     """CPU of generating/pacing the packets with no listener (subtracted on the origin)."""
     n = int(args.rate * args.seconds)
     src = BenchSource()
-    return await emit(src.emit, n, args.rate, args.size)
+    return await emit(src.emit, n, args.rate, args.size, args.tick_ms / 1000)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -356,6 +360,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "packet_bytes": args.size,
         "cpus": len(args.cpus),
         "uvloop": args.uvloop,
+        "tick_ms": args.tick_ms,
+        "flush_batch": args.flush_batch,
         "generator_cpu_us_per_packet": gen / n * 1e6,
         "origin_cpu_us_per_packet": {"quic": quic_origin, "udp": udp_origin},
         "remote_cpu_us_per_packet": {"quic": quic_remote, "udp": udp_remote},
@@ -371,6 +377,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "link_bytes": {str(k): v["link_bytes"] for k, v in links.items()},
         "link_bytes_both_ways": {str(k): v["link_bytes_both_ways"] for k, v in links.items()},
         "link_flows": {str(k): v["origin_flows"] for k, v in links.items()},
+        "link_retransmits": {str(k): v["origin_retransmits"] for k, v in links.items()},
         "link_bytes_ratio": {
             f"{k}:{args.listeners[0]}": (v["link_bytes"] or 0) / base for k, v in links.items()
         },
@@ -406,13 +413,14 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"(generator cost subtracted on the origin: {r['generator_cpu_us_per_packet']:.1f} us)")
     print(
         f"{'remote listeners':28}{'link bytes':>14}{'flows':>8}{'ratio':>10}{'delivered':>11}"
-        f"{'both ways':>12}"
+        f"{'both ways':>12}{'rtx':>6}"
     )
     for k, v in r["link_bytes"].items():
         key = next(x for x in r["link_bytes_ratio"] if x.startswith(f"{k}:"))
         print(
             f"{k:>28}{v:14d}{r['link_flows'][k]:8d}{r['link_bytes_ratio'][key]:10.4f}"
             f"{r['delivered_per_listener_count'][k]:11d}{r['link_bytes_both_ways'][k]:12d}"
+            f"{r['link_retransmits'][k] or 0:6d}"
         )
 
 
@@ -423,6 +431,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=1100, help="RTP packet size in bytes")
     ap.add_argument("--listeners", default="1,10,50", help="remote listener counts")
     ap.add_argument("--uvloop", action="store_true", help="run both nodes on uvloop")
+    ap.add_argument(
+        "--flush-batch",
+        type=int,
+        default=RelayConfig.datagram_flush_batch,
+        help="origin: flush queued datagrams to the socket once this many wait",
+    )
+    ap.add_argument("--tick-ms", type=float, default=5.0, help="emission tick (burst spacing)")
     args = ap.parse_args(argv)
     args.cpus = available_cpus()
     args.listeners = [int(x) for x in args.listeners.split(",")]

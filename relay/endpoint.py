@@ -104,6 +104,9 @@ class RelayConfig:
     max_datagram_size: int = 1452
     #: Cap of DATAGRAM frames queued in QUIC (congestion-limited); extra packets dropped.
     max_pending_datagrams: int = 2048
+    #: Flush queued DATAGRAM frames to the socket once this many are waiting (bursts);
+    #: smaller ones go out at the end of the current event-loop iteration.
+    datagram_flush_batch: int = 2
     stats_interval: float = 2.0
     max_flows_per_connection: int = 4096
     #: QUIC idle timeout (backstop; the heartbeat detects death much earlier).
@@ -216,7 +219,11 @@ class _Conn(QuicConnectionProtocol):
             self.counters.datagrams_queue_full += 1
             return False
         self._quic.send_datagram_frame(data)
-        if self._transmit_task is None:
+        if len(self.dgram_queue) >= self.cfg.datagram_flush_batch:
+            # a burst: put what we have on the wire now, so the peer starts on it
+            # while we build the rest
+            self.transmit()
+        elif self._transmit_task is None:
             self._transmit_task = self._loop.call_soon(self.transmit)
         return True
 
