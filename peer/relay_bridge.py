@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from relay import PacketListener, RemoteProducer
-
 from peer.engine import CodecInfo, Producer, Router
 from peer.rtp import CachedPacket, parse_plain_rtp, plain_rtp
+from relay import PacketListener, RemoteProducer
 
 # Relayed packets carry a fixed payload type and SSRC: consumers rewrite both anyway.
 RELAY_VIDEO_PT = 96

@@ -7,19 +7,23 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 from aiohttp import WSMsgType, web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer import aiortc_adapter as rtc
 from peer.engine import Node, Producer
+from peer.relay_bridge import ProducerRelaySource, bridge_remote_producer
 from peer.session import ParticipantSession
 from peer.signaling import ProtocolError, decode_client_message, encode
 from peer.stats import AdmissionPolicy
 from peer.tokens import TokenError, issue_token
+from relay import RelayConfig, RelayEndpoint
 
 log = logging.getLogger("cascade.server")
 STATIC = Path(__file__).parent / "static"
@@ -41,6 +45,13 @@ class NodeConfig:
     max_egress_pps: float = 60_000.0
     keyframe_request_delay: float = 0.5
     answer_timeout: float = 15.0
+    # Node identity (Ed25519): authenticates relay links; generated if not given.
+    identity: Ed25519PrivateKey | None = None
+    # QUIC relay endpoint; None disables relaying.
+    relay_host: str = "127.0.0.1"
+    relay_port: int | None = None
+    # Raw Ed25519 public keys of peer nodes allowed to pull producers from this one.
+    relay_peers: set[bytes] = field(default_factory=set)
 
 
 class NodeServer:
@@ -65,7 +76,53 @@ class NodeServer:
         self._process = psutil.Process()
         self._ticker: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
+        self.identity = config.identity or Ed25519PrivateKey.generate()
+        self.relay: RelayEndpoint | None = None
+        self._relay_sources: dict[str, ProducerRelaySource] = {}
+        self.relay_authorizer: Callable[[bytes], bool] = lambda key: key in config.relay_peers
         rtc.set_ice_addresses(config.ice_addresses)
+
+    # -- relaying ----------------------------------------------------------------
+
+    def _relay_lookup(self, producer_id: str) -> ProducerRelaySource | None:
+        """Local producers (never relayed ones) that peers may pull."""
+        source = self._relay_sources.get(producer_id)
+        if source is not None and not source.producer.closed:
+            return source
+        for router in self.node.routers.values():
+            producer = router.producers.get(producer_id)
+            if producer is not None and producer.origin == "local":
+                source = self._relay_sources[producer_id] = ProducerRelaySource(producer)
+                producer.on_close(self._forget_relay_source)
+                return source
+        return None
+
+    def _forget_relay_source(self, producer: Producer) -> None:
+        self._relay_sources.pop(producer.id, None)
+
+    @property
+    def relay_public_key(self) -> bytes:
+        """This node's raw Ed25519 public key (its relay and DHT identity)."""
+        return self.identity.public_key().public_bytes_raw()
+
+    async def pull_remote_producer(
+        self, room: str, peer_key: bytes, host: str, port: int, producer_id: str
+    ) -> Producer:
+        """Relay a producer of another node into ``room`` here (one flow per producer
+        per node, shared by every local consumer)."""
+        if self.relay is None:
+            raise RuntimeError("relay is disabled on this node")
+        router = self.node.router(room)
+        existing = router.producers.get(producer_id)
+        if existing is not None:
+            return existing
+        remote = await self.relay.link(peer_key, host, port).subscribe(producer_id)
+        existing = router.producers.get(producer_id)
+        if existing is not None:
+            return existing
+        producer = bridge_remote_producer(router, remote)
+        self.announce_producer(room, producer)
+        return producer
 
     # -- room membership --------------------------------------------------------
 
@@ -206,6 +263,14 @@ class NodeServer:
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await site.start()
         self._ticker = asyncio.ensure_future(self._tick())
+        if self.config.relay_port is not None:
+            self.relay = RelayEndpoint(
+                self.identity,
+                self._relay_lookup,
+                authorize=lambda key: self.relay_authorizer(key),
+                config=RelayConfig(host=self.config.relay_host, port=self.config.relay_port),
+            )
+            await self.relay.start()
         if self.config.port == 0:
             server: Any = site._server
             self.config.port = server.sockets[0].getsockname()[1]
@@ -217,6 +282,8 @@ class NodeServer:
         for members in list(self.sessions.values()):
             for session in list(members):
                 await session.close()
+        if self.relay is not None:
+            await self.relay.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
