@@ -25,7 +25,13 @@ from .flows import (
     RemoteProducerStats,
 )
 from .protocol import ALPN, PROTOCOL_VERSION, ErrorCode, ProtocolError
-from .source import CODEC_PARAM_KEYS, PacketListener, ProducerLookup, RelaySource
+from .source import (
+    CODEC_PARAM_KEYS,
+    PacketListener,
+    ProducerLookup,
+    RelayRtcpSource,
+    RelaySource,
+)
 
 __all__ = [
     "ALPN",
@@ -44,6 +50,7 @@ __all__ = [
     "RelayError",
     "RelayLink",
     "RelayRefused",
+    "RelayRtcpSource",
     "RelaySource",
     "RemoteProducer",
     "RemoteProducerStats",

@@ -35,7 +35,9 @@ from .flows import LIVE, KeyframeLimiter, NackTracker, OriginFlowStats, RemotePr
 from .protocol import (
     ALPN,
     DATAGRAM_HEADER_SIZE,
+    MAX_FLOW_ID,
     PROTOCOL_VERSION,
+    RTCP_FLAG,
     Auth,
     AuthOk,
     ControlDecoder,
@@ -357,7 +359,16 @@ class _Conn(QuicConnectionProtocol):
 
 
 class _OriginFlow:
-    __slots__ = ("flow_id", "limiter", "listener", "prefix", "producer_id", "source", "stats")
+    __slots__ = (
+        "flow_id",
+        "limiter",
+        "listener",
+        "prefix",
+        "producer_id",
+        "rtcp_listener",
+        "source",
+        "stats",
+    )
 
     def __init__(self, flow_id: int, producer_id: str, source: RelaySource, interval: float):
         self.flow_id = flow_id
@@ -367,6 +378,7 @@ class _OriginFlow:
         self.limiter = KeyframeLimiter(interval)
         self.stats = OriginFlowStats()
         self.listener: PacketListener | None = None
+        self.rtcp_listener: PacketListener | None = None
 
 
 class _ServerConn(_Conn):
@@ -471,6 +483,9 @@ class _ServerConn(_Conn):
             if source is None:
                 self.send_msg(ErrorMsg(msg.request_id, ErrorCode.NOT_FOUND, "unknown producer"))
                 return
+            if self._next_flow > MAX_FLOW_ID:
+                self.send_msg(ErrorMsg(msg.request_id, ErrorCode.TOO_MANY_FLOWS, "out of flow ids"))
+                return
             flow = _OriginFlow(self._next_flow, msg.producer_id, source, self.cfg.keyframe_interval)
             self._next_flow += 1
         source = flow.source
@@ -486,6 +501,10 @@ class _ServerConn(_Conn):
             self.by_producer[flow.producer_id] = flow
             flow.listener = self._make_listener(flow)
             source.add_packet_listener(flow.listener)
+            add_rtcp = getattr(source, "add_rtcp_listener", None)
+            if add_rtcp is not None:
+                flow.rtcp_listener = self._make_rtcp_listener(flow)
+                add_rtcp(flow.rtcp_listener)
             source.on_close(lambda: self._source_closed(flow))
 
     def _make_listener(self, flow: _OriginFlow) -> PacketListener:
@@ -501,6 +520,15 @@ class _ServerConn(_Conn):
                 stats.dropped += 1
 
         return on_packet
+
+    def _make_rtcp_listener(self, flow: _OriginFlow) -> PacketListener:
+        prefix = datagram_prefix(flow.flow_id, rtcp=True)
+        send = self.send_datagram
+
+        def on_rtcp(pkt: bytes) -> None:
+            send(prefix + pkt)
+
+        return on_rtcp
 
     def _on_nack(self, msg: Nack) -> None:
         flow = self.flows.get(msg.flow_id)
@@ -531,6 +559,12 @@ class _ServerConn(_Conn):
             except Exception:
                 log.exception("relay: remove_packet_listener failed")
             flow.listener = None
+        if flow.rtcp_listener is not None:
+            try:
+                flow.source.remove_rtcp_listener(flow.rtcp_listener)  # type: ignore[attr-defined]
+            except Exception:
+                log.exception("relay: remove_rtcp_listener failed")
+            flow.rtcp_listener = None
 
     def on_dead(self, code: int, reason: str, local: bool) -> None:
         for flow in list(self.flows.values()):
@@ -606,9 +640,15 @@ class _ClientConn(_Conn):
 
     def on_datagram(self, data: bytes) -> None:
         if len(data) < DATAGRAM_HEADER_SIZE + 12 or (data[4] & 0xC0) != 0x80:
-            self.counters.datagrams_malformed += 1
+            if len(data) >= DATAGRAM_HEADER_SIZE + 8 and data[0] & 0x80:
+                self._on_rtcp(data)  # short RTCP packets (e.g. receiver-report-sized)
+            else:
+                self.counters.datagrams_malformed += 1
             return
         flow_id = int.from_bytes(data[:4], "big")
+        if flow_id & RTCP_FLAG:
+            self._on_rtcp(data)
+            return
         rp = self.link._flows.get(flow_id)
         if rp is None:
             self.counters.datagrams_unknown_flow += 1
@@ -616,6 +656,16 @@ class _ClientConn(_Conn):
             self.orphans.append((flow_id, data[4:], self._loop.time()))
             return
         rp.on_rtp(data[4:], self._loop.time())
+
+    def _on_rtcp(self, data: bytes) -> None:
+        if (data[4] & 0xC0) != 0x80:
+            self.counters.datagrams_malformed += 1
+            return
+        rp = self.link._flows.get(int.from_bytes(data[:4], "big") ^ RTCP_FLAG)
+        if rp is None:
+            self.counters.datagrams_unknown_flow += 1
+            return
+        rp.on_rtcp(data[4:])
 
     def replay_orphans(self, flow_id: int, rp: RemoteProducer) -> None:
         """Deliver early packets of a flow that arrived before its SUBSCRIBED."""

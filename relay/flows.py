@@ -214,6 +214,7 @@ class RemoteProducerStats:
     keyframes_coalesced: int = 0
     listener_errors: int = 0
     local_cache_hits: int = 0
+    rtcp_packets: int = 0
 
 
 @dataclass(slots=True)
@@ -291,6 +292,7 @@ class RemoteProducer:
         self.tracker = tracker if tracker is not None else NackTracker()
         self.keyframes = KeyframeLimiter(keyframe_interval)
         self._listeners: tuple[PacketListener, ...] = ()
+        self._rtcp_listeners: tuple[PacketListener, ...] = ()
         self._close_cbs: list[Callable[[], None]] = []
         self._state_cbs: list[Callable[[str], None]] = []
         self._cache: list[bytes | None] = [None] * cache_size
@@ -330,6 +332,15 @@ class RemoteProducer:
             return
         self._listeners = tuple(x for x in self._listeners if x is not cb)
         self._upstream.listeners_changed(self)
+
+    def add_rtcp_listener(self, cb: PacketListener) -> None:
+        """Receive the origin producer's RTCP (sender reports), if the origin relays it."""
+        if cb not in self._rtcp_listeners:
+            self._rtcp_listeners = (*self._rtcp_listeners, cb)
+
+    def remove_rtcp_listener(self, cb: PacketListener) -> None:
+        """Stop receiving RTCP."""
+        self._rtcp_listeners = tuple(x for x in self._rtcp_listeners if x is not cb)
 
     def request_keyframe(self) -> None:
         """Ask the origin producer for a keyframe (at most one per interval, coalesced)."""
@@ -398,6 +409,15 @@ class RemoteProducer:
                 if stats.listener_errors < 10:
                     log.exception("relay packet listener failed")
 
+    def on_rtcp(self, pkt: bytes) -> None:
+        """An RTCP packet of the flow arrived from the link."""
+        self.stats.rtcp_packets += 1
+        for cb in self._rtcp_listeners:
+            try:
+                cb(pkt)
+            except Exception:
+                self.stats.listener_errors += 1
+
     def deadline(self) -> float | None:
         """Earliest time :meth:`poll` needs to run, or None."""
         d1 = self.tracker.deadline()
@@ -450,6 +470,7 @@ class RemoteProducer:
         self.flow_id = None
         self._set_state(CLOSED)
         self._listeners = ()
+        self._rtcp_listeners = ()
         cbs, self._close_cbs = self._close_cbs, []
         for cb in cbs:
             try:

@@ -4,8 +4,9 @@ Two channels share one QUIC connection:
 
 * the **control stream** (the first client-initiated bidirectional stream) carries
   length-prefixed, versioned msgpack messages (:func:`encode_message`, :class:`ControlDecoder`);
-* **QUIC DATAGRAM frames** (RFC 9221) carry RTP packets, each prefixed with a 4-byte
-  big-endian flow id (:func:`datagram_prefix`, :func:`parse_datagram`).
+* **QUIC DATAGRAM frames** (RFC 9221) carry RTP packets (and the producer's RTCP
+  sender reports), each prefixed with a 4-byte big-endian flow tag
+  (:func:`datagram_prefix`, :func:`parse_datagram`).
 
 Nothing in here performs I/O or reads a clock.
 """
@@ -25,6 +26,7 @@ __all__ = [
     "MAX_CONTROL_MESSAGE",
     "MAX_NACK_SEQS",
     "PROTOCOL_VERSION",
+    "RTCP_FLAG",
     "Auth",
     "AuthOk",
     "ControlDecoder",
@@ -61,7 +63,12 @@ MAX_NACK_SEQS = 512
 _FRAME = struct.Struct("!BI")  # version (u8), body length (u32)
 FRAME_HEADER_SIZE = _FRAME.size
 DATAGRAM_HEADER_SIZE = 4
+#: Top bit of the DATAGRAM flow tag: the payload is RTCP, not RTP.
+RTCP_FLAG = 0x80000000
+#: Flow ids are allocated below this (the top bit is the RTCP flag).
+MAX_FLOW_ID = RTCP_FLAG - 1
 _RTP_MIN = 12
+_RTCP_MIN = 8
 
 
 class ErrorCode(enum.IntEnum):
@@ -295,19 +302,28 @@ class ControlDecoder:
         return out
 
 
-def datagram_prefix(flow_id: int) -> bytes:
-    """The 4-byte DATAGRAM prefix for ``flow_id`` (build once per flow, reuse per packet)."""
-    return flow_id.to_bytes(4, "big")
+def datagram_prefix(flow_id: int, rtcp: bool = False) -> bytes:
+    """The 4-byte DATAGRAM prefix for ``flow_id`` (build once per flow, reuse per packet).
 
-
-def parse_datagram(data: bytes) -> tuple[int, bytes]:
-    """Split a DATAGRAM payload into ``(flow_id, rtp_packet)``.
-
-    Raises :class:`MalformedDatagram` if it is too short or not RTP version 2.
+    With ``rtcp`` the top bit (:data:`RTCP_FLAG`) is set: the payload is an RTCP packet
+    of the flow (e.g. the producer's sender reports) rather than RTP.
     """
-    if len(data) < DATAGRAM_HEADER_SIZE + _RTP_MIN or (data[4] & 0xC0) != 0x80:
-        raise MalformedDatagram("datagram is not a flow-tagged RTP packet")
-    return int.from_bytes(data[:4], "big"), data[4:]
+    return (flow_id | RTCP_FLAG if rtcp else flow_id).to_bytes(4, "big")
+
+
+def parse_datagram(data: bytes) -> tuple[int, bool, bytes]:
+    """Split a DATAGRAM payload into ``(flow_id, is_rtcp, packet)``.
+
+    Raises :class:`MalformedDatagram` if it is too short or not RTP/RTCP version 2.
+    """
+    if len(data) < DATAGRAM_HEADER_SIZE + _RTCP_MIN or (data[4] & 0xC0) != 0x80:
+        raise MalformedDatagram("datagram is not a flow-tagged RTP/RTCP packet")
+    tag = int.from_bytes(data[:4], "big")
+    if tag & RTCP_FLAG:
+        return tag ^ RTCP_FLAG, True, data[4:]
+    if len(data) < DATAGRAM_HEADER_SIZE + _RTP_MIN:
+        raise MalformedDatagram("RTP packet shorter than its fixed header")
+    return tag, False, data[4:]
 
 
 def rtp_seq(packet: bytes) -> int:

@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-__all__ = ["CODEC_PARAM_KEYS", "PacketListener", "ProducerLookup", "RelaySource"]
+__all__ = [
+    "CODEC_PARAM_KEYS",
+    "PacketListener",
+    "ProducerLookup",
+    "RelayRtcpSource",
+    "RelaySource",
+]
 
 #: A callback receiving one plain (SRTP-decrypted) RTP packet.
 PacketListener = Callable[[bytes], None]
@@ -64,6 +70,25 @@ class RelaySource(Protocol):
 
     def on_close(self, cb: Callable[[], None]) -> None:
         """Call ``cb()`` once when the producer closes."""
+        ...
+
+
+class RelayRtcpSource(Protocol):
+    """Optional extension of :class:`RelaySource`: the producer's own RTCP.
+
+    If the object returned by the lookup also has these methods, the relay forwards
+    what they deliver (typically the publisher's sender reports, plain RTCP after
+    SRTCP decryption, so remote consumers can keep audio/video in sync) to the
+    remote producer's RTCP listeners.  Receiver feedback is *not* relayed this way: it
+    travels as KEYFRAME_REQUEST / NACK.
+    """
+
+    def add_rtcp_listener(self, cb: PacketListener) -> None:
+        """Call ``cb(rtcp_bytes)`` for every RTCP packet of the producer."""
+        ...
+
+    def remove_rtcp_listener(self, cb: PacketListener) -> None:
+        """Stop calling ``cb``."""
         ...
 
 

@@ -46,6 +46,7 @@ class FakeSource:
         self.keyframe_requests = 0
         self.nack_lookups = 0
         self.close_cbs: list[Callable[[], None]] = []
+        self.rtcp_listeners: list[Callable[[bytes], None]] = []
         self.seq = 0
 
     def codec_params(self) -> dict[str, object]:
@@ -57,6 +58,17 @@ class FakeSource:
     def remove_packet_listener(self, cb: Callable[[bytes], None]) -> None:
         if cb in self.listeners:
             self.listeners.remove(cb)
+
+    def add_rtcp_listener(self, cb: Callable[[bytes], None]) -> None:
+        self.rtcp_listeners.append(cb)
+
+    def remove_rtcp_listener(self, cb: Callable[[bytes], None]) -> None:
+        if cb in self.rtcp_listeners:
+            self.rtcp_listeners.remove(cb)
+
+    def emit_rtcp(self, pkt: bytes) -> None:
+        for cb in list(self.rtcp_listeners):
+            cb(pkt)
 
     def request_keyframe(self) -> None:
         self.keyframe_requests += 1

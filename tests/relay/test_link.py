@@ -476,3 +476,24 @@ async def test_reconnect_supersedes_stale_origin_connection(pair: tuple[Node, No
     assert old.close_reason == "superseded by a new connection"
     assert len(a.endpoint._sessions) == 1
     assert len(src.listeners) == 1
+
+
+async def test_producer_rtcp_sender_reports_are_relayed(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    src = FakeSource()
+    a.sources["cam"] = src
+    link = await live_link(b, a)
+    rp = await link.subscribe("cam")
+    col = Collector()
+    rp.add_packet_listener(col)
+    reports: list[bytes] = []
+    rp.add_rtcp_listener(reports.append)
+    sr = struct.pack("!BBHIIIIII", 0x80, 200, 6, 0x11223344, 1, 2, 3, 4, 5)
+    await pump(src, 5)
+    src.emit_rtcp(sr)
+    await pump(src, 5)
+    assert await wait_until(lambda: reports == [sr] and len(col.seqs) == 10)
+    assert rp.stats.rtcp_packets == 1
+    assert rp.tracker.gaps == 0  # RTCP never disturbs the RTP sequence tracking
+    rp.remove_packet_listener(col)
+    assert await wait_until(lambda: not src.rtcp_listeners and rp.closed, 5)

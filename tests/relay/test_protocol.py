@@ -97,11 +97,17 @@ def test_decode_body_raises_clear_type() -> None:
 
 def test_datagram_round_trip() -> None:
     rtp = make_rtp(1234)
-    data = p.datagram_prefix(0xDEADBEEF) + rtp
-    flow, pkt = p.parse_datagram(data)
-    assert flow == 0xDEADBEEF
+    data = p.datagram_prefix(0x7EADBEEF) + rtp
+    flow, is_rtcp, pkt = p.parse_datagram(data)
+    assert (flow, is_rtcp) == (0x7EADBEEF, False)
     assert pkt == rtp
     assert p.rtp_seq(pkt) == 1234
+
+
+def test_rtcp_datagram_round_trip() -> None:
+    sr = bytes([0x80, 200, 0, 6]) + bytes(24)  # an empty sender report
+    flow, is_rtcp, pkt = p.parse_datagram(p.datagram_prefix(42, rtcp=True) + sr)
+    assert (flow, is_rtcp, pkt) == (42, True, sr)
 
 
 @pytest.mark.parametrize(
@@ -109,7 +115,8 @@ def test_datagram_round_trip() -> None:
     [
         b"",
         b"\x00\x00\x00\x01",
-        b"\x00\x00\x00\x01" + b"\x80" * 11,
+        b"\x00\x00\x00\x01" + b"\x80" * 11,  # RTP shorter than 12 bytes
+        b"\x80\x00\x00\x01" + b"\x80" * 7,  # RTCP shorter than 8 bytes
         b"\x00\x00\x00\x01" + b"\x00" * 20,
     ],
 )
