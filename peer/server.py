@@ -122,6 +122,18 @@ class NodeServer:
             return existing
         producer = bridge_remote_producer(router, remote)
         self.announce_producer(room, producer)
+
+        def state_changed(state: str) -> None:
+            # A relay link that dies or comes back is reported to the room's subscribers.
+            if state in ("live", "interrupted"):
+                for session in self.room_sessions(room):
+                    session.post(
+                        {"type": "producer_state", "producer_id": producer.id, "state": state}
+                    )
+                if state == "live":
+                    producer.request_keyframe()
+
+        remote.on_state(state_changed)
         return producer
 
     # -- room membership --------------------------------------------------------

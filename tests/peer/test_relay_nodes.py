@@ -120,3 +120,89 @@ async def test_unauthorised_node_cannot_pull(two_nodes):
         assert info.type.__name__ in ("RelayRefused", "SubscribeError", "RelayError", "TimeoutError")
     finally:
         await pub.close()
+
+
+@pytest.fixture
+async def impaired_nodes(two_nodes):
+    from tests.impairment import Impairment, ImpairmentProxy
+
+    a, b = two_nodes
+    assert a.relay is not None
+    proxy = ImpairmentProxy(
+        a.relay.address,
+        up=Impairment(delay=0.02, loss=0.02, seed=11),
+        down=Impairment(delay=0.02, loss=0.02, seed=12),
+    )
+    await proxy.start()
+    yield a, b, proxy
+    proxy.close()
+
+
+async def pull_via(proxy, a: NodeServer, b: NodeServer, room: str, producers: list[dict]) -> None:
+    host, port = proxy.address
+    for p in producers:
+        await b.pull_remote_producer(room, a.relay_public_key, host, port, p["producer_id"])
+
+
+async def test_lossy_delayed_link_repaired_and_late_joiner_fast(impaired_nodes):
+    a, b, proxy = impaired_nodes  # 2% loss and 20 ms each way (40 ms RTT)
+    clients: list[CascadeClient] = []
+    try:
+        pub = await connect(a, "lossy", "alice")
+        clients.append(pub)
+        producers = await pub.publish([PatternVideoTrack(320, 240, bitrate=600_000)])
+        sub = await connect(b, "lossy", "bob")
+        clients.append(sub)
+        await pull_via(proxy, a, b, "lossy", producers)
+        (track,) = await sub.wait_for_tracks(1, "video", timeout=20)
+        frames = track.frames_decoded
+        await asyncio.sleep(5.0)
+        assert proxy.down.dropped > 5  # the link really lost packets
+        assert track.stats()["decode_errors"] == 0
+        assert track.frames_decoded - frames > 100
+        assert b.relay is not None
+        (link,) = b.relay._links.values()
+        (rp,) = link.producers.values()
+        assert rp.stats.repaired > 0
+        # A subscriber joining on B now decodes within 1 s + link RTT.
+        await asyncio.sleep(1.0)
+        late = await connect(b, "lossy", "late")
+        clients.append(late)
+        (lt,) = await late.wait_for_tracks(1, "video", timeout=10)
+        assert lt.first_frame_at is not None
+        assert lt.first_frame_at - lt.subscribed_at < 1.0 + 0.04 + 0.1
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+async def test_cut_link_detected_reported_and_recovered(impaired_nodes):
+    a, b, proxy = impaired_nodes
+    proxy.up.loss = proxy.down.loss = 0.0
+    clients: list[CascadeClient] = []
+    try:
+        pub = await connect(a, "cut", "alice")
+        clients.append(pub)
+        producers = await pub.publish([PatternVideoTrack(160, 120)])
+        sub = await connect(b, "cut", "bob")
+        clients.append(sub)
+        await pull_via(proxy, a, b, "cut", producers)
+        (track,) = await sub.wait_for_tracks(1, "video", timeout=20)
+        pid = producers[0]["producer_id"]
+        loop = asyncio.get_running_loop()
+        cut_at = loop.time()
+        proxy.set_blocked(True)
+        await sub.wait_event("producer_state", producer_id=pid, state="interrupted", timeout=6)
+        assert loop.time() - cut_at < 4.0
+        stalled = track.frames_decoded
+        await asyncio.sleep(0.5)
+        assert track.frames_decoded - stalled <= 2
+        proxy.set_blocked(False)
+        await sub.wait_event("producer_state", producer_id=pid, state="live", timeout=15)
+        resumed = track.frames_decoded
+        for _ in range(100):
+            if track.frames_decoded > resumed + 15:
+                break
+            await asyncio.sleep(0.1)
+        assert track.frames_decoded > resumed + 15
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
