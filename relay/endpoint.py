@@ -188,6 +188,7 @@ class _Conn(QuicConnectionProtocol):
         pending = getattr(quic, "_datagrams_pending", None)
         self.dgram_queue: deque[bytes] = pending if isinstance(pending, deque) else deque()
         self.max_payload = self.cfg.max_datagram_size - 64
+        self._flush_stalled = False
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         """Feed one UDP datagram to QUIC; once authenticated, batch the ACK/transmit.
@@ -221,13 +222,22 @@ class _Conn(QuicConnectionProtocol):
             self.counters.datagrams_queue_full += 1
             return False
         self._quic.send_datagram_frame(data)
-        if len(self.dgram_queue) >= self.cfg.datagram_flush_batch:
+        if len(self.dgram_queue) >= self.cfg.datagram_flush_batch and not self._flush_stalled:
             # a burst: put what we have on the wire now, so the peer starts on it
             # while we build the rest
             self.transmit()
+            if self.dgram_queue:
+                # congestion-limited: stop flushing per packet until the next iteration
+                self._flush_stalled = True
+                self._loop.call_soon(self._unstall)
         elif self._transmit_task is None:
             self._transmit_task = self._loop.call_soon(self.transmit)
         return True
+
+    def _unstall(self) -> None:
+        self._flush_stalled = False
+        if not self.dead:
+            self.transmit()
 
     # -- events -----------------------------------------------------------------------
 

@@ -497,3 +497,34 @@ async def test_producer_rtcp_sender_reports_are_relayed(pair: tuple[Node, Node])
     assert rp.tracker.gaps == 0  # RTCP never disturbs the RTP sequence tracking
     rp.remove_packet_listener(col)
     assert await wait_until(lambda: not src.rtcp_listeners and rp.closed, 5)
+
+
+async def test_oversized_packets_and_full_queue_are_dropped_and_counted() -> None:
+    a = await Node(fast_config(max_pending_datagrams=50)).start()
+    b = await Node().start()
+    a.allow(b)
+    proxy = await ImpairmentProxy((LOCAL, a.port)).start()
+    try:
+        src = FakeSource()
+        a.sources["cam"] = src
+        link = await live_link(b, a, proxy.port)
+        rp = await link.subscribe("cam")
+        col = Collector()
+        rp.add_packet_listener(col)
+        src.emit_next(size=3000)  # cannot fit one QUIC packet
+        sent = await pump(src, 20)
+        assert await wait_until(lambda: col.seqs[-20:] == sent)
+        assert a.endpoint.counters.datagrams_too_large >= 1  # (NACKs of it fail too)
+        proxy.set_blocked(True)  # nothing acknowledged: congestion control stalls
+        for _ in range(400):
+            src.emit_next(size=1000)
+        assert a.endpoint.counters.datagrams_queue_full > 0
+        proxy.set_blocked(False)
+        n = len(col.seqs)
+        await pump(src, 50)
+        assert await wait_until(lambda: len(col.seqs) >= n + 50, 10)
+        assert link.state == "live"
+    finally:
+        await b.endpoint.close()
+        await a.endpoint.close()
+        proxy.close()
