@@ -528,3 +528,41 @@ async def test_oversized_packets_and_full_queue_are_dropped_and_counted() -> Non
         await b.endpoint.close()
         await a.endpoint.close()
         proxy.close()
+
+
+async def test_three_nodes_one_flow_per_remote_node_and_chaining() -> None:
+    a, b, c = Node(), Node(), Node()
+    for n in (a, b, c):
+        await n.start()
+    a.allow(b)
+    a.allow(c)
+    b.allow(c)
+    try:
+        src = FakeSource()
+        a.sources["cam"] = src
+        # b and c both pull from a: one flow per remote node
+        rb = await (await live_link(b, a)).subscribe("cam")
+        rc = await (await live_link(c, a)).subscribe("cam")
+        cb_, cc = Collector(), Collector()
+        rb.add_packet_listener(cb_)
+        rc.add_packet_listener(cc)
+        # and c also pulls b's remote producer (a relayed producer relayed again)
+        b.sources["cam-via-b"] = rb  # type: ignore[assignment]
+        rcb = await (await live_link(c, b)).subscribe("cam-via-b")
+        ccb = Collector()
+        rcb.add_packet_listener(ccb)
+        assert rcb.codec_params() == VP8
+        sent = await pump(src, 100)
+        assert await wait_until(
+            lambda: cb_.seqs[-100:] == sent and cc.seqs[-100:] == sent and ccb.seqs[-100:] == sent
+        )
+        flows = a.endpoint.origin_flows()
+        assert sorted(f[0] for f in flows) == sorted([b.pub, c.pub])  # type: ignore[type-var]
+        assert len(src.listeners) == 2
+        # a keyframe request from the far end reaches the origin through both hops
+        before = src.keyframe_requests
+        rcb.request_keyframe()
+        assert await wait_until(lambda: src.keyframe_requests == before + 1)
+    finally:
+        for n in (c, b, a):
+            await n.endpoint.close()
