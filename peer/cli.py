@@ -11,6 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
+from dht import Directory, NodeIdentity, parse_bootstrap
+from peer.overlay import Overlay
 from peer.server import NodeConfig, NodeServer
 from peer.tokens import issue_token, new_secret
 
@@ -38,6 +40,19 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--max-consumers", type=int, default=2000)
     p.add_argument("--max-cpu", type=float, default=0.85, help="refuse consumers above this")
     p.add_argument("--max-egress-pps", type=float, default=60_000.0)
+    p.add_argument("--key", help="node identity key file (cascade keygen); default: a fresh key")
+    p.add_argument("--region", help="join the overlay DHT in this region")
+    p.add_argument("--dht-host", default="127.0.0.1", help="DHT UDP listen address")
+    p.add_argument("--dht-port", type=int, help="DHT UDP port (enables the overlay)")
+    p.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        help="host:port of a DHT node to join through (repeatable, comma-separated)",
+    )
+    p.add_argument("--dht-ttl", type=float, default=10.0, help="record lifetime, seconds")
+    p.add_argument("--relay-host", default="127.0.0.1", help="QUIC relay listen address")
+    p.add_argument("--relay-port", type=int, help="QUIC relay UDP port (default: with the DHT)")
     p.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--log-level", default="INFO")
 
@@ -88,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_node(args: argparse.Namespace) -> int:
     """Run a node until SIGINT/SIGTERM."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("kademlia", "rpcudp", "aioquic", "aioice", "aiortc"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     secret = _read_secret(args)
     if not secret:
         if not args.dev:
@@ -98,6 +115,14 @@ def run_node(args: argparse.Namespace) -> int:
             return 2
         secret = new_secret()
         print(f"dev mode: API secret {secret}", flush=True)
+    identity = NodeIdentity.load(args.key) if args.key else NodeIdentity.generate()
+    overlay = args.dht_port is not None
+    if overlay and not args.region:
+        print("--dht-port needs --region", file=sys.stderr)
+        return 2
+    relay_port = args.relay_port
+    if relay_port is None and overlay:
+        relay_port = 0
     config = NodeConfig(
         host=args.host,
         port=args.port,
@@ -107,18 +132,41 @@ def run_node(args: argparse.Namespace) -> int:
         max_consumers=args.max_consumers,
         max_cpu=args.max_cpu,
         max_egress_pps=args.max_egress_pps,
+        identity=identity.private_key,
+        relay_host=args.relay_host,
+        relay_port=relay_port,
     )
     if args.uvloop:
         with contextlib.suppress(ImportError):
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return asyncio.run(_serve(config))
+    directory = None
+    if overlay:
+        directory = Directory(
+            identity,
+            args.region,
+            host=args.dht_host,
+            port=args.dht_port,
+            bootstrap=parse_bootstrap([b for spec in args.bootstrap for b in spec.split(",")]),
+            ttl=args.dht_ttl,
+        )
+    return asyncio.run(_serve(config, directory))
 
 
-async def _serve(config: NodeConfig) -> int:
+async def _serve(config: NodeConfig, directory: Directory | None) -> int:
     server = NodeServer(config)
     await server.start()
+    overlay = None
+    if directory is not None:
+        overlay = Overlay(server, directory)
+        await overlay.start()
+        host, port = directory.address
+        print(
+            f"overlay: node {directory.node_id.hex()[:16]} in {directory.region}, "
+            f"DHT on {host}:{port}",
+            flush=True,
+        )
     print(f"cascade node listening on {server.url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -126,6 +174,8 @@ async def _serve(config: NodeConfig) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if overlay is not None:
+        await overlay.stop()
     await server.stop()
     return 0
 

@@ -48,7 +48,9 @@ async def test_ten_subscribers_on_b_decode_publisher_on_a_over_one_flow(two_node
     try:
         pub = await connect(a, "span", "alice")
         clients.append(pub)
-        producers = await pub.publish([PatternVideoTrack(320, 240, bitrate=500_000), ToneAudioTrack()])
+        producers = await pub.publish(
+            [PatternVideoTrack(320, 240, bitrate=500_000), ToneAudioTrack()]
+        )
         first = await connect(b, "span", "sub0")
         clients.append(first)
         await pull_all(a, b, "span", producers)
@@ -98,7 +100,9 @@ async def test_origin_producer_closing_reaches_remote_subscribers(two_nodes):
         await pull_all(a, b, "bye", producers)
         (track,) = await sub.wait_for_tracks(1, "video", timeout=20)
         await pub.unpublish(producers[0]["producer_id"])
-        await sub.wait_event("producer_removed", producer_id=producers[0]["producer_id"], timeout=10)
+        await sub.wait_event(
+            "producer_removed", producer_id=producers[0]["producer_id"], timeout=10
+        )
         for _ in range(100):
             if track.ended:
                 break
@@ -117,7 +121,12 @@ async def test_unauthorised_node_cannot_pull(two_nodes):
         with pytest.raises(Exception) as info:
             await asyncio.wait_for(pull_all(a, b, "deny", producers), 15)
         assert "deny" not in b.node.routers or not b.node.routers["deny"].producers
-        assert info.type.__name__ in ("RelayRefused", "SubscribeError", "RelayError", "TimeoutError")
+        assert info.type.__name__ in (
+            "RelayRefused",
+            "SubscribeError",
+            "RelayError",
+            "TimeoutError",
+        )
     finally:
         await pub.close()
 

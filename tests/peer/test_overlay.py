@@ -1,0 +1,64 @@
+"""Nodes that find each other through the DHT and relay a shared room automatically."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dht import Directory, NodeIdentity
+from peer.client import CascadeClient
+from peer.media import PatternVideoTrack
+from peer.overlay import Overlay
+from peer.server import NodeConfig, NodeServer
+from tests.conftest import SECRET, token
+
+
+async def start_node(region: str, bootstrap: list[tuple[str, int]]) -> tuple[NodeServer, Overlay]:
+    identity = NodeIdentity.generate()
+    server = NodeServer(
+        NodeConfig(
+            port=0, api_secret=SECRET, max_cpu=100.0, relay_port=0, identity=identity.private_key
+        )
+    )
+    await server.start()
+    directory = Directory(identity, region, host="127.0.0.1", port=0, bootstrap=bootstrap, ttl=6.0)
+    overlay = Overlay(server, directory, interval=0.5)
+    await overlay.start()
+    return server, overlay
+
+
+async def test_room_spanning_three_nodes_found_via_dht():
+    nodes: list[tuple[NodeServer, Overlay]] = []
+    clients: list[CascadeClient] = []
+    try:
+        nodes.append(await start_node("eu", []))
+        seed = nodes[0][1].directory.address
+        nodes.append(await start_node("us", [seed]))
+        nodes.append(await start_node("ap", [seed]))
+        (a, _), (b, _), (c, overlay_c) = nodes
+        assert sorted(await overlay_c.directory.regions()) == ["ap", "eu", "us"]
+
+        async def client(node: NodeServer, identity: str) -> CascadeClient:
+            cl = CascadeClient(node.url)
+            await cl.connect()
+            await cl.join("world", token("world", identity))
+            clients.append(cl)
+            return cl
+
+        pub = await client(a, "alice")
+        await pub.publish([PatternVideoTrack(160, 120)])
+        sub_b = await client(b, "bob")
+        sub_c = await client(c, "carol")
+        for sub in (sub_b, sub_c):
+            (track,) = await sub.wait_for_tracks(1, "video", timeout=20)
+            assert (track.width, track.height) == (160, 120)
+        # B and C each pulled the producer from A over their own relay link.
+        for node in (b, c):
+            assert node.relay is not None
+            assert [link for link in node.relay._links.values() if link.producers]
+        hosts = await overlay_c.directory.room_hosts("world")
+        assert len(hosts) == 3
+    finally:
+        await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)
+        for server, overlay in reversed(nodes):
+            await overlay.stop()
+            await server.stop()
