@@ -57,8 +57,10 @@ def make_certificate(key: Ed25519PrivateKey, days: int = 3650) -> x509.Certifica
     )
 
 
-def certificate_key(cert: x509.Certificate) -> bytes | None:
+def certificate_key(cert: x509.Certificate | None) -> bytes | None:
     """Raw Ed25519 key of a peer certificate, or None if it is not an Ed25519 certificate."""
+    if cert is None:
+        return None
     try:
         pub = cert.public_key()
     except Exception:

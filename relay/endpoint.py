@@ -600,13 +600,20 @@ class _ClientConn(_Conn):
         if event.alpn_protocol != ALPN:
             self.abort(ErrorCode.PROTOCOL_VIOLATION, "ALPN mismatch")
             return
+        # aioquic keeps the verified peer certificate in a private attribute; if a future
+        # version moves it we fail closed (the control-stream signatures alone would not
+        # stop a man in the middle relaying them between two TLS sessions)
         cert = getattr(getattr(self._quic, "tls", None), "_peer_certificate", None)
-        if cert is not None:
-            key = auth.certificate_key(cert)
-            if key != self.link.peer_key:
-                self.endpoint.counters.auth_refused += 1
-                self.abort(ErrorCode.WRONG_PEER, "server certificate is not the expected node key")
-                return
+        key = auth.certificate_key(cert) if cert is not None else None
+        if key != self.link.peer_key:
+            self.endpoint.counters.auth_refused += 1
+            reason = (
+                "server certificate is not the expected node key"
+                if cert is not None
+                else "cannot read the server certificate"
+            )
+            self.abort(ErrorCode.WRONG_PEER, reason)
+            return
         self.ctrl_id = self._quic.get_next_available_stream_id()
         self._hello_at = self._loop.time()
         self.send_msg(Hello(PROTOCOL_VERSION, self.endpoint.public_key, self._nonce))

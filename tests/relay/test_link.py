@@ -196,6 +196,7 @@ async def test_dialler_refuses_wrong_server_key() -> None:
         with pytest.raises(RelayRefused) as ei:
             await link.wait_live(10)
         assert ei.value.code == ErrorCode.WRONG_PEER
+        assert "certificate" in ei.value.reason  # refused by the TLS-level key check
         assert a.endpoint.origin_flows() == []
         assert a.sources["cam"].listeners == []
     finally:
