@@ -304,7 +304,7 @@ class _Conn(QuicConnectionProtocol):
         now = self._loop.time()
         if not self.authed:
             if now - self.started > self.cfg.auth_timeout:
-                self.abort(ErrorCode.AUTH_FAILED, "authentication timed out")
+                self.abort(ErrorCode.TIMEOUT, "authentication timed out")
                 return
         elif now - self.last_rx > self.cfg.dead_after:
             self.counters.heartbeat_timeouts += 1
@@ -827,7 +827,7 @@ class RelayLink:
                 await asyncio.wait_for(conn.settled.wait(), cfg.connect_timeout)
             except TimeoutError:
                 if conn is not None and not conn.dead:
-                    conn.abort(ErrorCode.AUTH_FAILED, "connect timeout")
+                    conn.abort(ErrorCode.TIMEOUT, "connect timeout")
                 self._fail(RelayError("connect timeout"))
             except OSError as exc:
                 self._fail(RelayError(f"connect failed: {exc}"))

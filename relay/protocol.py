@@ -83,6 +83,7 @@ class ErrorCode(enum.IntEnum):
     WRONG_PEER = 6
     HEARTBEAT_TIMEOUT = 7
     SHUTDOWN = 8
+    TIMEOUT = 9
     NOT_FOUND = 16
     CODEC_UNAVAILABLE = 17
     TOO_MANY_FLOWS = 18

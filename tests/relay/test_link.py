@@ -567,3 +567,20 @@ async def test_three_nodes_one_flow_per_remote_node_and_chaining() -> None:
     finally:
         for n in (c, b, a):
             await n.endpoint.close()
+
+
+async def test_unreachable_peer_is_a_timeout_not_a_refusal() -> None:
+    b = Node(fast_config(connect_timeout=0.3))
+    ghost = Node()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LOCAL, 0))  # a port where nobody speaks QUIC
+    try:
+        link = b.endpoint.link(ghost.pub, LOCAL, sock.getsockname()[1])
+        with pytest.raises(TimeoutError):
+            await link.wait_live(1.5)
+        assert link.state == "interrupted"
+        assert not isinstance(link.last_error, RelayRefused)
+        assert link.last_error is not None and "timeout" in str(link.last_error)
+    finally:
+        sock.close()
+        await b.endpoint.close()
