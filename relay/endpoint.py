@@ -996,6 +996,10 @@ class RelayLink:
     def _resubscribe(self, rp: RemoteProducer) -> None:
         def on_reply(msg: Subscribed | ErrorMsg) -> None:
             if rp.closed:
+                # closed (linger) while the re-SUBSCRIBE was in flight: release the flow
+                conn = self._conn
+                if isinstance(msg, Subscribed) and conn is not None and conn.authed:
+                    conn.send_msg(Unsubscribe(msg.flow_id))
                 return
             if isinstance(msg, Subscribed):
                 self._attach(rp, msg)

@@ -172,6 +172,15 @@ class NackTracker:
         self.duplicates += 1
         return 2
 
+    def expect(self, seqs: Iterable[int], now: float) -> None:
+        """Accept retransmissions of ``seqs`` requested by someone else (not re-NACKed).
+
+        They stay expected for ``2 x retry_interval``; expiring does not count as lost.
+        """
+        for seq in seqs:
+            if seq not in self.missing:
+                self.missing[seq] = [now + 2 * self.retry_interval, self.max_retries + 1.0]
+
     def deadline(self) -> float | None:
         """Earliest time :meth:`poll` has something to do, or None."""
         if not self.missing:
@@ -193,8 +202,8 @@ class NackTracker:
                 entry[0] = now + self.retry_interval
                 out.append(seq)
         for seq in expired:
-            del self.missing[seq]
-            self.lost += 1
+            if self.missing.pop(seq)[1] <= self.max_retries:
+                self.lost += 1
         return out
 
 
@@ -366,10 +375,16 @@ class RemoteProducer:
         return None
 
     def nack(self, seqs: Iterable[int]) -> None:
-        """Forward a local consumer's NACK upstream for packets not in the local cache."""
+        """Forward a local consumer's NACK upstream for packets not in the local cache.
+
+        The retransmissions are then delivered to the listeners even if the relay had
+        already given up on (or never noticed) those packets.
+        """
         want = [s & 0xFFFF for s in seqs if self.get_cached_packet(s & 0xFFFF) is None]
         if want and self.state == LIVE:
-            self._send_nack(want[:MAX_NACK_SEQS])
+            want = want[:MAX_NACK_SEQS]
+            self.tracker.expect(want, self._upstream.clock())
+            self._send_nack(want)
 
     def on_close(self, cb: Callable[[], None]) -> None:
         """Call ``cb()`` once when the producer closes (immediately if already closed)."""

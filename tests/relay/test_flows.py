@@ -195,3 +195,15 @@ def test_remote_producer_states_and_close() -> None:
     assert closed == [1]
     rp.on_close(lambda: closed.append(2))  # already closed: immediate
     assert closed == [1, 2]
+
+
+def test_nack_tracker_expect_accepts_foreign_retransmissions() -> None:
+    t = NackTracker(retry_interval=0.1, max_retries=3)
+    for s in range(10):
+        t.on_packet(s, 0.0)
+    assert t.on_packet(4, 0.01) == 2  # stale duplicate is dropped...
+    t.expect([4, 5], 0.01)
+    assert t.on_packet(4, 0.02) == 1  # ...unless someone asked for it
+    assert t.poll(0.05) == []  # never NACKed by the tracker itself
+    t.poll(1.0)
+    assert not t.missing and t.lost == 0  # expiry of an expectation is not a loss

@@ -457,7 +457,9 @@ async def test_local_nack_goes_upstream_when_not_cached(pair: tuple[Node, Node])
     rp.nack([5, 7])
     flows = a.endpoint.origin_flows()
     assert await wait_until(lambda: flows[0][3].retransmits == 1)
-    assert rp.stats.duplicates >= 1  # the retransmission reached the remote side
+    # the retransmission the local consumer asked for is delivered (again) to listeners
+    assert await wait_until(lambda: col.seqs.count(7) == 2)
+    assert col.seqs.count(5) == 1  # answered from the relay-side cache, not upstream
 
 
 async def test_reconnect_supersedes_stale_origin_connection(pair: tuple[Node, Node]) -> None:
