@@ -116,9 +116,14 @@ async def bytes_per_operation(nodes: list[Directory], rooms: list[str]) -> dict[
     for _ in range(20):
         await random.choice(nodes).room_hosts(random.choice(rooms))
     per_lookup = (total_bytes(nodes) - before) / 20
-    for d in nodes:
-        d._refresher = asyncio.create_task(d._refresh_forever())
+    for d in nodes:  # restart at random phases, as nodes started at different times would be
+        d._refresher = asyncio.create_task(_delayed(random.uniform(0, d.refresh_interval), d))
     return {"announce_bytes": round(per_announce), "lookup_bytes": round(per_lookup)}
+
+
+async def _delayed(delay: float, directory: Directory) -> None:
+    await asyncio.sleep(delay)
+    await directory._refresh_forever()
 
 
 def crypto_costs(iterations: int = 2000) -> dict[str, float]:

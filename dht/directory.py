@@ -164,7 +164,11 @@ class Directory:
         else:
             self._tombstones.pop(key, None)
         try:
-            return await self.server.put_record(key, wire)
+            accepted = await self.server.put_record(key, wire)
+            if accepted < self.server.config.quorum:
+                # too few holders took it (lost contacts, overload): crawl and store again
+                accepted = max(accepted, await self.server.put_record(key, wire))
+            return accepted
         except Exception:
             log.exception("publishing to %s failed", key.hex())
             return 0
@@ -238,6 +242,7 @@ class Directory:
 
     async def refresh(self) -> None:
         """Republish every live record (and recent tombstones) with a new sequence and expiry."""
+        await self.server.heal(self._bootstrap)
         now = self.clock()
         self._tombstones = {k: t for k, t in self._tombstones.items() if t > now}
         jobs: list[Awaitable[object]] = [

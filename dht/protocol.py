@@ -72,7 +72,7 @@ class DirectoryProtocol(KademliaProtocol):
         *,
         rpc_timeout: float = 1.0,
         response_budget: int = RESPONSE_BUDGET,
-        dead_for: float = 60.0,
+        dead_for: float = 15.0,
         answer_neighbors: int = 8,
     ) -> None:
         super().__init__(source_node, storage, ksize)

@@ -31,10 +31,10 @@ class DhtConfig:
     quorum: int = 3
     """A lookup waits for at least this many of the closest peers to answer."""
     rpc_timeout: float = 1.0
-    round_timeout: float = 0.2
+    round_timeout: float = 0.12
     """A query unanswered this long stops holding up a crawl."""
     lookup_timeout: float = 3.0
-    dead_for: float = 60.0
+    dead_for: float = 15.0
     """Peers that timed out are skipped by crawls this long, unless heard from again."""
     table_refresh_interval: float = 300.0
 
@@ -151,6 +151,25 @@ class DirectoryServer(Server):
             self.protocol.welcome_if_new(node)
         result = await self._crawl(self.node.id, peers=nodes, fetch_records=False)
         return result.holders
+
+    @property
+    def contacts(self) -> int:
+        """How many peers the routing table holds."""
+        if self.protocol is None:
+            return 0
+        return sum(len(bucket) for bucket in self.protocol.router.buckets)
+
+    async def heal(self, addrs: Sequence[tuple[str, int]]) -> None:
+        """If the routing table is thin (peers lost to timeouts), re-join: ping the bootstrap
+        contacts and crawl towards our own id from them and whatever peers remain."""
+        if self.protocol is None or self.contacts >= self.ksize:
+            return
+        gathered = await asyncio.gather(*map(self.bootstrap_node, self._usable(addrs)))
+        peers = [n for n in gathered if n is not None]
+        for node in peers:
+            self.protocol.welcome_if_new(node)
+        peers.extend(self.protocol.router.find_neighbors(self.node, self.ksize))
+        await self._crawl(self.node.id, peers=peers, fetch_records=False)
 
     async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
         """Ping one address; its Node if it answered."""
