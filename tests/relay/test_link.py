@@ -586,3 +586,28 @@ async def test_unreachable_peer_is_a_timeout_not_a_refusal() -> None:
     finally:
         sock.close()
         await b.endpoint.close()
+
+
+def test_relay_runs_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> list[int]:
+        a, b = Node(), Node()
+        await a.start()
+        await b.start()
+        a.allow(b)
+        try:
+            src = FakeSource()
+            a.sources["cam"] = src
+            rp = await (await live_link(b, a)).subscribe("cam")
+            col = Collector()
+            rp.add_packet_listener(col)
+            sent = await pump(src, 200)
+            assert await wait_until(lambda: col.seqs[-200:] == sent)
+            return col.seqs
+        finally:
+            await b.endpoint.close()
+            await a.endpoint.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert len(runner.run(scenario())) == 200
