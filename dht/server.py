@@ -14,7 +14,7 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from dht.protocol import CrawlResult, DirectoryProtocol, RecordCrawl
-from dht.records import RecordRejected, SignedRecord, ValidationPolicy
+from dht.records import RecordRejected, SignedRecord, ValidationPolicy, merge_records
 from dht.storage import RecordStorage
 
 log = logging.getLogger(__name__)
@@ -207,11 +207,12 @@ class DirectoryServer(Server):
             raise RuntimeError("not listening")
         result = await self._crawl(key)
         wires = set(result.records)
-        if not result.settled and len(self.protocol.router.find_neighbors(Node(key))) > 0:
+        if not result.settled and self.contacts > 0:
             # cut short (stalled process, mass timeouts): one more try, merging both
             retry = await self._crawl(key)
             wires.update(retry.records)
-            result.holders.extend(h for h in retry.holders if h not in result.holders)
+            seen = {h.id for h in result.holders}
+            result.holders.extend(h for h in retry.holders if h.id not in seen)
         now = self.storage.clock()
         wires.update(r.wire for r in self.storage.records(key))
         verified: list[SignedRecord] = []
@@ -221,11 +222,7 @@ class DirectoryServer(Server):
                 verified.append(self.storage.verifier.verify(wire, now=now, key=key))
             except RecordRejected:
                 rejected += 1
-        newest: dict[bytes, SignedRecord] = {}
-        for record in verified:
-            current = newest.get(record.publisher)
-            if current is None or record.seq > current.seq:
-                newest[record.publisher] = record
+        newest = merge_records(verified)
         return Lookup(list(newest.values()), len(result.holders), rejected)
 
     async def put_record(self, key: bytes, wire: bytes) -> int:
