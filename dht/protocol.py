@@ -26,6 +26,9 @@ of request; our answers stay under ``RESPONSE_BUDGET`` plus a node list)."""
 LATE_TIMER = 0.05
 """A timeout firing this late means the process was stalled; it gets one extension."""
 
+PROBE_INTERVAL = 2.0
+"""How often a peer skipped as recently dead is pinged to see if it is back."""
+
 _Address = tuple[Any, ...]
 
 
@@ -86,6 +89,7 @@ class DirectoryProtocol(KademliaProtocol):
         self._recently_dead: dict[bytes, float] = {}
         self._welcomed: dict[bytes, float] = {}
         self._extended: set[bytes] = set()
+        self._probed: dict[bytes, float] = {}
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         self.keep_alive(asyncio.ensure_future(coro))
@@ -240,6 +244,22 @@ class DirectoryProtocol(KademliaProtocol):
         if until <= asyncio.get_running_loop().time():
             del self._recently_dead[node_id]
             return False
+        return True
+
+    def skip_as_dead(self, node: Node) -> bool:
+        """True if crawls should skip ``node`` because it timed out lately.
+
+        Such a peer is pinged at most every ``PROBE_INTERVAL`` seconds: one that was only
+        overloaded answers, which clears the mark (see :meth:`welcome_if_new`).
+        """
+        if not self.is_recently_dead(node.id):
+            return False
+        now = asyncio.get_running_loop().time()
+        if self._probed.get(node.id, 0.0) <= now:
+            if len(self._probed) > 4096:
+                self._probed = {k: t for k, t in self._probed.items() if t > now}
+            self._probed[node.id] = now + PROBE_INTERVAL
+            self._spawn(self.call_ping(node))
         return True
 
     def welcome_if_new(self, node: Node) -> None:
@@ -440,7 +460,7 @@ class RecordCrawl(SpiderCrawl):
         nodes = [
             n
             for n in _parse_nodes(answer.get("nodes"))
-            if n.id not in self.dead and not self.protocol.is_recently_dead(n.id)
+            if n.id not in self.dead and not self.protocol.skip_as_dead(n)
         ]
         nodes = [n for n in nodes if n.id != self.protocol.source_node.id]
         if nodes:
