@@ -4,7 +4,9 @@ short RPC timeouts and crawls with a per-round timeout that never re-add dead pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,8 @@ of request; our answers stay under ``RESPONSE_BUDGET`` plus a node list)."""
 LATE_TIMER = 0.05
 """A timeout firing this late means the process was stalled; it gets one extension."""
 
+RECEIVE_BUFFER = 1 << 20
+"""Requested UDP receive buffer (bytes)."""
 PROBE_INTERVAL = 2.0
 """How often a peer skipped as recently dead is pinged to see if it is back."""
 
@@ -113,6 +117,12 @@ class DirectoryProtocol(KademliaProtocol):
     # ------------------------------------------------------------------ transport hygiene
 
     def connection_made(self, transport: Any) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # bursts (refresh storms, hot keys) overflow the default ~200 KB buffer; drops
+            # look like dead peers. The kernel caps this at net.core.rmem_max.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self.transport = _CountingTransport(transport, self.traffic)
 
     def datagram_received(self, data: bytes, addr: _Address) -> None:
