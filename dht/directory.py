@@ -211,7 +211,12 @@ class Directory:
         if load is not None:
             changes["load"] = load
         if changes:
-            self._record = msgspec.structs.replace(self._record, **changes)
+            record = msgspec.structs.replace(self._record, **changes)
+            try:  # refuse now what every holder would refuse later
+                msgspec.msgpack.decode(msgspec.msgpack.encode(record), type=NodeRecord)
+            except msgspec.ValidationError as exc:
+                raise ValueError(f"invalid node record: {exc}") from None
+            self._record = record
 
     def update_load(self, load: Load) -> None:
         """Record the current load; published at the next refresh."""

@@ -249,6 +249,14 @@ def sign_record(
     """Build and sign the wire form of a record (``body=None`` makes a tombstone)."""
     if len(key) != KEY_BYTES:
         raise ValueError("DHT keys are 20 bytes")
+    body_bytes = b"" if body is None else encode(body)
+    try:  # encoding does not check field constraints: holders would refuse the record
+        if isinstance(body, NodeRecord):
+            _node_decoder.decode(body_bytes)
+        elif isinstance(body, RoomEntry):
+            _room_decoder.decode(body_bytes)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid record body: {exc}") from None
     envelope = Envelope(
         format=FORMAT_VERSION,
         key=key,
@@ -256,7 +264,7 @@ def sign_record(
         seq=seq,
         expires_ms=int(expires_at * 1000),
         kind=int(_kind_of(body)),
-        body=b"" if body is None else encode(body),
+        body=body_bytes,
         certificate=certificate,
     )
     envelope_bytes = encode(envelope)

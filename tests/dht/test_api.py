@@ -30,6 +30,9 @@ def test_directory_validates_region_and_ttl() -> None:
     assert directory.refresh_interval <= directory.ttl / 2
     assert directory.record.relay_key == identity.public_key
     assert directory.node_id == identity.node_id
+    with pytest.raises(ValueError):
+        directory.update_node(signaling_url="x" * 1000)
+    assert directory.record.signaling_url == ""
 
 
 def test_bootstrap_addresses_are_mapped_to_the_listening_family() -> None:

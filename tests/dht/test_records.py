@@ -235,3 +235,12 @@ def test_region_names_are_restricted() -> None:
         msgspec.msgpack.decode(
             encode(NodeRecord(node_id=alice.node_id, region="bad region")), type=NodeRecord
         )
+
+
+def test_signing_refuses_bodies_holders_would_refuse() -> None:
+    alice = NodeIdentity.generate()
+    bad_kind = RoomEntry(room="r1", node_id=alice.node_id, producers=(Producer("x", "screen"),))  # type: ignore[arg-type]
+    too_long = RoomEntry(room="r" * 200, node_id=alice.node_id)
+    for body in (bad_kind, too_long):
+        with pytest.raises(ValueError):
+            sign_record(alice, room_key("r1"), body, seq=1, expires_at=NOW + 5)
