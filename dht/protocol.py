@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from collections.abc import Coroutine
@@ -34,6 +35,23 @@ PROBE_INTERVAL = 2.0
 """How often a peer skipped as recently dead is pinged to see if it is back."""
 
 _Address = tuple[Any, ...]
+
+
+def map_address(host: str, listen_family: int) -> str | None:
+    """Adapt a literal IP for a socket of ``listen_family``; None if unreachable from it.
+
+    An IPv6 (dual-stack) socket reaches IPv4 peers as ``::ffff:a.b.c.d``.
+    """
+    addr = ipaddress.ip_address(host.split("%", 1)[0])
+    if listen_family == socket.AF_INET:
+        if addr.version == 4:
+            return str(addr)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return None
+    if addr.version == 4:
+        return f"::ffff:{addr}"
+    return host
 
 
 def _is_id(value: object) -> bool:
@@ -94,6 +112,7 @@ class DirectoryProtocol(KademliaProtocol):
         self._welcomed: dict[bytes, float] = {}
         self._extended: set[bytes] = set()
         self._probed: dict[bytes, float] = {}
+        self.family = socket.AF_INET
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         self.keep_alive(asyncio.ensure_future(coro))
@@ -119,6 +138,7 @@ class DirectoryProtocol(KademliaProtocol):
     def connection_made(self, transport: Any) -> None:
         sock = transport.get_extra_info("socket")
         if sock is not None:
+            self.family = sock.family
             # bursts (refresh storms, hot keys) overflow the default ~200 KB buffer; drops
             # look like dead peers. The kernel caps this at net.core.rmem_max.
             with contextlib.suppress(OSError):
@@ -318,7 +338,8 @@ class CrawlResult:
     peers)."""
 
 
-def _parse_nodes(raw: object) -> list[Node]:
+def _parse_nodes(raw: object, family: int) -> list[Node]:
+    """Contacts from an answer, addresses adapted to our socket family (others dropped)."""
     nodes: list[Node] = []
     if not isinstance(raw, list):
         return nodes
@@ -329,8 +350,14 @@ def _parse_nodes(raw: object) -> list[Node]:
             and _is_id(item[0])
             and isinstance(item[1], str)
             and isinstance(item[2], int)
+            and 0 < item[2] < 65536
         ):
-            nodes.append(Node(item[0], item[1], item[2]))
+            try:
+                host = map_address(item[1], family)
+            except ValueError:
+                continue
+            if host is not None:
+                nodes.append(Node(item[0], host, item[2]))
     return nodes
 
 
@@ -469,7 +496,7 @@ class RecordCrawl(SpiderCrawl):
             return
         nodes = [
             n
-            for n in _parse_nodes(answer.get("nodes"))
+            for n in _parse_nodes(answer.get("nodes"), self.protocol.family)
             if n.id not in self.dead and not self.protocol.skip_as_dead(n)
         ]
         nodes = [n for n in nodes if n.id != self.protocol.source_node.id]

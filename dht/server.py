@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 from collections.abc import Iterable, Sequence
@@ -13,7 +12,7 @@ from typing import Any
 from kademlia.network import Server
 from kademlia.node import Node
 
-from dht.protocol import CrawlResult, DirectoryProtocol, RecordCrawl
+from dht.protocol import CrawlResult, DirectoryProtocol, RecordCrawl, map_address
 from dht.records import RecordRejected, SignedRecord, ValidationPolicy, merge_records
 from dht.storage import RecordStorage
 
@@ -49,23 +48,6 @@ class Lookup:
     """How many peers answered."""
     rejected: int
     """Records that failed verification."""
-
-
-def map_address(host: str, listen_family: int) -> str | None:
-    """Adapt a literal IP for a socket of ``listen_family``; None if unreachable from it.
-
-    An IPv6 (dual-stack) socket reaches IPv4 peers as ``::ffff:a.b.c.d``.
-    """
-    addr = ipaddress.ip_address(host.split("%", 1)[0])
-    if listen_family == socket.AF_INET:
-        if addr.version == 4:
-            return str(addr)
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return None
-    if addr.version == 4:
-        return f"::ffff:{addr}"
-    return host
 
 
 class DirectoryServer(Server):

@@ -8,7 +8,7 @@ import pytest
 
 import dht
 from dht import Directory, NodeIdentity
-from dht.server import map_address
+from dht.protocol import _parse_nodes, map_address
 
 
 def test_public_api_is_exported() -> None:
@@ -41,3 +41,21 @@ def test_bootstrap_addresses_are_mapped_to_the_listening_family() -> None:
     assert map_address("::ffff:10.0.0.1", socket.AF_INET) == "10.0.0.1"
     assert map_address("10.0.0.1", socket.AF_INET6) == "::ffff:10.0.0.1"
     assert map_address("fe80::1%eth0", socket.AF_INET6) == "fe80::1%eth0"
+
+
+def test_contacts_from_answers_are_checked_and_mapped() -> None:
+    node_id = bytes(20)
+    raw = [
+        [node_id, "127.0.0.1", 4000],
+        [node_id, "::ffff:127.0.0.1", 4001],
+        [node_id, "::1", 4002],
+        [node_id, "not-an-ip", 4003],
+        [b"short", "127.0.0.1", 4004],
+        [node_id, "127.0.0.1", 70000],
+        "garbage",
+    ]
+    v4 = _parse_nodes(raw, socket.AF_INET)
+    assert [(n.ip, n.port) for n in v4] == [("127.0.0.1", 4000), ("127.0.0.1", 4001)]
+    v6 = _parse_nodes(raw, socket.AF_INET6)
+    assert [n.port for n in v6] == [4000, 4001, 4002]
+    assert v6[0].ip == "::ffff:127.0.0.1"
