@@ -479,6 +479,14 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     c5, m5 = by.get(("cascade", 5)), by.get(("mediarelay", 5))
     if c5 and m5 and c5.cpu_us_per_packet:
         ratios["mediarelay_over_cascade_n5"] = round(m5.cpu_us_per_packet / c5.cpu_us_per_packet, 1)
+    # MediaRelay saturates a core at N = 5, so it cannot be measured at a larger N; compare
+    # its cost per packet with Cascade's at the largest N measured.
+    largest = max(args.sizes)
+    cl = by.get(("cascade", largest))
+    if cl and m5 and cl.cpu_us_per_packet:
+        ratios[f"mediarelay_n5_over_cascade_n{largest}"] = round(
+            m5.cpu_us_per_packet / cl.cpu_us_per_packet, 1
+        )
     print()
     for k, v in ratios.items():
         print(f"{k}: {v}")
