@@ -36,6 +36,8 @@ class DhtConfig:
     dead_for: float = 15.0
     """Peers that timed out are skipped by crawls this long, unless heard from again."""
     table_refresh_interval: float = 300.0
+    holder_cache_ttl: float = 8.0
+    """How long a publisher reuses the holder set found for a key before crawling again."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class DirectoryServer(Server):
         )
         self.storage: RecordStorage = storage if storage is not None else RecordStorage(policy)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._holders: dict[bytes, tuple[float, list[Node]]] = {}
         self.protocol: DirectoryProtocol | None
         self.family = socket.AF_INET
 
@@ -210,12 +213,32 @@ class DirectoryServer(Server):
     async def put_record(self, key: bytes, wire: bytes) -> int:
         """Store a record on the closest peers (and locally if we are among them).
 
-        Returns how many holders accepted it (0 if no peer answered).
+        The holder set found by a crawl is reused for ``holder_cache_ttl`` seconds (newcomers
+        closer to the key are handed records by the old holders, see ``welcome_if_new``);
+        if too few cached holders accept, a fresh crawl runs. Returns how many holders
+        accepted the record (0 if no peer answered).
         """
         if self.protocol is None:
             raise RuntimeError("not listening")
+        loop = asyncio.get_running_loop()
+        cached = self._holders.get(key)
+        if cached is not None and cached[0] > loop.time():
+            accepted = await self._store_on(key, wire, cached[1], [])
+            if accepted >= min(self.config.quorum, len(cached[1])):
+                return accepted
+            del self._holders[key]
         result = await self._crawl(key, fetch_records=False)
-        holders = result.holders
+        if len(result.holders) >= self.config.quorum:
+            if len(self._holders) > 4096:
+                now = loop.time()
+                self._holders = {k: v for k, v in self._holders.items() if v[0] > now}
+            self._holders[key] = (loop.time() + self.config.holder_cache_ttl, result.holders)
+        return await self._store_on(key, wire, result.holders, result.unresponsive)
+
+    async def _store_on(
+        self, key: bytes, wire: bytes, holders: list[Node], unresponsive: list[Node]
+    ) -> int:
+        assert self.protocol is not None
         target = Node(key)
         accepted = 0
         if len(holders) < self.config.replicas or self.node.distance_to(target) < max(
@@ -226,7 +249,7 @@ class DirectoryServer(Server):
                 accepted += 1
             except RecordRejected as exc:
                 log.warning("own record refused locally: %s", exc)
-        for peer in result.unresponsive:  # slow, maybe alive: store without waiting
+        for peer in unresponsive:  # slow, maybe alive: store without waiting
             self.protocol.keep_alive(
                 asyncio.ensure_future(self.protocol.call_store(peer, key, wire))
             )
