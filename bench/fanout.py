@@ -226,7 +226,9 @@ async def run_cascade(n: int, args: argparse.Namespace) -> CaseResult:
         "--log-level",
         "WARNING",
     ]
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env, preexec_fn=os.setpgrp)
+    server = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, preexec_fn=os.setpgrp, stdout=subprocess.DEVNULL
+    )
     clients: list[CascadeClient] = []
     try:
         wait_port(port)
@@ -384,6 +386,7 @@ async def run_mediarelay(n: int, args: argparse.Namespace) -> CaseResult:
         ],
         cwd=ROOT,
         preexec_fn=os.setpgrp,
+        stdout=subprocess.DEVNULL,
     )
     pcs: list[RTCPeerConnection] = []
     tasks: set[asyncio.Task[Any]] = set()
