@@ -31,7 +31,7 @@ from aioquic.quic.connection import QuicConnection
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import auth
-from .flows import LIVE, KeyframeLimiter, NackTracker, OriginFlowStats, RemoteProducer
+from .flows import LIVE, KeyframeLimiter, NackTracker, OriginFlowStats, RemoteProducer, call_each
 from .protocol import (
     ALPN,
     DATAGRAM_HEADER_SIZE,
@@ -910,11 +910,7 @@ class RelayLink:
         if state == self.state:
             return
         self.state = state
-        for cb in list(self._state_cbs):
-            try:
-                cb(state)
-            except Exception:
-                log.exception("relay: link state callback failed")
+        call_each(self._state_cbs, "relay link state", state)
         self._notify()
 
     def _notify(self) -> None:

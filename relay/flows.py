@@ -25,6 +25,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+def call_each(callbacks: Iterable[Callable[..., None]], what: str, *args: object) -> None:
+    """Call every callback with ``args``; one that raises is logged and does not stop the rest."""
+    for cb in list(callbacks):
+        try:
+            cb(*args)
+        except Exception:
+            log.exception("%s callback failed", what)
+
+
 LIVE = "live"
 INTERRUPTED = "interrupted"
 CLOSED = "closed"
@@ -487,21 +497,13 @@ class RemoteProducer:
         self._listeners = ()
         self._rtcp_listeners = ()
         cbs, self._close_cbs = self._close_cbs, []
-        for cb in cbs:
-            try:
-                cb()
-            except Exception:
-                log.exception("RemoteProducer on_close callback failed")
+        call_each(cbs, "RemoteProducer on_close")
 
     def _set_state(self, state: str) -> None:
         if state == self.state:
             return
         self.state = state
-        for cb in list(self._state_cbs):
-            try:
-                cb(state)
-            except Exception:
-                log.exception("RemoteProducer on_state callback failed")
+        call_each(self._state_cbs, "RemoteProducer on_state", state)
 
     def __repr__(self) -> str:
         return (
