@@ -73,3 +73,20 @@ async def test_withdrawn_records_stay_hidden_from_holders_that_missed_the_tombst
         assert [(e.node_id, e.participants) for e in entries] == [(host.node_id, 4)]
     finally:
         await stop_cluster(nodes)
+
+
+async def test_node_that_lost_its_routing_table_rejoins_on_refresh() -> None:
+    nodes = await start_cluster(10, ttl=TTL)
+    try:
+        lonely = nodes[7]
+        assert lonely.server.protocol is not None
+        lonely.server.protocol.router.flush()  # every contact lost (e.g. mass timeouts)
+        assert lonely.server.contacts == 0
+        await lonely.refresh()  # re-joins from its bootstrap contacts, then republishes
+        assert lonely.server.contacts > 0
+        await lonely.announce_room("after-rejoin")
+        entries = await nodes[2].room_hosts("after-rejoin")
+        assert [e.node_id for e in entries] == [lonely.node_id]
+        assert [e.node_id for e in await lonely.room_hosts("after-rejoin")] == [lonely.node_id]
+    finally:
+        await stop_cluster(nodes)
