@@ -151,7 +151,7 @@ class NodeServer:
         for session in self.room_sessions(room):
             if session.participant_id != producer.participant_id:
                 session.post({"type": "producer_added", "producer": producer.describe()})
-                session._try_auto_subscribe(producer)
+                session.auto_subscribe_to(producer)
 
         def removed(p: Producer) -> None:
             for session in self.room_sessions(room):

@@ -204,7 +204,7 @@ class ParticipantSession:
             await other.send({"type": "participant_joined", "participant": self.describe()})
         if self.auto_subscribe and self.grant.can_subscribe:
             for producer in list(router.producers.values()):
-                self._try_auto_subscribe(producer)
+                self.auto_subscribe_to(producer)
 
     def describe(self) -> dict[str, object]:
         """Public description of this participant."""
@@ -316,7 +316,8 @@ class ParticipantSession:
 
     # -- subscribing ------------------------------------------------------------
 
-    def _try_auto_subscribe(self, producer: Producer) -> None:
+    def auto_subscribe_to(self, producer: Producer) -> None:
+        """Consume ``producer`` if this participant auto-subscribes and may subscribe."""
         if not self.auto_subscribe or self.grant is None or not self.grant.can_subscribe:
             return
         if producer.participant_id == self.participant_id or self._closed:
