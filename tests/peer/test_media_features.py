@@ -54,9 +54,10 @@ async def test_sender_reports_carry_consumer_counts(node, clients: ClientFactory
     assert remote, "subscriber received no Sender Report"
     sent = remote[0].packetsSent
     received = track.stats()["packets_received"]
-    # The SR counts what this consumer sent (not aiortc's idle sender counters = 0).
+    # The SR counts what this consumer sent (not aiortc's idle sender counters = 0). The last
+    # SR may be up to ~1.5 s old, so it can trail what has arrived since, never lead it.
     assert sent > 0
-    assert abs(sent - received) < 0.2 * received + 50
+    assert 0.4 * received <= sent <= received + 5
 
 
 async def test_admission_control_refuses_consumers_and_keeps_calls(node, clients: ClientFactory):
