@@ -9,7 +9,9 @@ subscriber fps and decode errors, for Cascade at each N, and in the same run for
     python -m bench.fanout                     # N = 10, 50, 100 (+ Janus, MediaRelay)
     python -m bench.fanout --sizes 10 --duration 5 --no-janus
 
-Prints a table, then one JSON object as the last line.
+Prints a table, then one JSON object as the last line. Diagnostics: CASCADE_BENCH_PROFILE=PREFIX
+records a py-spy profile of the Cascade node per N (py-spy must be installed);
+CASCADE_JANUS_LOG=FILE and CASCADE_JANUS_DEBUG=LEVEL keep Janus's log.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ import itertools
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -212,8 +211,6 @@ class JanusPublisher:
         if "jsep" not in event:
             raise RuntimeError(f"janus did not answer the publish offer: {event}")
         jsep = event["jsep"]
-        if os.environ.get("CASCADE_JANUS_LOG"):
-            print(jsep["sdp"], self.pc.localDescription.sdp, file=sys.stderr)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=jsep["sdp"], type="answer"))
 
     async def close(self) -> None:
