@@ -382,14 +382,22 @@ def hook_keyframe_requests(sender: RTCRtpSender, on_request: Callable[[], None])
     sender._send_keyframe = on_request  # type: ignore[method-assign]
 
 
+def _ice_connections(pc: Any) -> list[tuple[Any, Any]]:
+    """Each distinct (aioice Connection, RTCDtlsTransport) of a peer connection (BUNDLE
+    shares one between transceivers)."""
+    seen: dict[int, tuple[Any, Any]] = {}
+    for transceiver in pc.getTransceivers():
+        dtls = transceiver.receiver.transport
+        conn = dtls.transport._connection
+        seen.setdefault(id(conn), (conn, dtls))
+    return list(seen.values())
+
+
 def local_candidate_ports(pc: Any) -> list[tuple[str, int]]:
     """(host, port) of every local ICE candidate of a peer connection."""
-    out: list[tuple[str, int]] = []
-    for transceiver in pc.getTransceivers():
-        conn = transceiver.sender.transport.transport._connection
-        for cand in conn.local_candidates:
-            out.append((cand.host, cand.port))
-    return out
+    return [
+        (cand.host, cand.port) for conn, _ in _ice_connections(pc) for cand in conn.local_candidates
+    ]
 
 
 class DecodeErrorCounter(threading.Event):
@@ -413,12 +421,7 @@ def count_decode_errors(receiver: RTCRtpReceiver) -> DecodeErrorCounter:
 
 def set_receive_filter(pc: Any, keep: Callable[[bytes], bool]) -> None:
     """Drop incoming datagrams of ``pc`` for which ``keep`` is false (loss emulation)."""
-    seen: set[int] = set()
-    for transceiver in pc.getTransceivers():
-        conn = transceiver.receiver.transport.transport._connection
-        if id(conn) in seen:
-            continue
-        seen.add(id(conn))
+    for conn, _ in _ice_connections(pc):
         original = conn.data_received
 
         def data_received(data: bytes, component: int, _orig: Any = original) -> None:
@@ -458,13 +461,10 @@ class RtpCounter:
 
     def install(self, pc: Any) -> None:
         """Intercept media on every ICE connection of ``pc`` (call after negotiation)."""
-        for transceiver in pc.getTransceivers():
-            dtls = transceiver.receiver.transport
-            conn = dtls.transport._connection
-            if id(conn) in self._wrapped:
-                continue
-            self._wrapped.add(id(conn))
-            self._wrap(conn, dtls)
+        for conn, dtls in _ice_connections(pc):
+            if id(conn) not in self._wrapped:
+                self._wrapped.add(id(conn))
+                self._wrap(conn, dtls)
 
     def _wrap(self, conn: Any, dtls: Any) -> None:
         original = conn.data_received

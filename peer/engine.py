@@ -27,7 +27,8 @@ from peer.rtp import (
     shared_extensions,
     wrap_rtx,
 )
-from peer.stats import AdmissionPolicy, KeyframeRequestLimiter, StreamStats
+from peer.stats import AdmissionPolicy, StreamStats
+from relay import KeyframeLimiter
 
 
 class SfuError(Exception):
@@ -93,7 +94,7 @@ class Producer:
         self.closed = False
         self.paused = False
         self.last_keyframe_at = 0.0
-        self.keyframe_limiter = KeyframeRequestLimiter(keyframe_request_delay)
+        self.keyframe_limiter = KeyframeLimiter(keyframe_request_delay)
         # Set by the transport adapter: sends PLI upstream to the publisher.
         self.send_keyframe_request: Callable[[], None] = lambda: None
         self._close_listeners: list[Callable[[Producer], None]] = []
@@ -276,6 +277,10 @@ class Consumer:
         if sink is None:
             return
         self.stats.nacks += 1
+        writer = self.rtx_writer or self.writer
+        ext = shared_extensions(
+            writer.shared_layout, abs_send_time_now(ntp_time(time.time())), None
+        )
         missing: list[int] = []
         for out_seq in lost:
             src = self.producer.cache.get(self.rewriter.source_seq(out_seq))
@@ -285,15 +290,11 @@ class Consumer:
             seq, ts = self.rewriter.peek(src.seq, src.ts)
             if seq != out_seq:
                 continue
-            ext = shared_extensions(
-                self.writer.shared_layout, abs_send_time_now(ntp_time(time.time())), None
-            )
             if self.rtx_writer is not None:
                 rtx_seq = self.rtx_seq
                 self.rtx_seq = (rtx_seq + 1) & 0xFFFF
-                ext_rtx = shared_extensions(self.rtx_writer.shared_layout, 0, None)
                 data = wrap_rtx(
-                    self.rtx_writer.header(src.marker, rtx_seq, ts, ext_rtx), seq, src.payload
+                    self.rtx_writer.header(src.marker, rtx_seq, ts, ext), seq, src.payload
                 )
             else:
                 data = self.writer.header(src.marker, seq, ts, ext) + src.payload

@@ -49,10 +49,10 @@ class ProducerRelaySource:
         """Call ``cb(rtp)`` for every packet the producer receives from now on."""
         if cb in self._wrapped:
             return
-        pt = self._pt
+        encode = self._encode
 
         def on_packet(packet: CachedPacket) -> None:
-            cb(plain_rtp(packet, pt, RELAY_SSRC))
+            cb(encode(packet))
 
         self._wrapped[cb] = on_packet
         self.producer.packet_listeners.append(on_packet)

@@ -6,7 +6,7 @@ echoes. See docs/protocol.md for the full protocol.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, get_args
 
 import msgspec
 
@@ -127,19 +127,7 @@ class ProtocolError(Exception):
         self.request_id = request_id
 
 
-KNOWN_TYPES = {
-    "join",
-    "publish",
-    "answer",
-    "subscribe",
-    "unsubscribe",
-    "pause",
-    "resume",
-    "unpublish",
-    "stats",
-    "leave",
-    "ping",
-}
+KNOWN_TYPES = frozenset(str(cls.__struct_config__.tag) for cls in get_args(ClientMessage))
 
 
 def decode_client_message(raw: str | bytes) -> ClientMessage:

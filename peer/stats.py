@@ -96,35 +96,3 @@ class AdmissionPolicy:
                 1 - self.egress_pps / self.max_egress_pps,
             ),
         )
-
-
-class KeyframeRequestLimiter:
-    """Rate-limits keyframe requests to a publisher (mediasoup's keyFrameRequestDelay).
-
-    A request inside the delay window is remembered and sent when it ends, so
-    a burst of subscribers joining costs the publisher one keyframe.
-    """
-
-    __slots__ = ("delay", "last_sent", "pending")
-
-    def __init__(self, delay: float = 0.5) -> None:
-        self.delay = delay
-        self.last_sent = -1e9
-        self.pending = False
-
-    def request(self, now: float) -> bool:
-        """True if a request should go out now; otherwise it is held."""
-        if now - self.last_sent >= self.delay:
-            self.last_sent = now
-            self.pending = False
-            return True
-        self.pending = True
-        return False
-
-    def poll(self, now: float) -> bool:
-        """True if a held request is due now."""
-        if self.pending and now - self.last_sent >= self.delay:
-            self.pending = False
-            self.last_sent = now
-            return True
-        return False

@@ -74,6 +74,11 @@ class KeyframeLimiter:
         self.dropped += 1
         return False
 
+    @property
+    def last_sent(self) -> float:
+        """When the last request went out (-inf if none has)."""
+        return self._last
+
     def deadline(self) -> float | None:
         """When a pending request becomes due, or None."""
         return self._last + self.interval if self.pending else None

@@ -21,8 +21,9 @@ from peer.rtp import (
     parse_rtcp_nack_fci,
     shared_extensions,
 )
-from peer.stats import AdmissionPolicy, KeyframeRequestLimiter
+from peer.stats import AdmissionPolicy
 from peer.tokens import TokenError, issue_token, verify_token
+from relay import KeyframeLimiter
 
 SECRET = "unit-secret-0123456789abcdef-0123456789"
 
@@ -134,7 +135,7 @@ def test_nack_fci():
 
 
 def test_keyframe_limiter_holds_and_releases():
-    lim = KeyframeRequestLimiter(0.5)
+    lim = KeyframeLimiter(0.5)
     assert lim.request(0.0)
     assert not lim.request(0.1)
     assert not lim.poll(0.3)
