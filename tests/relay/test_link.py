@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
@@ -16,6 +17,24 @@ from tests.impairment import Impairment, ImpairmentProxy
 from tests.relay.helpers import VP8, Collector, FakeSource, Node, fast_config, wait_until
 
 LOCAL = "127.0.0.1"
+
+
+@contextlib.asynccontextmanager
+async def proxied_pair(
+    a: Node | None = None, up: Impairment | None = None, down: Impairment | None = None
+) -> AsyncIterator[tuple[Node, Node, ImpairmentProxy, FakeSource]]:
+    """Origin ``a`` (serving ``a.sources["cam"]``) and remote ``b``, joined through a proxy."""
+    a = await (a or Node()).start()
+    b = await Node().start()
+    a.allow(b)
+    proxy = await ImpairmentProxy((LOCAL, a.port), up=up, down=down).start()
+    src = a.sources["cam"] = FakeSource()
+    try:
+        yield a, b, proxy, src
+    finally:
+        await b.endpoint.close()
+        await a.endpoint.close()
+        proxy.close()
 
 
 @pytest.fixture
@@ -73,13 +92,7 @@ async def test_subscribe_unknown_producer(pair: tuple[Node, Node]) -> None:
 
 
 async def test_one_flow_per_producer_regardless_of_listeners() -> None:
-    a = await Node().start()
-    b = await Node().start()
-    a.allow(b)
-    proxy = await ImpairmentProxy((LOCAL, a.port)).start()
-    try:
-        src = FakeSource()
-        a.sources["cam"] = src
+    async with proxied_pair() as (a, b, proxy, src):
         link = await live_link(b, a, proxy.port)
         rps = await asyncio.gather(*(link.subscribe("cam") for _ in range(10)))
         assert all(rp is rps[0] for rp in rps)
@@ -111,24 +124,14 @@ async def test_one_flow_per_producer_regardless_of_listeners() -> None:
         ratio = ten / one
         print(f"link bytes: 1 listener {one}, 10 listeners {ten}, ratio {ratio:.4f}")
         assert 0.95 <= ratio <= 1.05, (one, ten)
-    finally:
-        await b.endpoint.close()
-        await a.endpoint.close()
-        proxy.close()
 
 
 async def test_loss_repaired_by_nack_through_impaired_link() -> None:
-    a = await Node().start()
-    b = await Node().start()
-    a.allow(b)
-    proxy = await ImpairmentProxy(
-        (LOCAL, a.port),
+    async with proxied_pair(
         up=Impairment(delay=0.04, jitter=0.002, loss=0.02, seed=11),
         down=Impairment(delay=0.04, jitter=0.002, loss=0.02, seed=12),
-    ).start()
-    try:
-        src = FakeSource(cache=2048)
-        a.sources["cam"] = src
+    ) as (a, b, proxy, _):
+        src = a.sources["cam"] = FakeSource(cache=2048)
         link = await live_link(b, a, proxy.port)
         rp = await link.subscribe("cam")
         cols = [Collector(), Collector()]
@@ -156,10 +159,6 @@ async def test_loss_repaired_by_nack_through_impaired_link() -> None:
         assert rp.stats.repaired > 0
         assert rp.stats.nacks_sent > 0
         assert cols[0].seqs == cols[1].seqs
-    finally:
-        await b.endpoint.close()
-        await a.endpoint.close()
-        proxy.close()
 
 
 async def test_packets_missing_from_origin_cache_are_given_up() -> None:
@@ -238,13 +237,7 @@ async def test_listener_refuses_client_claiming_someone_elses_key() -> None:
 
 
 async def test_cut_link_detected_reported_and_recovered() -> None:
-    a = await Node().start()
-    b = await Node().start()
-    a.allow(b)
-    proxy = await ImpairmentProxy((LOCAL, a.port)).start()
-    try:
-        src = FakeSource()
-        a.sources["cam"] = src
+    async with proxied_pair() as (a, b, proxy, src):
         link = await live_link(b, a, proxy.port)
         link_states: list[str] = []
         link.on_state(link_states.append)
@@ -282,10 +275,6 @@ async def test_cut_link_detected_reported_and_recovered() -> None:
         assert old_flow is not None
         assert len(src.listeners) == 1  # re-subscribed: still one flow
         assert await wait_until(lambda: src.keyframe_requests > kf_before, 5)
-    finally:
-        await b.endpoint.close()
-        await a.endpoint.close()
-        proxy.close()
 
 
 async def test_garbage_does_not_break_other_flows(pair: tuple[Node, Node]) -> None:
@@ -504,13 +493,7 @@ async def test_producer_rtcp_sender_reports_are_relayed(pair: tuple[Node, Node])
 
 
 async def test_oversized_packets_and_full_queue_are_dropped_and_counted() -> None:
-    a = await Node(fast_config(max_pending_datagrams=50)).start()
-    b = await Node().start()
-    a.allow(b)
-    proxy = await ImpairmentProxy((LOCAL, a.port)).start()
-    try:
-        src = FakeSource()
-        a.sources["cam"] = src
+    async with proxied_pair(Node(fast_config(max_pending_datagrams=50))) as (a, b, proxy, src):
         link = await live_link(b, a, proxy.port)
         rp = await link.subscribe("cam")
         col = Collector()
@@ -528,10 +511,6 @@ async def test_oversized_packets_and_full_queue_are_dropped_and_counted() -> Non
         await pump(src, 50)
         assert await wait_until(lambda: len(col.seqs) >= n + 50, 10)
         assert link.state == "live"
-    finally:
-        await b.endpoint.close()
-        await a.endpoint.close()
-        proxy.close()
 
 
 async def test_three_nodes_one_flow_per_remote_node_and_chaining() -> None:
