@@ -34,6 +34,7 @@ from typing import Any
 import aioice.ice
 from aiortc import (
     MediaStreamTrack,
+    RTCBundlePolicy,
     RTCConfiguration,
     RTCRtpReceiver,
     RTCRtpSender,
@@ -82,8 +83,13 @@ def _configured_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
 
 
 def rtc_configuration() -> RTCConfiguration:
-    """Peer connection config with no STUN/TURN servers (aiortc defaults to a public STUN)."""
-    return RTCConfiguration(iceServers=[])
+    """Peer connection config with no STUN/TURN servers (aiortc defaults to a public STUN).
+
+    max-bundle: with aiortc's default (balanced) policy, a second transceiver of a kind
+    added before the first negotiation (video, audio, audio) is tied to the first audio
+    transceiver's own transport, which BUNDLE then discards: that track never flows.
+    """
+    return RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
 
 
 class SilentTrack(MediaStreamTrack):
