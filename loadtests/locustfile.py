@@ -4,7 +4,8 @@
 
 Each user is one participant (the Python SDK: aiortc, pre-encoded VP8/H.264 + Opus,
 subscribers that count or decode). Request events: ``join``, ``publish``,
-``first_frame``, per-track ``track`` samples (fps, kbps, loss %), and failures carrying
+``first_frame``, per-track ``track`` samples (fps, kbps, loss %), ``freeze`` lengths
+(no frame for > 500 ms), and failures carrying
 the node's error code (``overloaded`` ...). See loadtests/README.md.
 """
 
@@ -44,6 +45,7 @@ from loadtests.scenario import (  # noqa: E402
 )
 from peer import aiortc_adapter as rtc  # noqa: E402
 from peer.client import CascadeError  # noqa: E402
+from peer.media import opus_tone, vp8_test_pattern  # noqa: E402
 
 log = logging.getLogger("cascade.loadtest")
 BRIDGE = AsyncioBridge()
@@ -227,6 +229,8 @@ def _poll_servers(environment: Environment) -> None:
 def _on_init(environment: Environment, **_kw: Any) -> None:
     runner = environment.runner
     options = environment.parsed_options
+    for noisy in ("aioice", "aiortc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if not isinstance(runner, MasterRunner):
         if options is not None:
             rtc.set_ice_addresses(list(_split(options.ice_ip)) or ["127.0.0.1"])
@@ -259,6 +263,17 @@ _poller: list[gevent.Greenlet] = []
 
 @events.test_start.add_listener
 def _on_test_start(environment: Environment, **_kw: Any) -> None:
+    options = environment.parsed_options
+    if options is not None and not isinstance(environment.runner, MasterRunner):
+        # Encode the pattern clips now: on the loop they would stall every join.
+        if options.video_height > 0:
+            vp8_test_pattern(
+                options.video_width,
+                options.video_height,
+                options.video_fps,
+                options.video_kbps * 1000,
+            )
+        opus_tone()
     if isinstance(environment.runner, WorkerRunner):
         return
     COLLECTOR.started = time.time()
@@ -355,13 +370,14 @@ class CascadeParticipant(User):
                 COLLECTOR.quality.refusals += 1
         for w in windows:
             COLLECTOR.quality.add_track_window(w)
-            _fire(env, "track", f"{w.kind} fps", w.fps, length=max(0, round(w.kbps * 125 * w.seconds)))
+            _fire(
+                env, "track", f"{w.kind} fps", w.fps, length=max(0, round(w.kbps * 125 * w.seconds))
+            )
             if w.kbps >= 0:
                 _fire(env, "track", f"{w.kind} kbps", w.kbps)
             _fire(env, "track", f"{w.kind} loss %", w.loss * 100)
-            if w.freezes:
-                exc = CascadeError("freeze", f"{w.freezes} freeze(s) (no frame for > 500 ms)")
-                _fire(env, "track", f"{w.kind} freeze", 0, exception=exc)
+            for gap in w.freeze_ms:  # a freeze is a quality sample (its length), not an error
+                _fire(env, "freeze", w.kind, gap)
             if w.decode_errors:
                 exc = CascadeError("decode_error", f"{w.decode_errors} frame(s) failed to decode")
                 _fire(env, "track", f"{w.kind} decode", 0, exception=exc)

@@ -117,6 +117,7 @@ class TrackWindow:
     lost: int
     freezes: int
     decode_errors: int
+    freeze_ms: tuple[float, ...] = ()  # lengths of the freezes that ended in this window
 
     @property
     def loss(self) -> float:
@@ -142,6 +143,7 @@ class TrackMeter:
     last_sample: float = 0.0
     _last_frame_at: float = 0.0
     _frozen: bool = False
+    _freeze_gaps: list[float] = field(default_factory=list)
     _window: tuple[float, int, int, int, int, int, int] | None = None
 
     def observe(
@@ -157,8 +159,12 @@ class TrackMeter:
         if self._window is None:
             self._window = (self.started, 0, 0, 0, 0, 0, 0)
         if frames > self.frames:
+            if self._frozen:
+                self._freeze_gaps.append(now - self._last_frame_at)
             if self.first_frame_at is None:
                 self.first_frame_at = now
+                # Windows measure delivery once media flows, not the wait before it.
+                self._window = (now, frames, packets, bytes_, lost, self.freezes, decode_errors)
             self._last_frame_at = now
             self._frozen = False
         elif (
@@ -182,6 +188,7 @@ class TrackMeter:
         t0, f0, p0, b0, l0, z0, e0 = self._window or (self.started, 0, 0, 0, 0, 0, 0)
         now = self.last_sample
         seconds = max(now - t0, 1e-9)
+        gaps, self._freeze_gaps = self._freeze_gaps, []
         self._window = (
             now,
             self.frames,
@@ -200,6 +207,7 @@ class TrackMeter:
             lost=max(0, self.lost - l0),
             freezes=self.freezes - z0,
             decode_errors=self.decode_errors - e0,
+            freeze_ms=tuple(round(g * 1000, 1) for g in gaps),
         )
 
     def record(self, room: str, participant: str) -> TrackRecord:
@@ -450,9 +458,7 @@ class CpuSeries:
 
     def summary(self, since: float = 0.0, until: float = math.inf) -> dict[str, Any]:
         """Mean and max of the summed CPU over the window."""
-        per = {
-            p: [c for t, c in s if since <= t <= until] for p, s in self.samples.items()
-        }
+        per = {p: [c for t, c in s if since <= t <= until] for p, s in self.samples.items()}
         per = {p: c for p, c in per.items() if c}
         if not per:
             return {"processes": 0, "cpu_mean": 0.0, "cpu_max": 0.0}
@@ -586,9 +592,7 @@ class CapacitySearch:
                 }
             )
 
-    def tick(
-        self, now: float, server: dict[str, Any], generator: dict[str, Any]
-    ) -> int | None:
+    def tick(self, now: float, server: dict[str, Any], generator: dict[str, Any]) -> int | None:
         """Users to run from ``now`` on, or None when the search is over.
 
         ``server`` and ``generator`` summarize the cost over the current step.
