@@ -122,7 +122,7 @@ class AsyncioBridge:
 
         future.add_done_callback(done)
         try:
-            return result.get(timeout=timeout)  # type: ignore[no-any-return]
+            return result.get(timeout=timeout)
         except gevent.Timeout:
             future.cancel()
             raise TimeoutError(f"coroutine did not finish within {timeout} s") from None

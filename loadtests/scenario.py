@@ -565,7 +565,7 @@ class CapacitySearch:
     settle: float = 0.0
     steps: list[StepResult] = field(default_factory=list)
     done: bool = False
-    step_started: float = 0.0
+    step_started: float | None = None
     window: QualityWindow = field(default_factory=QualityWindow)
     settled: QualityWindow = field(default_factory=QualityWindow)
 
@@ -583,7 +583,7 @@ class CapacitySearch:
         self.window.merge(
             {"first_frame_ms": data.get("first_frame_ms", []), "refusals": data.get("refusals", 0)}
         )
-        if now - self.step_started >= self.settle:
+        if self.step_started is not None and now - self.step_started >= self.settle:
             self.settled.merge(
                 {
                     "video_fps": data.get("video_fps", []),
@@ -599,7 +599,7 @@ class CapacitySearch:
         """
         if self.done:
             return None
-        if not self.steps and self.step_started == 0.0:
+        if self.step_started is None:
             self.step_started = now
             return self.users
         if now - self.step_started < self.step_seconds:

@@ -62,7 +62,8 @@ def run_locust(
         "--headless", "-u", "6", "-r", str(spawn_rate), "-t", f"{seconds}s", "--host", url,
         "--room-size", "6", "--publisher-share", "0.34",
         "--video-width", "320", "--video-height", "240", "--video-kbps", "300",
-        "--stats-interval", "3", "--csv", str(tmp / "run"), "--report-json", str(tmp / "report.json"),
+        "--stats-interval", "3", "--csv", str(tmp / "run"),
+        "--report-json", str(tmp / "report.json"),
         "--only-summary", "--loglevel", "WARNING",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
