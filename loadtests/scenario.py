@@ -291,18 +291,19 @@ def _summarize(records: list[ParticipantRecord]) -> dict[str, Any]:
     published: dict[str, int] = {}
     for r in records:
         published[r.identity] = max(published.get(r.identity, 0), r.published_tracks)
-    total_published = sum(published.values())
+    own = dict(published)
+    room_published: dict[str, int] = {}
+    for r in records:  # identities are per room; count each once
+        room_published[r.room] = room_published.get(r.room, 0) + published.pop(r.identity, 0)
     expected = received = 0
     tracks: list[TrackRecord] = []
     errors: dict[str, int] = {}
     for r in records:
         if r.subscribes:
-            expected += total_published - published.get(r.identity, 0)
+            wanted = room_published[r.room] - own[r.identity]
+            expected += wanted
             # Each session counts what it received, once per producer it expected.
-            received += min(
-                sum(1 for t in r.tracks if t.frames > 0),
-                total_published - published.get(r.identity, 0),
-            )
+            received += min(sum(1 for t in r.tracks if t.frames > 0), wanted)
         tracks.extend(r.tracks)
         for code, n in r.errors.items():
             errors[code] = errors.get(code, 0) + n

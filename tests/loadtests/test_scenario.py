@@ -129,3 +129,14 @@ def test_ssrcs_by_mid_prefers_the_fid_media_ssrc():
         "m=audio 9 UDP/TLS/RTP/SAVPF 96", "a=mid:1", "a=ssrc:333 cname:x",
     ])  # fmt: skip
     assert ssrcs_by_mid(sdp) == {"0": 111, "1": 333}
+
+
+def test_total_counts_each_room_on_its_own():
+    records = [
+        ParticipantRecord(room, f"{room}-{i}", 2 if i == 0 else 0)
+        for room in ("r0", "r1")
+        for i in range(3)
+    ]
+    report = build_report(records)
+    assert report["rooms"]["r0"]["tracks_expected"] == 4
+    assert report["total"]["tracks_expected"] == 8
