@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
@@ -35,8 +36,12 @@ class StepLoadShape(LoadTestShape):
     search: CapacitySearch | None = None
     _wall_offset = 0.0  # wall clock minus locust's run time
 
+    def _options(self) -> Any:
+        assert self.runner is not None and self.runner.environment.parsed_options is not None
+        return self.runner.environment.parsed_options
+
     def _make_search(self) -> CapacitySearch:
-        o = self.runner.environment.parsed_options  # type: ignore[union-attr]
+        o = self._options()
         return CapacitySearch(
             step_users=o.step_users,
             step_seconds=o.step_seconds,
@@ -63,5 +68,4 @@ class StepLoadShape(LoadTestShape):
             COLLECTOR.capacity = search.result()
             print("\ncapacity search: " + json.dumps(COLLECTOR.capacity["last_held"]), flush=True)
             return None
-        options = self.runner.environment.parsed_options  # type: ignore[union-attr]
-        return users, float(options.step_spawn_rate)
+        return users, float(self._options().step_spawn_rate)
