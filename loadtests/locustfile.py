@@ -33,6 +33,7 @@ from locust.env import Environment  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
 from loadtests.bridge import AsyncioBridge  # noqa: E402
+from loadtests.media import h264_test_pattern  # noqa: E402
 from loadtests.participant import Participant  # noqa: E402
 from loadtests.scenario import (  # noqa: E402
     CpuSeries,
@@ -268,7 +269,8 @@ def _on_test_start(environment: Environment, **_kw: Any) -> None:
     if options is not None and not isinstance(environment.runner, MasterRunner):
         # Encode the pattern clips now: on the loop they would stall every join.
         if options.video_height > 0:
-            vp8_test_pattern(
+            clip = h264_test_pattern if options.codec == "h264" else vp8_test_pattern
+            clip(
                 options.video_width,
                 options.video_height,
                 options.video_fps,

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 from aiortc import MediaStreamTrack
 
+from loadtests.media import H264PatternTrack
 from loadtests.scenario import ParticipantRecord, Scenario, Slot, TrackMeter, TrackWindow
 from peer import aiortc_adapter as rtc
 from peer.client import CascadeClient, CascadeError
@@ -114,10 +115,8 @@ class Participant:
         sc = self.scenario
         if self.slot.audio_only:
             return [ToneAudioTrack()]
-        return [
-            PatternVideoTrack(sc.width, sc.height, sc.fps, sc.video_kbps * 1000),
-            ToneAudioTrack(),
-        ]
+        video = H264PatternTrack if sc.codec == "h264" else PatternVideoTrack
+        return [video(sc.width, sc.height, sc.fps, sc.video_kbps * 1000), ToneAudioTrack()]
 
     async def publish(self, timeout: float = 15.0) -> float:
         """Offer → media flowing (the node counts packets on every producer); seconds."""
