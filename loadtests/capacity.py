@@ -46,6 +46,7 @@ class StepLoadShape(LoadTestShape):
             step_users=o.step_users,
             step_seconds=o.step_seconds,
             max_users=o.step_max_users,
+            retries=o.step_retries,
             target=QualityTarget(
                 first_frame_p95_ms=o.target_first_frame_ms,
                 max_loss=o.target_loss,

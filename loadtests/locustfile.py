@@ -158,6 +158,12 @@ def _add_options(parser: Any) -> None:
     c.add_argument("--step-users", type=int, default=5, help="participants added per step")
     c.add_argument("--step-seconds", type=float, default=30.0, help="seconds per step")
     c.add_argument("--step-max-users", type=int, default=200, help="stop after this step")
+    c.add_argument(
+        "--step-retries",
+        type=int,
+        default=0,
+        help="re-run a broken step this often before stopping",
+    )
     c.add_argument("--step-spawn-rate", type=float, default=5.0, help="joins per second")
     c.add_argument("--target-first-frame-ms", type=float, default=1000.0)
     c.add_argument("--target-loss", type=float, default=0.01)

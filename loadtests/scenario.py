@@ -555,8 +555,10 @@ class CapacitySearch:
     """Step load: ``step_users`` more participants every ``step_seconds`` until a step
     breaks the quality target (or ``max_users`` is reached). Time is passed in.
 
-    Within a step, first-frame times and refusals count from the step's start; fps and
-    loss only after ``settle`` seconds, once the step's new participants are flowing.
+    A step that breaks the target is run ``retries`` more times before the search ends
+    (a shared machine has stalls that are not the node's doing). Within a step,
+    first-frame times and refusals count from the step's start; fps and loss only after
+    ``settle`` seconds, once the step's new participants are flowing.
     """
 
     step_users: int
@@ -564,6 +566,9 @@ class CapacitySearch:
     max_users: int
     target: QualityTarget = field(default_factory=QualityTarget)
     settle: float = 0.0
+    retries: int = 0
+    level: int = 1
+    _retried: int = 0
     steps: list[StepResult] = field(default_factory=list)
     done: bool = False
     step_started: float | None = None
@@ -577,7 +582,7 @@ class CapacitySearch:
     @property
     def users(self) -> int:
         """Participants the current step runs."""
-        return min(self.max_users, (len(self.steps) + 1) * self.step_users)
+        return min(self.max_users, self.level * self.step_users)
 
     def add(self, now: float, data: Mapping[str, Any]) -> None:
         """Samples from users (a :class:`QualityWindow` dict) arriving at ``now``."""
@@ -629,15 +634,20 @@ class CapacitySearch:
         )
         self.window, self.settled = QualityWindow(), QualityWindow()
         self.step_started = now
-        if breaches or self.steps[-1].users >= self.max_users:
+        if breaches and self._retried < self.retries:
+            self._retried += 1  # a noisy machine: hold this load once more before judging
+            return self.users
+        if breaches or self.users >= self.max_users:
             self.done = True
             return None
+        self._retried = 0
+        self.level += 1
         return self.users
 
     def result(self) -> dict[str, Any]:
         """The last step that held, the step that broke, and every step."""
         held = [s for s in self.steps if s.held]
-        broke = next((s for s in self.steps if not s.held), None)
+        broke = self.steps[-1] if self.steps and not self.steps[-1].held else None
         return {
             "last_held": asdict(held[-1]) if held else None,
             "broke": asdict(broke) if broke else None,

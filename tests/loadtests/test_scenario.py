@@ -140,3 +140,18 @@ def test_total_counts_each_room_on_its_own():
     report = build_report(records)
     assert report["rooms"]["r0"]["tracks_expected"] == 4
     assert report["total"]["tracks_expected"] == 8
+
+
+def test_capacity_search_retries_a_broken_step_before_stopping():
+    search = CapacitySearch(step_users=5, step_seconds=10, max_users=100, retries=1)
+    search.tick(0.0, {}, {})
+    search.add(6.0, {"video_fps": [10.0]})
+    assert search.tick(10.0, {}, {}) == 5  # broke once: same load again
+    search.add(16.0, {"video_fps": [30.0]})
+    assert search.tick(20.0, {}, {}) == 10
+    search.add(26.0, {"video_fps": [10.0]})
+    assert search.tick(30.0, {}, {}) == 10
+    search.add(36.0, {"video_fps": [10.0]})
+    assert search.tick(40.0, {}, {}) is None
+    result = search.result()
+    assert result["last_held"]["users"] == 5 and result["broke"]["users"] == 10
