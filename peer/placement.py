@@ -162,12 +162,14 @@ def place(
     *,
     policy: PlacementPolicy | None = None,
     rng: random.Random | None = None,
+    reached: str | None = None,
 ) -> Placement:
     """Rank the nodes a new participant of a room should join.
 
     1. A node of the client's region already hosting the room, while its headroom stays
        above the watermark (a room spans as few nodes as possible).
-    2. Otherwise a node of the client's region with headroom (power of two choices).
+    2. Otherwise a node of the client's region with headroom: the node the client reached
+       (``reached``) if it is one, saving a redirect, else by power of two choices.
     3. Otherwise the nearest region with headroom (haversine between region locations),
        a node hosting the room first; the placement then ``left_region``.
     4. Never a draining, stale or other-version node. With no headroom anywhere, every
@@ -192,7 +194,9 @@ def place(
     hosts = [n for n in local if n.node_id in participants]
     ranked += [(n, Reason.ROOM_IN_REGION) for n in _room_order(hosts, participants)]
     others = [n for n in local if n.node_id not in participants]
-    ranked += [(n, Reason.OPEN_IN_REGION) for n in two_choices(others, rng)]
+    here = [n for n in others if n.node_id == reached]
+    others = here + two_choices([n for n in others if n.node_id != reached], rng)
+    ranked += [(n, Reason.OPEN_IN_REGION) for n in others]
     left_region = not ranked
 
     locations = region_locations(all_nodes)

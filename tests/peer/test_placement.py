@@ -210,3 +210,14 @@ def test_haversine():
     assert haversine_km(PARIS, PARIS) == 0
     assert 5800 < haversine_km(PARIS, VIRGINIA) < 6400
     assert 9500 < haversine_km(PARIS, TOKYO) < 9900
+
+
+def test_a_new_room_opens_on_the_node_reached_when_it_fits():
+    nodes = [node("eu1", "eu", 0.5), node("eu2", "eu", 0.9)]
+    assert choose(nodes, [], "eu", reached="eu1").best.node_id == "eu1"
+    # ...but not when the room already lives on another node of the region,
+    assert choose(nodes, [RoomHost("eu2", 3)], "eu", reached="eu1").best.node_id == "eu2"
+    # nor when the reached node is in another region or short of headroom.
+    assert choose(nodes, [], "eu", reached="us1").best.node_id == "eu2"
+    low = [node("eu1", "eu", 0.2), node("eu2", "eu", 0.9)]
+    assert choose(low, [], "eu", reached="eu1").best.node_id == "eu2"
