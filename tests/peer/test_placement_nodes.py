@@ -52,7 +52,7 @@ async def test_joins_are_redirected_to_the_room_node_of_the_clients_region():
         seed = [nodes[0][1].directory.address]
         nodes.append(await start("eu", seed, (50.1, 8.7)))
         nodes.append(await start("us", seed, (38.9, -77.0)))
-        (eu1, o1), (eu2, o2), (us, o3) = nodes
+        (eu1, _), (eu2, o2), (us, _) = nodes
         for _, overlay in nodes:
             await wait_for_nodes(overlay, 3)
 
