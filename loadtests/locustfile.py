@@ -341,6 +341,8 @@ class CascadeParticipant(User):
             gevent.sleep(1.0)  # don't hammer a node that refuses
             return
         _fire(self.environment, "join", "join", seconds * 1000)
+        if participant.redirects:  # placement sent this participant to another node
+            _fire(self.environment, "redirect", "join", participant.redirects)
         if self.slot.publishes:
             started = time.monotonic()
             try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import time
 from dataclasses import dataclass, field
@@ -90,6 +89,7 @@ class Participant:
     errors: dict[str, int] = field(default_factory=dict)
     joined_at: float = 0.0
     published_tracks: int = 0
+    redirects: int = 0
     _ssrcs: dict[str, int] = field(default_factory=dict)
     _sampler: asyncio.Task[None] | None = None
 
@@ -102,10 +102,9 @@ class Participant:
         self.client = client
         client.on_event(self._on_event)
         await client.connect()
-        kwargs: dict[str, Any] = {"name": s.identity}
-        if s.region and "region" in inspect.signature(client.join).parameters:
-            kwargs["region"] = s.region  # a placement hint, once the SDK takes one
-        await client.join(s.room, token, **kwargs)
+        # The SDK follows placement redirects; the region is the placement hint.
+        await client.join(s.room, token, name=s.identity, region=s.region)
+        self.redirects = len(client.redirects)
         elapsed = time.monotonic() - start
         self.joined_at = asyncio.get_running_loop().time()
         self._sampler = asyncio.ensure_future(self._sample())
