@@ -218,6 +218,18 @@ def _fire(environment: Environment, kind: str, name: str, ms: float, **kw: Any) 
     )
 
 
+async def _encode_clips(options: Any) -> None:
+    clip = h264_test_pattern if options.codec == "h264" else vp8_test_pattern
+    if options.video_height > 0:
+        clip(
+            options.video_width,
+            options.video_height,
+            options.video_fps,
+            options.video_kbps * 1000,
+        )
+    opus_tone()
+
+
 def _poll_servers(environment: Environment) -> None:
     process = psutil.Process()
     process.cpu_percent(None)
@@ -243,6 +255,9 @@ def _on_init(environment: Environment, **_kw: Any) -> None:
         if options is not None:
             rtc.set_ice_addresses(list(_split(options.ice_ip)) or ["127.0.0.1"])
         BRIDGE.start()  # from init, never lazily from a task
+        if options is not None:
+            # Encode the pattern clips before the test (a run would lose its first seconds).
+            BRIDGE.run(_encode_clips(options), timeout=600)
     if isinstance(runner, WorkerRunner):
         process = psutil.Process()
         process.cpu_percent(None)
@@ -273,16 +288,10 @@ _poller: list[gevent.Greenlet] = []
 def _on_test_start(environment: Environment, **_kw: Any) -> None:
     options = environment.parsed_options
     if options is not None and not isinstance(environment.runner, MasterRunner):
-        # Encode the pattern clips now: on the loop they would stall every join.
-        if options.video_height > 0:
-            clip = h264_test_pattern if options.codec == "h264" else vp8_test_pattern
-            clip(
-                options.video_width,
-                options.video_height,
-                options.video_fps,
-                options.video_kbps * 1000,
-            )
-        opus_tone()
+        # Clips must exist before joins (encoding on the loop would stall every join);
+        # they do unless the web UI changed the video options. Encoding runs on the loop
+        # thread, so this process's greenlets (a worker's heartbeats) keep running.
+        BRIDGE.run(_encode_clips(options), timeout=600)
     if isinstance(environment.runner, WorkerRunner):
         return
     COLLECTOR.started = time.time()
@@ -363,11 +372,16 @@ class CascadeParticipant(User):
 
     def _report(self, participant: Participant, seen: set[str], windows_due: bool) -> None:
         async def look() -> tuple[Any, Any, Any, Any]:
+            firsts = participant.take_first_frames(seen)
+            refusals = participant.take_refusals()
+            # Snapshots reach a locust master with each worker report (every 3 s): the
+            # master's end report must not depend on the workers' last words.
+            changed = windows_due or firsts or refusals
             return (
-                participant.take_first_frames(seen),
-                participant.take_refusals(),
+                firsts,
+                refusals,
                 participant.take_windows() if windows_due else [],
-                participant.record() if windows_due else None,
+                participant.record() if changed else None,
             )
 
         firsts, refusals, windows, record = BRIDGE.run(look(), 30)

@@ -53,7 +53,7 @@ def dev_node(*extra: str) -> Iterator[str]:
 
 
 def run_locust(
-    tmp: Path, url: str, seconds: int, spawn_rate: int = 6
+    tmp: Path, url: str, seconds: int, spawn_rate: int = 6, *extra: str
 ) -> tuple[dict[tuple[str, str], dict], list, dict]:
     """Run 6 users (2 publishers, 4 subscribers in one room); return locust's stats rows
     by (type, name), its failure rows and our end report."""
@@ -64,7 +64,7 @@ def run_locust(
         "--video-width", "320", "--video-height", "240", "--video-kbps", "300",
         "--stats-interval", "3", "--csv", str(tmp / "run"),
         "--report-json", str(tmp / "report.json"),
-        "--only-summary", "--loglevel", "WARNING",
+        "--only-summary", "--loglevel", "WARNING", *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
