@@ -65,6 +65,8 @@ class Load(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=T
     consumers: Count = 0
     headroom: Fraction = 1.0
     capacity: Count = 0
+    spilled: Count = 0
+    """Placements of this region's clients this node sent to another region, last minute."""
 
 
 class NodeRecord(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):

@@ -4,11 +4,14 @@ the DHT directory, and relays in the producers of every room it shares with othe
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import logging
 import time
 from typing import Any
 
+import aiohttp
 import msgspec
 
 from dht import Directory, Load, NodeRecord
@@ -16,9 +19,21 @@ from dht import Producer as DirectoryProducer
 from dht.cli import split_host_port
 from dht.directory import SOFTWARE_VERSION
 from peer.placement import NodeView, Placement, PlacementPolicy, RoomHost, place
+from peer.scaling import (
+    RegionCapacity,
+    ScalePolicy,
+    ScaleSignal,
+    Signal,
+    WebhookOutbox,
+    is_region_leader,
+    notification,
+    region_capacity,
+    sign_notification,
+)
 from peer.server import NodeServer
 
 log = logging.getLogger("cascade.overlay")
+
 
 
 class Overlay:
@@ -37,6 +52,8 @@ class Overlay:
         interval: float = 1.0,
         location: tuple[float, float] | None = None,
         placement: PlacementPolicy | None = None,
+        scale: ScalePolicy | None = None,
+        scale_webhook: str | None = None,
     ) -> None:
         self.server = server
         self.directory = directory
@@ -45,6 +62,14 @@ class Overlay:
         self.placement_policy = placement or PlacementPolicy(version=SOFTWARE_VERSION)
         # node id -> (record, when it was last seen live in the directory)
         self._live: dict[bytes, tuple[NodeRecord, float]] = {}
+        self.scale = ScaleSignal(scale or ScalePolicy())
+        self.regions: dict[str, RegionCapacity] = {}
+        self.scale_webhook = scale_webhook
+        self.outbox = WebhookOutbox()
+        self.notifications: collections.deque[dict[str, object]] = collections.deque(maxlen=50)
+        self._spills: collections.deque[float] = collections.deque()
+        self._outbox_changed = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
         self.known_keys: set[bytes] = set()
         self._announced: dict[str, tuple[int, tuple[tuple[str, str], ...]]] = {}
         self._nodes: dict[bytes, NodeRecord] = {}
@@ -65,6 +90,7 @@ class Overlay:
             relay_address = f"{host}:{port}"
         self.server.relay_authorizer = self.authorize
         self.server.placer = self.place
+        self.server.overlay_view = self.describe
         self.server.node_key = self.directory.node_id.hex()
         if self.location is not None:
             self.directory.update_node(location=self.location)
@@ -76,6 +102,8 @@ class Overlay:
             load=self._load(),
         )
         self._task = asyncio.ensure_future(self._run())
+        if self.scale_webhook:
+            self._sender = asyncio.ensure_future(self._send_webhooks())
 
     async def stop(self) -> None:
         """Withdraw this node's records and leave the DHT."""
@@ -85,6 +113,8 @@ class Overlay:
                 await self._task
         for task in list(self._tasks):
             task.cancel()
+        if self._sender is not None:
+            self._sender.cancel()
         await self.directory.stop()
 
     def _load(self) -> Load:
@@ -97,6 +127,7 @@ class Overlay:
             consumers=int(totals["consumers"]),
             headroom=admission.headroom(),
             capacity=admission.max_consumers,
+            spilled=len(self._spills),
         )
 
     async def _run(self) -> None:
@@ -143,6 +174,7 @@ class Overlay:
             if record.relay_key:
                 self.known_keys.add(record.relay_key)
         self._live = live
+        self._update_signal(seen)
         for room, router in list(routers.items()):
             if router.participants:
                 await self._pull_room(room)
@@ -162,6 +194,85 @@ class Overlay:
         views.append(_view(mine, float("inf")))
         return views
 
+    def _update_signal(self, now: float) -> None:
+        while self._spills and now - self._spills[0] > self.scale.policy.spill_window:
+            self._spills.popleft()
+        nodes = self.placement_nodes()
+        spilled: dict[str, int] = {}
+        for record, _seen in self._live.values():
+            if record.node_id != self.directory.node_id and record.load.spilled:
+                spilled[record.region] = spilled.get(record.region, 0) + record.load.spilled
+        if self._spills:
+            own = self.directory.region
+            spilled[own] = spilled.get(own, 0) + len(self._spills)
+        self.regions = region_capacity(nodes, spilled, watermark=self.placement_policy.watermark)
+        own_id = self.directory.node_id.hex()
+        for change in self.scale.update(self.regions, now):
+            if not is_region_leader(own_id, change.region, nodes):
+                continue
+            body = notification(change, own_id)
+            self.notifications.append(body)
+            level = logging.WARNING if change.signal is Signal.SCALE_OUT else logging.INFO
+            log.log(level, "scale signal %s", json.dumps(body, sort_keys=True))
+            if self.scale_webhook:
+                self.outbox.add(json.dumps(body, sort_keys=True).encode(), now)
+                self._outbox_changed.set()
+
+    async def _send_webhooks(self) -> None:
+        assert self.scale_webhook is not None
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                now = time.time()
+                for body in self.outbox.due(now):
+                    headers = {"Content-Type": "application/json"}
+                    headers.update(sign_notification(body, self.server.identity))
+                    try:
+                        async with http.post(self.scale_webhook, data=body, headers=headers) as r:
+                            ok = 200 <= r.status < 300
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        log.info("scale webhook failed: %r", exc)
+                        ok = False
+                    self.outbox.done(body, ok, time.time())
+                deadline = self.outbox.deadline()
+                wait = 60.0 if deadline is None else max(0.05, deadline - time.time())
+                self._outbox_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._outbox_changed.wait(), wait)
+
+    def describe(self) -> dict[str, object]:
+        """The overlay as this node sees it: regions, nodes, load, capacity, signals."""
+        return {
+            "node_id": self.directory.node_id.hex(),
+            "region": self.directory.region,
+            "regions": {
+                region: {
+                    "nodes": cap.nodes,
+                    "capacity": round(cap.capacity, 3),
+                    "used": round(cap.used, 3),
+                    "free_fraction": round(cap.free_fraction, 4),
+                    "spilled": cap.spilled,
+                    "removable": cap.removable,
+                    "signal": self.scale.signals.get(region, Signal.STEADY).value,
+                }
+                for region, cap in self.regions.items()
+            },
+            "nodes": [
+                {
+                    "node_id": n.node_id,
+                    "region": n.region,
+                    "url": n.signaling_url,
+                    "headroom": round(n.headroom, 4),
+                    "capacity": n.capacity,
+                    "location": n.location,
+                    "draining": n.draining,
+                    "version": n.version,
+                }
+                for n in sorted(self.placement_nodes(), key=lambda v: (v.region, v.node_id))
+            ],
+            "notifications": list(self.notifications),
+        }
+
     async def place(self, room: str, region: str | None) -> Placement:
         """Rank the nodes a new participant of ``room`` from ``region`` should join."""
         entries = await self.directory.room_hosts(room)
@@ -170,14 +281,18 @@ class Overlay:
         router = self.server.node.routers.get(room)
         if router is not None and router.participants:
             hosts.append(RoomHost(own.hex(), len(router.participants)))
-        return place(
+        client_region = region or self.directory.region
+        placement = place(
             self.placement_nodes(),
             hosts,
-            region or self.directory.region,
+            client_region,
             time.time(),
             policy=self.placement_policy,
             reached=own.hex(),
         )
+        if placement.left_region and client_region == self.directory.region:
+            self._spills.append(time.time())
+        return placement
 
     async def _pull_room(self, room: str) -> None:
         router = self.server.node.routers.get(room)

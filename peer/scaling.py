@@ -9,10 +9,18 @@ feeds it every sync and delivers the changes (log line, ``GET /overlay``, webhoo
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
 from peer.placement import NodeView
+
+WEBHOOK_DOMAIN = b"cascade/scale-webhook/v1\x00"
 
 
 class Signal(enum.Enum):
@@ -61,6 +69,8 @@ class ScalePolicy:
     """Placement's watermark: after a drain, every node must keep this much headroom."""
     hold: float = 30.0
     """Seconds a condition must last before the signal changes (no flapping)."""
+    spill_window: float = 60.0
+    """Seconds a placement that left its region counts towards the region's scale-out."""
 
 
 def _units(node: NodeView) -> float:
@@ -158,3 +168,105 @@ class ScaleSignal:
                 del self._since[(region, wanted)]
                 changes.append(SignalChange(region, wanted, current, cap, now))
         return changes
+
+
+# -- notifications --------------------------------------------------------------
+
+SIGNATURE_HEADER = "X-Cascade-Signature"
+NODE_KEY_HEADER = "X-Cascade-Node-Key"
+
+
+def notification(change: SignalChange, node_id: str) -> dict[str, object]:
+    """The JSON body of a signal notification (log line, webhook, ``GET /overlay``)."""
+    cap = change.capacity
+    return {
+        "type": "scale_signal",
+        "region": change.region,
+        "signal": change.signal.value,
+        "previous": change.previous.value,
+        "at": change.at,
+        "reported_by": node_id,
+        "nodes": cap.nodes,
+        "capacity": round(cap.capacity, 3),
+        "used": round(cap.used, 3),
+        "free_fraction": round(cap.free_fraction, 4),
+        "spilled": cap.spilled,
+        "removable": cap.removable,
+    }
+
+
+def sign_notification(body: bytes, key: Ed25519PrivateKey) -> dict[str, str]:
+    """Headers that let a receiver check ``body`` came from the node holding ``key``."""
+    return {
+        SIGNATURE_HEADER: key.sign(WEBHOOK_DOMAIN + body).hex(),
+        NODE_KEY_HEADER: key.public_key().public_bytes_raw().hex(),
+    }
+
+
+def verify_notification(body: bytes, headers: Mapping[str, str], public_key: bytes) -> bool:
+    """True if ``headers`` carry a valid signature of ``body`` by ``public_key`` (a node key
+    the receiver knows, e.g. from the directory)."""
+    try:
+        if bytes.fromhex(headers.get(NODE_KEY_HEADER, "")) != public_key:
+            return False
+        signature = bytes.fromhex(headers.get(SIGNATURE_HEADER, ""))
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, WEBHOOK_DOMAIN + body)
+    except (ValueError, InvalidSignature):
+        return False
+    return True
+
+
+@dataclass
+class _Delivery:
+    body: bytes
+    attempts: int = 0
+    next_at: float = 0.0
+
+
+@dataclass
+class WebhookOutbox:
+    """Notifications waiting for delivery, retried with exponential backoff.
+
+    Sans-I/O: :meth:`due` hands out what to POST now, :meth:`done` reports the outcome,
+    :meth:`deadline` says when to look again.
+    """
+
+    first_retry: float = 1.0
+    max_retry: float = 60.0
+    max_attempts: int = 8
+    max_queued: int = 100
+    dropped: int = 0
+    _queue: list[_Delivery] = field(default_factory=list)
+
+    def add(self, body: bytes, now: float) -> None:
+        """Queue one notification (the oldest is dropped past ``max_queued``)."""
+        if len(self._queue) >= self.max_queued:
+            self._queue.pop(0)
+            self.dropped += 1
+        self._queue.append(_Delivery(body, 0, now))
+
+    def due(self, now: float) -> list[bytes]:
+        """Bodies to send now, oldest first (each stays queued until :meth:`done`)."""
+        return [d.body for d in self._queue if d.next_at <= now]
+
+    def done(self, body: bytes, ok: bool, now: float) -> None:
+        """Record the outcome of one attempt."""
+        for i, d in enumerate(self._queue):
+            if d.body is body or d.body == body:
+                if ok:
+                    del self._queue[i]
+                    return
+                d.attempts += 1
+                if d.attempts >= self.max_attempts:
+                    del self._queue[i]
+                    self.dropped += 1
+                    return
+                d.next_at = now + min(self.max_retry, self.first_retry * 2 ** (d.attempts - 1))
+                return
+
+    def deadline(self) -> float | None:
+        """When the next delivery is due, or None if nothing is queued."""
+        return min((d.next_at for d in self._queue), default=None)
+
+    def __len__(self) -> int:
+        return len(self._queue)

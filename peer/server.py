@@ -84,6 +84,8 @@ class NodeServer:
         # Set by the overlay: ranks the nodes a room's new participant should join.
         self.placer: Callable[[str, str | None], Awaitable[Placement]] | None = None
         self.node_key = ""
+        # Set by the overlay: regions, nodes, capacity and scale signals (GET /overlay).
+        self.overlay_view: Callable[[], dict[str, object]] | None = None
         rtc.set_ice_addresses(config.ice_addresses)
 
     # -- relaying ----------------------------------------------------------------
@@ -181,6 +183,7 @@ class NodeServer:
         app.router.add_get("/stats", self.stats_handler)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/place", self.place_handler)
+        app.router.add_get("/overlay", self.overlay_handler)
         app.router.add_get("/", self.index)
         if self.config.dev:
             app.router.add_get("/dev/token", self.dev_token)
@@ -233,6 +236,14 @@ class NodeServer:
                 ],
             }
         )
+
+    async def overlay_handler(self, request: web.Request) -> web.Response:
+        if self.overlay_view is None:
+            return web.json_response(
+                {"error": "not_in_overlay", "message": "this node runs without a directory"},
+                status=404,
+            )
+        return web.json_response(self.overlay_view())
 
     async def stats_handler(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())

@@ -102,3 +102,38 @@ def test_scale_in_only_after_the_condition_holds():
         sig, [(0, light, {}), (30, light, {}), (40, busy, {}), (50, light, {}), (110, light, {})]
     )
     assert changes == [(110, "us", Signal.SCALE_IN)]
+
+
+def test_notifications_are_signed_and_checked():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from peer.scaling import sign_notification, verify_notification
+
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes_raw()
+    body = b'{"signal": "scale_out"}'
+    headers = sign_notification(body, key)
+    assert verify_notification(body, headers, public)
+    assert not verify_notification(body + b" ", headers, public)
+    other = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    assert not verify_notification(body, headers, other)
+    assert not verify_notification(body, {**headers, "X-Cascade-Signature": "zz"}, public)
+
+
+def test_webhook_outbox_retries_with_backoff_then_gives_up():
+    from peer.scaling import WebhookOutbox
+
+    box = WebhookOutbox(first_retry=1.0, max_retry=4.0, max_attempts=4)
+    box.add(b"a", now=0.0)
+    assert box.due(0.0) == [b"a"]
+    times = []
+    now = 0.0
+    while len(box):
+        (body,) = box.due(now)
+        times.append(now)
+        box.done(body, ok=False, now=now)
+        now = box.deadline() or now
+    assert times == [0.0, 1.0, 3.0, 7.0] and box.dropped == 1
+    box.add(b"b", now=10.0)
+    box.done(b"b", ok=True, now=10.0)
+    assert len(box) == 0 and box.deadline() is None
