@@ -35,7 +35,6 @@ from peer.server import NodeServer
 log = logging.getLogger("cascade.overlay")
 
 
-
 class Overlay:
     """Keeps a node's directory records current and pulls remote producers of shared rooms.
 
