@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from dht import Directory, Load, NodeRecord
+from dht import Directory, Load, Member, NodeRecord, RoomEntry
 from dht import Producer as DirectoryProducer
 from dht.cli import split_host_port
 from dht.directory import SOFTWARE_VERSION
@@ -70,7 +70,10 @@ class Overlay:
         self._outbox_changed = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self.known_keys: set[bytes] = set()
-        self._announced: dict[str, tuple[int, tuple[tuple[str, str], ...]]] = {}
+        self._announced: dict[str, tuple[object, ...]] = {}
+        # room -> participants of the room on other nodes: id -> (name, node id hex)
+        self._remote_members: dict[str, dict[str, tuple[str, str]]] = {}
+        self._refreshing: set[str] = set()
         self._nodes: dict[bytes, NodeRecord] = {}
         self._pulling: set[tuple[str, str]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -90,6 +93,8 @@ class Overlay:
         self.server.relay_authorizer = self.authorize
         self.server.placer = self.place
         self.server.overlay_view = self.describe
+        self.server.remote_participants = self.remote_participants
+        self.server.room_changed = self.room_changed
         self.server.node_key = self.directory.node_id.hex()
         if self.location is not None:
             self.directory.update_node(location=self.location)
@@ -144,26 +149,13 @@ class Overlay:
         self.directory.update_load(self._load())
         routers = self.server.node.routers
         for room, router in list(routers.items()):
-            if not router.participants:
-                continue
-            local = tuple(
-                sorted((p.id, p.kind) for p in router.producers.values() if p.origin == "local")
-            )
-            state = (len(router.participants), local)
-            if self._announced.get(room) != state:
-                await self.directory.announce_room(
-                    room,
-                    participants=state[0],
-                    producers=[
-                        DirectoryProducer(id=pid, kind="video" if kind == "video" else "audio")
-                        for pid, kind in local
-                    ],
-                )
-                self._announced[room] = state
+            if router.participants:
+                await self._announce_room(room)
         for room in list(self._announced):
             hosted = routers.get(room)
             if hosted is None or not hosted.participants:
                 del self._announced[room]
+                self._remote_members.pop(room, None)
                 await self.directory.withdraw_room(room)
         seen = time.time()
         live: dict[bytes, tuple[NodeRecord, float]] = {}
@@ -177,6 +169,80 @@ class Overlay:
         for room, router in list(routers.items()):
             if router.participants:
                 await self._pull_room(room)
+
+    async def _announce_room(self, room: str) -> None:
+        router = self.server.node.routers.get(room)
+        if router is None or not router.participants:
+            return
+        local = tuple(
+            sorted((p.id, p.kind) for p in router.producers.values() if p.origin == "local")
+        )
+        members = tuple(
+            (s.participant_id, (s.name or "")[:64]) for s in self.server.room_sessions(room)
+        )
+        state = (len(router.participants), local, members)
+        if self._announced.get(room) == state:
+            return
+        self._announced[room] = state
+        await self.directory.announce_room(
+            room,
+            participants=len(router.participants),
+            producers=[
+                DirectoryProducer(id=pid, kind="video" if kind == "video" else "audio")
+                for pid, kind in local
+            ],
+            members=[Member(id=pid, name=name) for pid, name in members],
+        )
+
+    def room_changed(self, room: str) -> None:
+        """A participant joined or left ``room`` here: announce it and pull the room's
+        remote producers now rather than at the next sync."""
+        if room in self._refreshing:
+            return
+        self._refreshing.add(room)
+
+        async def refresh() -> None:
+            try:
+                await self._announce_room(room)
+                await self._pull_room(room)
+            except Exception:
+                log.exception("refreshing room %s failed", room)
+            finally:
+                self._refreshing.discard(room)
+
+        task = asyncio.ensure_future(refresh())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def remote_participants(self, room: str) -> list[dict[str, object]]:
+        """Participants of ``room`` on other nodes: as last synced when the room is already
+        open here, else looked up in the directory now."""
+        if room not in self._remote_members:
+            self._update_members(room, await self.directory.room_hosts(room))
+        return [
+            {"participant_id": pid, "name": name, "node_id": node}
+            for pid, (name, node) in sorted(self._remote_members.get(room, {}).items())
+        ]
+
+    def _update_members(self, room: str, entries: list[RoomEntry]) -> None:
+        own = self.directory.node_id
+        current = {
+            m.id: (m.name, e.node_id.hex()) for e in entries if e.node_id != own for m in e.members
+        }
+        previous = self._remote_members.get(room, {})
+        self._remote_members[room] = current
+        if current == previous:
+            return
+        sessions = self.server.room_sessions(room)
+        for pid, (name, node) in current.items():
+            if pid not in previous:
+                joined = {"participant_id": pid, "name": name, "node_id": node}
+                for session in sessions:
+                    session.post({"type": "participant_joined", "participant": joined})
+        for pid in previous:
+            if pid not in current:
+                for session in sessions:
+                    session.post({"type": "participant_left", "participant_id": pid})
 
     # -- placement ---------------------------------------------------------------
 
@@ -297,7 +363,9 @@ class Overlay:
         router = self.server.node.routers.get(room)
         if router is None:
             return
-        for entry in await self.directory.room_hosts(room):
+        entries = await self.directory.room_hosts(room)
+        self._update_members(room, entries)
+        for entry in entries:
             if entry.node_id == self.directory.node_id:
                 continue
             record = self._nodes.get(entry.node_id) or await self.directory.node(entry.node_id)

@@ -86,6 +86,12 @@ class NodeServer:
         self.node_key = ""
         # Set by the overlay: regions, nodes, capacity and scale signals (GET /overlay).
         self.overlay_view: Callable[[], dict[str, object]] | None = None
+        # Set by the overlay: a room's participants on other nodes; a room's membership here
+        # changed (announce it and pull its remote producers now).
+        self.remote_participants: Callable[[str], Awaitable[list[dict[str, object]]]] = (
+            _no_remote_participants
+        )
+        self.room_changed: Callable[[str], None] = lambda room: None
         rtc.set_ice_addresses(config.ice_addresses)
 
     # -- relaying ----------------------------------------------------------------
@@ -151,6 +157,7 @@ class NodeServer:
     def add_session(self, room: str, session: ParticipantSession) -> None:
         """Record that ``session`` joined ``room``."""
         self.sessions.setdefault(room, []).append(session)
+        self.room_changed(room)
 
     def announce_producer(self, room: str, producer: Producer) -> None:
         """Tell the room about a new producer (local or relayed) and auto-subscribe to it."""
@@ -173,6 +180,7 @@ class NodeServer:
             members.remove(session)
         if not members:
             self.sessions.pop(room, None)
+        self.room_changed(room)
 
     # -- HTTP handlers ----------------------------------------------------------
 
@@ -354,6 +362,10 @@ class NodeServer:
     def url(self) -> str:
         """Base HTTP URL of this node."""
         return f"http://{self.config.host}:{self.config.port}"
+
+
+async def _no_remote_participants(room: str) -> list[dict[str, object]]:
+    return []
 
 
 __all__ = ["NodeConfig", "NodeServer", "TokenError"]
