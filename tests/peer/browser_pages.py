@@ -164,7 +164,7 @@ async def run(pages_n: int, gap: float, nodes_n: int, rejoin: bool, screenshot: 
                 await asyncio.sleep(gap)
             names = set(pages)
             expect = {n: names - {n} for n in names}
-            result["frames"] = await wait_all_decode(pages, expect, 20)
+            result["frames"] = await wait_all_decode(pages, expect, 30)
             result["missing"] = missing(result["frames"], expect)
             result["live"] = await live_streams(pages, 20, pages_n - 1)
             result["captions"] = {n: await p.evaluate(CAPTIONS) for n, p in pages.items()}
@@ -175,9 +175,12 @@ async def run(pages_n: int, gap: float, nodes_n: int, rejoin: bool, screenshot: 
                 await leave_page(first)
                 await asyncio.sleep(1.0)
                 await rejoin_page(first)
-                result["frames_after_rejoin"] = await wait_all_decode(pages, expect, 20)
+                result["frames_after_rejoin"] = await wait_all_decode(pages, expect, 30)
                 result["missing_after_rejoin"] = missing(result["frames_after_rejoin"], expect)
                 result["live_after_rejoin"] = await live_streams(pages, 25, pages_n - 1)
+            result["nodes_used"] = {
+                n: await p.evaluate("window.cascade.node") for n, p in pages.items()
+            }
             result["status"] = {
                 n: await p.evaluate("document.getElementById('status').textContent")
                 for n, p in pages.items()
