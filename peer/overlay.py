@@ -365,6 +365,10 @@ class Overlay:
             return
         entries = await self.directory.room_hosts(room)
         self._update_members(room, entries)
+        if not any(
+            s.grant is not None and s.grant.can_subscribe for s in self.server.room_sessions(room)
+        ):
+            return  # nobody here may receive media: pull nothing
         for entry in entries:
             if entry.node_id == self.directory.node_id:
                 continue
