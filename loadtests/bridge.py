@@ -44,6 +44,7 @@ class AsyncioBridge:
         self._started = False
         self._stopped = False
         self._thread_id: int | None = None
+        self._done: Any = None
 
     @property
     def running(self) -> bool:
@@ -63,6 +64,8 @@ class AsyncioBridge:
         allocate_lock = monkey.get_original("_thread", "allocate_lock")
         up = allocate_lock()
         up.acquire()
+        self._done = done = allocate_lock()
+        done.acquire()
 
         def serve() -> None:
             asyncio.set_event_loop(loop)
@@ -73,6 +76,7 @@ class AsyncioBridge:
                 loop.run_forever()
             finally:
                 loop.close()
+                done.release()
 
         self._thread_id = start_new_thread(serve, ())
         up.acquire()  # an original lock: blocks this OS thread briefly, not a greenlet
@@ -160,3 +164,5 @@ class AsyncioBridge:
         finally:
             self._stopped = True
             loop.call_soon_threadsafe(loop.stop)
+            # Let the loop thread finish before the interpreter tears things down.
+            self._done.acquire(timeout=timeout)
