@@ -115,7 +115,8 @@ _USER_INDEX = itertools.count()
 
 @events.init_command_line_parser.add_listener
 def _add_options(parser: Any) -> None:
-    g = parser.add_argument_group("Cascade scenario")
+    # parser.add_argument itself (not an argument group): locust shows these in the web UI.
+    g = c = parser
     g.add_argument("--room-size", type=int, default=5, help="participants per room")
     g.add_argument(
         "--rooms", type=int, default=0, help="spread users round-robin over N rooms (0: fill)"
@@ -150,11 +151,18 @@ def _add_options(parser: Any) -> None:
     )
     g.add_argument("--room-prefix", default="load")
     g.add_argument("--stats-interval", type=float, default=5.0, help="seconds per track sample")
-    g.add_argument("--ice-ip", default="127.0.0.1", help="address ICE candidates are gathered on")
     g.add_argument(
-        "--report-json", default="cascade-loadtest.json", help="end report as JSON ('' to skip)"
+        "--ice-ip",
+        default="127.0.0.1",
+        help="address ICE candidates are gathered on",
+        include_in_web_ui=False,
     )
-    c = parser.add_argument_group("Cascade capacity search (loadtests/capacity.py)")
+    g.add_argument(
+        "--report-json",
+        default="cascade-loadtest.json",
+        help="end report as JSON ('' to skip)",
+        include_in_web_ui=False,
+    )
     c.add_argument("--step-users", type=int, default=5, help="participants added per step")
     c.add_argument("--step-seconds", type=float, default=30.0, help="seconds per step")
     c.add_argument("--step-max-users", type=int, default=200, help="stop after this step")
