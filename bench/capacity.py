@@ -56,9 +56,11 @@ def start_nodes(
             subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "CASCADE_API_SECRET": secret})
         )
         urls.append(f"http://127.0.0.1:{base + i}")
-    for url in urls:
+    for proc, url in zip(procs, urls, strict=True):
         deadline = time.monotonic() + 60
         while True:
+            if proc.poll() is not None:  # e.g. its port is taken by another process
+                raise RuntimeError(f"the node for {url} exited with {proc.returncode}")
             try:
                 with urllib.request.urlopen(f"{url}/healthz", timeout=2):
                     break
@@ -66,6 +68,9 @@ def start_nodes(
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{url} did not start") from None
                 time.sleep(0.3)
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            raise RuntimeError(f"the node for {url} exited with {proc.returncode}")
     if count > 1:
         time.sleep(5)  # the nodes find each other in the DHT
     return procs, urls

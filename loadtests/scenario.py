@@ -533,6 +533,8 @@ class QualityWindow:
                 out.append(f"video fps {fps:.1f} < {target.min_fps:.0f}")
         if self.refusals > target.max_refusals:
             out.append(f"{self.refusals} refusals")
+        if not self.packets and not self.video_fps and not self.first_frame_ms:
+            out.append("no media received")  # never a held step: nothing was measured
         return out
 
 

@@ -106,6 +106,7 @@ def test_quality_window_breaches():
     )
     assert len(broken.breaches(target)) == 4
     assert percentile([1, 2, 3, 4], 0.5) == 2 and percentile([], 0.5) is None
+    assert QualityWindow().breaches(target) == ["no media received"]
 
 
 def test_capacity_search_stops_at_the_first_broken_step():
