@@ -79,13 +79,21 @@ def test_four_pages_half_a_second_apart_all_decode_each_other_then_one_rejoins()
 
 
 def test_four_pages_two_seconds_apart_all_decode_each_other():
-    result = run_in_namespace("tests.peer.browser_pages", "--pages", "4", "--gap", "2")
+    result = run_in_namespace("tests.peer.browser_pages", "--pages", "4", "--gap", "2", timeout=300)
     assert result["missing"] == [], result
 
 
 def test_two_nodes_two_pages_each_all_decode_each_other():
     result = run_in_namespace(
-        "tests.peer.browser_pages", "--pages", "4", "--gap", "0.5", "--nodes", "2", "--rejoin"
+        "tests.peer.browser_pages",
+        "--pages",
+        "4",
+        "--gap",
+        "0.5",
+        "--nodes",
+        "2",
+        "--rejoin",
+        timeout=300,
     )
     # Every page decodes three other videos (two of them relayed from the other node),
     # before and after one page leaves and joins again.
