@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 from aiohttp import WSMsgType, web
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from peer import aiortc_adapter as rtc
 from peer.engine import Node, Producer
@@ -22,7 +22,7 @@ from peer.relay_bridge import ProducerRelaySource, bridge_remote_producer
 from peer.session import ParticipantSession
 from peer.signaling import ProtocolError, decode_client_message, encode
 from peer.stats import AdmissionPolicy
-from peer.tokens import TokenError, issue_token
+from peer.tokens import TokenError, TokenVerifier, issue_token
 from relay import RelayConfig, RelayEndpoint
 
 log = logging.getLogger("cascade.server")
@@ -37,7 +37,9 @@ class NodeConfig:
 
     host: str = "127.0.0.1"
     port: int = 8080
+    # HS256 shared secret and/or Ed25519 application public key (EdDSA) for access tokens.
     api_secret: str = ""
+    token_public_key: Ed25519PublicKey | None = None
     dev: bool = False
     ice_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     max_consumers: int = 2000
@@ -58,10 +60,11 @@ class NodeServer:
     """A running node: the SFU engine plus its signaling sessions."""
 
     def __init__(self, config: NodeConfig) -> None:
-        if not config.api_secret:
-            raise ValueError("an API secret is required")
         self.config = config
         self.api_secret = config.api_secret
+        self.tokens = TokenVerifier(
+            secret=config.api_secret or None, public_key=config.token_public_key
+        )
         self.keyframe_request_delay = config.keyframe_request_delay
         self.answer_timeout = config.answer_timeout
         self.node = Node(
@@ -177,7 +180,7 @@ class NodeServer:
         app.router.add_get("/stats", self.stats_handler)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/", self.index)
-        if self.config.dev:
+        if self.config.dev and self.api_secret:
             app.router.add_get("/dev/token", self.dev_token)
         app.router.add_static("/static", STATIC)
         return app

@@ -33,7 +33,7 @@ from peer.signaling import (
     Unpublish,
     Unsubscribe,
 )
-from peer.tokens import Grant, TokenError, verify_token
+from peer.tokens import Grant, TokenError
 
 if TYPE_CHECKING:
     from peer.server import NodeServer
@@ -179,7 +179,7 @@ class ParticipantSession:
     async def _join(self, message: Join) -> None:
         if self.router is not None:
             raise ProtocolError("already_joined", "this connection already joined a room")
-        self.grant = verify_token(self.server.api_secret, message.token, message.room)
+        self.grant = self.server.tokens.verify(message.token, message.room)
         self.name = message.name or self.grant.identity
         self.auto_subscribe = message.auto_subscribe
         router = self.server.node.router(message.room)
