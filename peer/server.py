@@ -42,6 +42,10 @@ class NodeConfig:
     token_public_key: Ed25519PublicKey | None = None
     dev: bool = False
     ice_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    # Address put in ICE host candidates instead of the bound one (e.g. bound to 0.0.0.0).
+    ice_announce: str | None = None
+    # Signaling URL announced to clients and other nodes (default: http://host:port).
+    public_url: str = ""
     max_consumers: int = 2000
     max_cpu: float = 0.85
     max_egress_pps: float = 60_000.0
@@ -52,6 +56,8 @@ class NodeConfig:
     # QUIC relay endpoint; None disables relaying.
     relay_host: str = "127.0.0.1"
     relay_port: int | None = None
+    # Relay address published to other nodes, HOST or HOST:PORT (default: the bound one).
+    relay_announce: str = ""
     # Raw Ed25519 public keys of peer nodes allowed to pull producers from this one.
     relay_peers: set[bytes] = field(default_factory=set)
 
@@ -83,7 +89,7 @@ class NodeServer:
         self.relay: RelayEndpoint | None = None
         self._relay_sources: dict[str, ProducerRelaySource] = {}
         self.relay_authorizer: Callable[[bytes], bool] = lambda key: key in config.relay_peers
-        rtc.set_ice_addresses(config.ice_addresses)
+        rtc.set_ice_addresses(config.ice_addresses, config.ice_announce)
 
     # -- relaying ----------------------------------------------------------------
 
@@ -304,7 +310,9 @@ class NodeServer:
 
     @property
     def url(self) -> str:
-        """Base HTTP URL of this node."""
+        """Base HTTP URL of this node, as announced to clients and other nodes."""
+        if self.config.public_url:
+            return self.config.public_url
         return f"http://{self.config.host}:{self.config.port}"
 
 

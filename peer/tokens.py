@@ -184,7 +184,7 @@ class TokenVerifier:
         try:
             claims = jwt.decode(
                 token,
-                key,  # type: ignore[arg-type]
+                key,
                 algorithms=[str(algorithm)],
                 issuer=ISSUER,
                 options={"require": ["exp", "sub", "iss"], "verify_exp": now is None},
