@@ -378,6 +378,11 @@ async def _serve(config: Any, directory: Directory | None, plan: AddressPlan) ->
     from peer.overlay import Overlay
     from peer.server import NodeServer
 
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
     server = NodeServer(config)
     try:
         await server.start()
@@ -404,11 +409,6 @@ async def _serve(config: Any, directory: Directory | None, plan: AddressPlan) ->
             flush=True,
         )
     print(f"cascade node listening on {server.url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     if overlay is not None:
         await overlay.stop()
