@@ -99,7 +99,7 @@ def plan_addresses(
         )
     default_host = announce_ip or host
     if public_url is None:
-        public_url = f"http://{_join(default_host, port)}"
+        public_url = f"http://{_join(default_host, None)}:{port}"
     parts = urlsplit(public_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise AddressError(f"--public-url {public_url!r} must be an http(s) URL with a host")

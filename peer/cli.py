@@ -389,6 +389,8 @@ async def _serve(config: Any, directory: Directory | None, plan: AddressPlan) ->
     except OSError as exc:
         await server.stop()
         raise CliError(f"cannot listen: {exc.strerror or exc}", RUNTIME_ERROR) from None
+    if server.config.public_url.endswith(":0"):  # --port 0 with --announce-ip
+        server.config.public_url = f"{server.config.public_url[:-2]}:{server.config.port}"
     overlay = None
     if directory is not None:
         overlay = Overlay(server, directory)
