@@ -18,6 +18,9 @@ What we rely on, and why:
 - ``aioice.ice.Connection.gather_candidates`` and its ``_local_candidates``: host
   candidates announce a configured address instead of the bound one (a node binding
   0.0.0.0 or behind 1:1 NAT), like mediasoup's announced IP.
+- ``aioice.ice.Connection._query_consent_task`` and ``RTCIceTransport.__start``: a
+  connection closed while its ICE checks were completing starts consent checks after
+  ``close()`` (aioice 0.13); :func:`close_peer_connection` waits for that and stops them.
 - ``aioice.ice.Connection.data_received``: empty datagrams are dropped (aiortc
   1.16 crashes its DTLS loop on one).
 """
@@ -415,6 +418,27 @@ def _ice_connections(pc: Any) -> list[tuple[Any, Any]]:
         conn = dtls.transport._connection
         seen.setdefault(id(conn), (conn, dtls))
     return list(seen.values())
+
+
+async def close_peer_connection(pc: Any, wait: float = 2.0) -> None:
+    """Close ``pc`` and stop what aiortc/aioice may leave running after ``close()``: an ICE
+    connect() that was completing still starts consent checks (waited for up to ``wait``
+    seconds through ``RTCIceTransport.__start``, then cancelled)."""
+    pairs: list[tuple[Any, Any]] = []
+    with contextlib.suppress(Exception):
+        pairs = _ice_connections(pc)
+    with contextlib.suppress(Exception):
+        await pc.close()
+    for conn, dtls in pairs:
+        started = getattr(dtls.transport, "_RTCIceTransport__start", None)
+        if started is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(started.wait(), wait)
+        task = getattr(conn, "_query_consent_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 def local_candidate_ports(pc: Any) -> list[tuple[str, int]]:

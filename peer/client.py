@@ -414,7 +414,6 @@ class CascadeClient:
         await asyncio.gather(*tasks, return_exceptions=True)
         for pc in (self._publish_pc, self._subscribe_pc):
             if pc is not None:
-                with contextlib.suppress(Exception):
-                    await pc.close()
+                await rtc.close_peer_connection(pc)
         if self._session is not None:
             await self._session.close()
