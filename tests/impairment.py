@@ -8,7 +8,8 @@
   upstream socket per client address towards ``target`` and forwards both directions,
   each with its own :class:`Impairment`.  Set ``blocked = True`` to cut the link.
 
-Only 127.0.0.1 is ever bound or addressed.
+Only 127.0.0.1 is ever bound or addressed, except that a proxy running inside a network
+namespace a test created may listen on that namespace's addresses (``start(host=...)``).
 """
 
 from __future__ import annotations
@@ -106,11 +107,12 @@ class ImpairmentProxy:
         self._counter = itertools.count()
         self.port = 0
 
-    async def start(self, port: int = 0) -> ImpairmentProxy:
-        """Listen on 127.0.0.1:``port`` (0 = ephemeral); returns self."""
+    async def start(self, port: int = 0, host: str = LOCALHOST) -> ImpairmentProxy:
+        """Listen on ``host``:``port`` (0 = ephemeral); returns self. ``host`` other than
+        127.0.0.1 only inside a network namespace the test created."""
         self._loop = asyncio.get_running_loop()
         transport, _ = await self._loop.create_datagram_endpoint(
-            lambda: _Front(self), local_addr=(LOCALHOST, port)
+            lambda: _Front(self), local_addr=(host, port)
         )
         self._front = cast(asyncio.DatagramTransport, transport)
         self.port = transport.get_extra_info("sockname")[1]
