@@ -198,6 +198,10 @@ def pubkey_main(args: argparse.Namespace) -> int:
 
 def bench_main(name: str, rest: list[str]) -> int:
     """``cascade bench NAME ...``: run a packaged benchmark."""
+    if not name or name.startswith("-"):
+        listing = "\n".join(f"  {k:8} {v}" for k, v in BENCHMARKS.items())
+        print(f"usage: cascade bench NAME [ARGS]  (cascade bench NAME --help)\n{listing}")
+        return 0 if name in ("-h", "--help") or "--help" in rest else USAGE_ERROR
     if name not in BENCHMARKS:
         raise CliError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
     if name in NEEDS_ROOT and os.geteuid() != 0:
@@ -205,7 +209,8 @@ def bench_main(name: str, rest: list[str]) -> int:
             f"benchmark {name} needs root: it runs servers and clients in network namespaces"
         )
     module = importlib.import_module(f"bench.{name}")
-    return int(module.main(rest))
+    sys.argv[0] = f"cascade bench {name}"  # the benchmark's own --help and errors
+    return int(module.main(rest) or 0)
 
 
 def _parser() -> _Parser:

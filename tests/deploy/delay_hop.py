@@ -8,7 +8,7 @@ import asyncio
 import signal
 import sys
 
-from tests.impairment import Impairment, ImpairmentProxy
+from bench.impairment import Impairment, ImpairmentProxy
 
 
 async def main(listen: str, target_port: int, delay: float) -> None:

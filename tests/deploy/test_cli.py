@@ -246,3 +246,18 @@ def test_config_file_with_flag_override(files, tmp_path):
         proc.wait(30)
     assert proc.returncode == 0
     assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+
+
+def test_benchmarks_are_packaged_and_self_contained():
+    """``cascade bench`` runs from an installed package: bench/ is packaged and never imports
+    the (unpackaged) tests/."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "bench*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
+    for path in (ROOT / "bench").glob("*.py"):
+        text = path.read_text()
+        assert "from tests" not in text and "import tests" not in text, path
+    listing = cascade("bench", "--help")
+    assert listing.returncode == 0 and "fanout" in listing.stdout
+    assert cascade("bench", "dht", "--help").returncode == 0
