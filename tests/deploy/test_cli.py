@@ -127,7 +127,13 @@ CASES = [
         ["node", "--host", "0.0.0.0", "--region", "eu", "--dht-port", "0"],
         GOOD,
         2,
-        "set --announce-ip",
+        "0.0.0.0, which no other host can reach; set --public-url",
+    ),
+    (
+        ["node", "--ice-ip", "0.0.0.0"],
+        GOOD,
+        2,
+        "ICE binds an unspecified address; set --announce-ip",
     ),
     (
         [
