@@ -264,8 +264,11 @@ class CascadeClient:
         return reply
 
     async def _reconnect(self, url: str) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader  # nothing of the old connection keeps running
         if self._ws is not None:
             await self._ws.close()
         if self._session is not None:
