@@ -83,14 +83,36 @@ async function join(ev) {
   const tokenReply = await fetch(`/dev/token?room=${encodeURIComponent(room)}&identity=${encodeURIComponent(name || "guest")}`);
   if (!tokenReply.ok) { setStatus("this node does not hand out dev tokens"); return; }
   const { token } = await tokenReply.json();
-  const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
-  state.sig = new Signaling(wsUrl, onEvent);
-  await state.sig.open();
-  const joined = await state.sig.request({ type: "join", room, token, name });
+  const joined = await joinFollowingRedirects(room, token, name);
   for (const p of joined.participants) learnName(p);
   setStatus(`joined ${room} as ${joined.participant_id}`);
   $("join-button").disabled = true; $("leave-button").disabled = false;
   if ($("publish").checked) await publish();
+}
+
+function wsUrlOf(httpUrl) {
+  const url = new URL("/ws", httpUrl);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  return url.href;
+}
+
+// Join through this node; placement may redirect to another node (at most two hops).
+async function joinFollowingRedirects(room, token, name) {
+  const tried = new Set([location.origin]);
+  let base = location.origin;
+  for (let hops = 0; ; hops++) {
+    state.sig = new Signaling(wsUrlOf(base), onEvent);
+    await state.sig.open();
+    const reply = await state.sig.request({ type: "join", room, token, name, hops });
+    if (reply.type !== "redirect") { state.node = base; return reply; }
+    state.sig.onEvent = () => {};
+    state.sig.close();
+    const next = new URL(reply.url).origin;
+    if (tried.has(next) || hops >= 2) throw new Error(`redirect loop at ${next}`);
+    tried.add(next);
+    base = next;
+    setStatus(`placed on ${reply.region} node ${reply.node_id.slice(0, 8)} (${reply.reason})`);
+  }
 }
 
 async function publish() {

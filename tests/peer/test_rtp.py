@@ -8,6 +8,7 @@ import pytest
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
+from common.ratelimit import KeyframeLimiter
 from peer.engine import CodecInfo, Node, Producer, SfuError
 from peer.rtp import (
     URI_ABS_SEND_TIME,
@@ -22,7 +23,6 @@ from peer.rtp import (
     shared_extensions,
 )
 from peer.stats import AdmissionPolicy
-from relay import KeyframeLimiter
 
 SECRET = "unit-secret-0123456789abcdef-0123456789"
 
