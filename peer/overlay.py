@@ -35,6 +35,18 @@ from peer.server import NodeServer
 log = logging.getLogger("cascade.overlay")
 
 
+def announced_relay_address(announce: str, bound_host: str, bound_port: int) -> str:
+    """The relay address to publish: ``announce`` (HOST, HOST:PORT, HOST:0), else the bound
+    address; a missing or zero port is the bound port."""
+    host, port = bound_host, bound_port
+    if announce:
+        try:
+            host, port = split_host_port(announce)
+        except ValueError:
+            host = announce.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class Overlay:
     """Keeps a node's directory records current and pulls remote producers of shared rooms.
 
@@ -89,7 +101,7 @@ class Overlay:
         relay_address = ""
         if relay is not None:
             host, port = relay.address
-            relay_address = f"{host}:{port}"
+            relay_address = announced_relay_address(self.server.config.relay_announce, host, port)
         self.server.relay_authorizer = self.authorize
         self.server.placer = self.place
         self.server.overlay_view = self.describe

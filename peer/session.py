@@ -33,7 +33,7 @@ from peer.signaling import (
     Unpublish,
     Unsubscribe,
 )
-from peer.tokens import Grant, TokenError, verify_token
+from peer.tokens import Grant, TokenError
 
 if TYPE_CHECKING:
     from peer.server import NodeServer
@@ -180,7 +180,7 @@ class ParticipantSession:
     async def _join(self, message: Join) -> None:
         if self.router is not None:
             raise ProtocolError("already_joined", "this connection already joined a room")
-        grant = verify_token(self.server.api_secret, message.token, message.room)
+        grant = self.server.tokens.verify(message.token, message.room)
         if message.hops < MAX_REDIRECTS:
             placement = await self.server.place(message.room, message.region)
             best = placement.best if placement is not None else None
