@@ -229,6 +229,11 @@ def _parser() -> _Parser:
         add_help=False,
     )
     bench.add_argument("benchmark", nargs="?", default="")
+    sub.add_parser(
+        "demo",
+        help="a local overlay: 4 nodes in eu, us and ap on 127.0.0.1 (cascade demo --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -244,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             return keygen_main(rest)
         if args.command == "bench":
             return bench_main(args.benchmark, rest)
+        if args.command == "demo":
+            from peer.demo import main as demo_main
+
+            return demo_main(rest)
         if rest:
             raise CliError(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "token":
@@ -376,10 +385,23 @@ def run_node(args: argparse.Namespace) -> int:
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return asyncio.run(_serve(config, directory, plan))
+    if (args.location or args.scale_webhook) and not overlay:
+        raise CliError("--location and --scale-webhook need the overlay (--dht-port)")
+    if args.scale_webhook and not args.scale_webhook.startswith(("http://", "https://")):
+        raise CliError(f"--scale-webhook must be an http(s) URL, not {args.scale_webhook!r}")
+    return asyncio.run(
+        _serve(config, directory, plan, location=args.location, webhook=args.scale_webhook)
+    )
 
 
-async def _serve(config: Any, directory: Directory | None, plan: AddressPlan) -> int:
+async def _serve(
+    config: Any,
+    directory: Directory | None,
+    plan: AddressPlan,
+    *,
+    location: tuple[float, float] | None = None,
+    webhook: str | None = None,
+) -> int:
     from peer.overlay import Overlay
     from peer.server import NodeServer
 
@@ -398,7 +420,7 @@ async def _serve(config: Any, directory: Directory | None, plan: AddressPlan) ->
         server.config.public_url = f"{server.config.public_url[:-2]}:{server.config.port}"
     overlay = None
     if directory is not None:
-        overlay = Overlay(server, directory)
+        overlay = Overlay(server, directory, location=location, scale_webhook=webhook)
         try:
             await overlay.start()
         except OSError as exc:

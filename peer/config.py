@@ -21,6 +21,18 @@ class ConfigError(ValueError):
     """A config file or option value cannot be used (one-line message)."""
 
 
+def parse_location(text: str) -> tuple[float, float]:
+    """``"48.86,2.35"`` -> (latitude, longitude), checked."""
+    try:
+        lat_text, lon_text = str(text).split(",")
+        lat, lon = float(lat_text), float(lon_text)
+    except ValueError:
+        raise ValueError(f"location must be LAT,LON in degrees, not {text!r}") from None
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        raise ValueError(f"location {text!r} is off the globe")
+    return (lat, lon)
+
+
 @dataclass(frozen=True)
 class Option:
     """One node option: ``--name`` on the command line, ``name`` in the config file."""
@@ -84,6 +96,18 @@ NODE_OPTIONS: tuple[Option, ...] = (
         kind="list",
     ),
     Option("dht-ttl", "directory record lifetime, seconds", type=float, default=10.0),
+    # overlay: placement and scaling
+    Option(
+        "location",
+        "this node's LAT,LON in degrees: placement's distance between regions",
+        type=parse_location,
+        metavar="LAT,LON",
+    ),
+    Option(
+        "scale-webhook",
+        "URL to POST the region's signed scale-out / scale-in notifications to",
+        metavar="URL",
+    ),
     # overlay: relay
     Option("relay-host", "QUIC relay bind address (default: --host)"),
     Option("relay-port", "QUIC relay UDP port (default: any free port with the DHT)", type=int),
