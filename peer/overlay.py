@@ -348,7 +348,19 @@ class Overlay:
                 for n in sorted(self.placement_nodes(), key=lambda v: (v.region, v.node_id))
             ],
             "notifications": list(self.notifications),
+            "relayed_producers": {
+                room: sorted(p.id for p in router.producers.values() if p.origin == "relay")
+                for room, router in self.server.node.routers.items()
+            },
+            "dht": self._dht_traffic(),
         }
+
+    def _dht_traffic(self) -> dict[str, int]:
+        protocol = self.directory.server.protocol
+        if protocol is None:
+            return {}
+        t = protocol.traffic
+        return {"bytes_sent": t.bytes_sent, "bytes_received": t.bytes_received}
 
     async def place(self, room: str, region: str | None) -> Placement:
         """Rank the nodes a new participant of ``room`` from ``region`` should join."""
