@@ -86,6 +86,8 @@ class Overlay:
         # room -> participants of the room on other nodes: id -> (name, node id hex)
         self._remote_members: dict[str, dict[str, tuple[str, str]]] = {}
         self._refreshing: set[str] = set()
+        # room -> the room's entries as last read from the directory
+        self._room_entries: dict[str, list[RoomEntry]] = {}
         self._nodes: dict[bytes, NodeRecord] = {}
         self._pulling: set[tuple[str, str]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -107,6 +109,8 @@ class Overlay:
         self.server.overlay_view = self.describe
         self.server.remote_participants = self.remote_participants
         self.server.room_changed = self.room_changed
+        self.server.remote_producers = self.remote_producers
+        self.server.pull_producer = self.pull_producer
         self.server.node_key = self.directory.node_id.hex()
         if self.location is not None:
             self.directory.update_node(location=self.location)
@@ -168,6 +172,7 @@ class Overlay:
             if hosted is None or not hosted.participants:
                 del self._announced[room]
                 self._remote_members.pop(room, None)
+                self._room_entries.pop(room, None)
                 await self.directory.withdraw_room(room)
         seen = time.time()
         live: dict[bytes, tuple[NodeRecord, float]] = {}
@@ -230,11 +235,47 @@ class Overlay:
         """Participants of ``room`` on other nodes: as last synced when the room is already
         open here, else looked up in the directory now."""
         if room not in self._remote_members:
-            self._update_members(room, await self.directory.room_hosts(room))
+            entries = await self.directory.room_hosts(room)
+            self._room_entries[room] = entries
+            self._update_members(room, entries)
         return [
             {"participant_id": pid, "name": name, "node_id": node}
             for pid, (name, node) in sorted(self._remote_members.get(room, {}).items())
         ]
+
+    def remote_producers(self, room: str) -> list[dict[str, object]]:
+        """Producers of ``room`` on other nodes not relayed here yet (as last read)."""
+        router = self.server.node.routers.get(room)
+        here = set(router.producers) if router is not None else set()
+        own = self.directory.node_id
+        return [
+            {"producer_id": p.id, "kind": p.kind, "node_id": e.node_id.hex(), "remote": True}
+            for e in self._room_entries.get(room, [])
+            if e.node_id != own
+            for p in e.producers
+            if p.id not in here
+        ]
+
+    async def pull_producer(self, room: str, producer_id: str) -> bool:
+        """Relay one producer of ``room`` from the node hosting it now (a subscriber asked
+        for it); False if no live node of the room has it."""
+        entries = self._room_entries.get(room)
+        if entries is None or not any(p.id == producer_id for e in entries for p in e.producers):
+            entries = await self.directory.room_hosts(room)
+            self._room_entries[room] = entries
+        for entry in entries:
+            if entry.node_id == self.directory.node_id:
+                continue
+            if not any(p.id == producer_id for p in entry.producers):
+                continue
+            record = self._nodes.get(entry.node_id) or await self.directory.node(entry.node_id)
+            if record is None or not record.relay_address or not record.relay_key:
+                return False
+            self.known_keys.add(record.relay_key)
+            host, port = split_host_port(record.relay_address)
+            await self.server.pull_remote_producer(room, record.relay_key, host, port, producer_id)
+            return True
+        return False
 
     def _update_members(self, room: str, entries: list[RoomEntry]) -> None:
         own = self.directory.node_id
@@ -388,11 +429,13 @@ class Overlay:
         if router is None:
             return
         entries = await self.directory.room_hosts(room)
+        self._room_entries[room] = entries
         self._update_members(room, entries)
         if not any(
-            s.grant is not None and s.grant.can_subscribe for s in self.server.room_sessions(room)
+            s.grant is not None and s.grant.can_subscribe and s.auto_subscribe
+            for s in self.server.room_sessions(room)
         ):
-            return  # nobody here may receive media: pull nothing
+            return  # nobody here subscribes automatically: pull on demand only
         for entry in entries:
             if entry.node_id == self.directory.node_id:
                 continue

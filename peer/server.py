@@ -101,6 +101,10 @@ class NodeServer:
             _no_remote_participants
         )
         self.room_changed: Callable[[str], None] = lambda room: None
+        # Set by the overlay: a room's producers on other nodes not relayed here yet, and
+        # relaying one of them now.
+        self.remote_producers: Callable[[str], list[dict[str, object]]] = lambda room: []
+        self.pull_producer: Callable[[str, str], Awaitable[bool]] | None = None
         rtc.set_ice_addresses(config.ice_addresses, config.ice_announce)
 
     # -- relaying ----------------------------------------------------------------

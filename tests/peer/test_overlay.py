@@ -104,3 +104,42 @@ async def test_participants_of_other_nodes_are_listed_and_their_joins_and_leaves
 
 def a_node_id(overlay: Overlay) -> str:
     return overlay.directory.node_id.hex()
+
+
+async def test_remote_producers_are_pulled_on_demand_for_explicit_subscribers():
+    nodes: list[tuple[NodeServer, Overlay]] = []
+    clients: list[CascadeClient] = []
+    try:
+        nodes.append(await start_node("eu", []))
+        nodes.append(await start_node("us", [nodes[0][1].directory.address]))
+        (a, _), (b, _) = nodes
+        pub = CascadeClient(a.url)
+        clients.append(pub)
+        await pub.connect()
+        await pub.join("ondemand", token("ondemand", "alice"))
+        (video,) = await pub.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+        viewer = CascadeClient(b.url)
+        clients.append(viewer)
+        await viewer.connect()
+        for _ in range(50):
+            state = await viewer.join("ondemand", token("ondemand", "bob"), auto_subscribe=False)
+            if state["producers"]:
+                break
+            await viewer.leave()
+            await viewer.close()
+            viewer = CascadeClient(b.url)
+            clients.append(viewer)
+            await viewer.connect()
+            await asyncio.sleep(0.2)
+        listed = {p["producer_id"]: p for p in state["producers"]}
+        assert listed[video["producer_id"]]["remote"] is True
+        await asyncio.sleep(2.0)  # several directory syncs: nothing is relayed unasked
+        assert video["producer_id"] not in b.node.routers["ondemand"].producers
+        await viewer.subscribe(video["producer_id"])
+        (track,) = await viewer.wait_for_tracks(1, "video", timeout=20)
+        assert (track.width, track.height) == (160, 120)
+    finally:
+        await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)
+        for server, overlay in reversed(nodes):
+            await overlay.stop()
+            await server.stop()
