@@ -101,3 +101,26 @@ def test_two_nodes_two_pages_each_all_decode_each_other():
     assert result["missing_after_rejoin"] == [], result
     assert set(result["live"].values()) == {3}, result
     assert set(result["live_after_rejoin"].values()) == {3}, result
+
+
+def test_page_on_one_node_is_redirected_to_the_rooms_node_and_decodes(tmp_path):
+    # Both pages ask for region r0; the second page is opened on the r1 node's demo page.
+    result = run_in_namespace(
+        "tests.peer.browser_pages",
+        "--pages",
+        "2",
+        "--gap",
+        "0.5",
+        "--nodes",
+        "2",
+        "--region-hint",
+        "r0",
+        "--screenshot",
+        str(tmp_path / "demo-page.png"),
+        timeout=200,
+    )
+    assert result["nodes_used"] == {
+        "page1": "http://127.0.0.1:8080",
+        "page2": "http://127.0.0.1:8080",
+    }, result
+    assert result["missing"] == [], result
