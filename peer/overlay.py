@@ -365,12 +365,7 @@ class Overlay:
             "region": self.directory.region,
             "regions": {
                 region: {
-                    "nodes": cap.nodes,
-                    "capacity": round(cap.capacity, 3),
-                    "used": round(cap.used, 3),
-                    "free_fraction": round(cap.free_fraction, 4),
-                    "spilled": cap.spilled,
-                    "removable": cap.removable,
+                    **cap.as_dict(),
                     "signal": self.scale.signals.get(region, Signal.STEADY).value,
                 }
                 for region, cap in self.regions.items()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from dht import Directory, NodeIdentity
 from peer.client import CascadeClient
@@ -64,12 +66,23 @@ async def test_room_spanning_three_nodes_found_via_dht():
             await server.stop()
 
 
-async def test_participants_of_other_nodes_are_listed_and_their_joins_and_leaves_reported():
+@contextlib.asynccontextmanager
+async def eu_and_us() -> AsyncIterator[list[tuple[NodeServer, Overlay]]]:
+    """Two overlay nodes, eu and us, stopped on exit."""
     nodes: list[tuple[NodeServer, Overlay]] = []
-    clients: list[CascadeClient] = []
     try:
         nodes.append(await start_node("eu", []))
         nodes.append(await start_node("us", [nodes[0][1].directory.address]))
+        yield nodes
+    finally:
+        for server, overlay in reversed(nodes):
+            await overlay.stop()
+            await server.stop()
+
+
+async def test_participants_of_other_nodes_are_listed_and_their_joins_and_leaves_reported():
+    clients: list[CascadeClient] = []
+    async with eu_and_us() as nodes:
         (a, _), (b, _) = nodes
 
         async def client(node: NodeServer, identity: str) -> CascadeClient:
@@ -95,11 +108,7 @@ async def test_participants_of_other_nodes_are_listed_and_their_joins_and_leaves
         }
         await dave.close()
         await bob.wait_event("participant_left", participant_id=dave.participant_id, timeout=10)
-    finally:
         await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)
-        for server, overlay in reversed(nodes):
-            await overlay.stop()
-            await server.stop()
 
 
 def a_node_id(overlay: Overlay) -> str:
@@ -107,11 +116,8 @@ def a_node_id(overlay: Overlay) -> str:
 
 
 async def test_remote_producers_are_pulled_on_demand_for_explicit_subscribers():
-    nodes: list[tuple[NodeServer, Overlay]] = []
     clients: list[CascadeClient] = []
-    try:
-        nodes.append(await start_node("eu", []))
-        nodes.append(await start_node("us", [nodes[0][1].directory.address]))
+    async with eu_and_us() as nodes:
         (a, _), (b, _) = nodes
         pub = CascadeClient(a.url)
         clients.append(pub)
@@ -138,8 +144,4 @@ async def test_remote_producers_are_pulled_on_demand_for_explicit_subscribers():
         await viewer.subscribe(video["producer_id"])
         (track,) = await viewer.wait_for_tracks(1, "video", timeout=20)
         assert (track.width, track.height) == (160, 120)
-    finally:
         await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)
-        for server, overlay in reversed(nodes):
-            await overlay.stop()
-            await server.stop()
