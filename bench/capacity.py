@@ -3,7 +3,7 @@
 
     python -m bench.capacity a      # one node: video rooms of 5, everyone publishing
     python -m bench.capacity b      # one node: one room, 2 publishers, many subscribers
-    python -m bench.capacity c      # three nodes (eu, us, ap) on the DHT, rooms spanning them
+    python -m bench.capacity c      # cascade demo's overlay (eu, eu, us, ap), rooms spanning it
 
 Further arguments go to locust (e.g. ``--step-max-users 30 --video-width 320``).
 
@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,47 +34,44 @@ SCENARIOS: dict[str, list[str]] = {
         "--step-users", "10", "--step-max-users", "200", *VIDEO,
     ],
     "c": [
-        "--room-size", "6", "--spread", "participant", "--regions", "eu,us,ap",
+        "--room-size", "6", "--spread", "participant",
         "--step-users", "6", "--step-max-users", "120", *VIDEO,
     ],
 }  # fmt: skip
 
 
-def start_nodes(
-    count: int, secret: str, cpu: str
-) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
-    procs, urls = [], []
-    regions = ["eu", "us", "ap"]
-    base = 18580
-    for i in range(count):
-        cmd = ["taskset", "-c", cpu, sys.executable, "-m", "peer.cli", "node"]
-        cmd += ["--port", str(base + i), "--max-cpu", "100", "--log-level", "WARNING"]
-        if count > 1:
-            cmd += ["--region", regions[i], "--dht-port", str(base + 100 + i)]
-            if i:
-                cmd += ["--bootstrap", f"127.0.0.1:{base + 100}"]
-        procs.append(
-            subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "CASCADE_API_SECRET": secret})
-        )
-        urls.append(f"http://127.0.0.1:{base + i}")
-    for proc, url in zip(procs, urls, strict=True):
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:  # e.g. its port is taken by another process
-                raise RuntimeError(f"the node for {url} exited with {proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"{url}/healthz", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{url} did not start") from None
-                time.sleep(0.3)
-        time.sleep(0.5)
-        if proc.poll() is not None:
+def start_node(secret: str, cpu: str) -> tuple[subprocess.Popen[bytes], str]:
+    """One ``cascade node`` pinned to ``cpu``, admission by CPU off."""
+    port = 18580
+    cmd = ["taskset", "-c", cpu, sys.executable, "-m", "peer.cli", "node", "--port", str(port)]
+    cmd += ["--max-cpu", "100", "--log-level", "WARNING"]
+    env = {**os.environ, "CASCADE_API_SECRET": secret}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        time.sleep(0.3)
+        if proc.poll() is not None:  # e.g. its port is taken by another process
             raise RuntimeError(f"the node for {url} exited with {proc.returncode}")
-    if count > 1:
-        time.sleep(5)  # the nodes find each other in the DHT
-    return procs, urls
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2):
+                return proc, url
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise RuntimeError(f"{url} did not start") from None
+
+
+def start_demo(secret: str, cpu: str) -> tuple[list[subprocess.Popen[bytes]], list[str], list[str]]:
+    """``cascade demo``'s overlay (eu, eu, us, ap), admission by CPU off, pinned to ``cpu``."""
+    from peer.demo import demo_plan, start_nodes
+
+    plan = [replace(n, extra=("--max-cpu", "100")) for n in demo_plan(18580, 18680)]
+    procs = start_nodes(plan, {**os.environ, "CASCADE_API_SECRET": secret})
+    for proc in procs:
+        os.sched_setaffinity(proc.pid, {int(cpu)})
+    time.sleep(5)  # the nodes find each other in the DHT
+    return procs, [n.url for n in plan], [n.region for n in plan]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-cpu", default="1")
     args, extra = parser.parse_known_args(argv)  # the rest goes to locust
     secret = secrets.token_urlsafe(32)
-    procs, urls = start_nodes(3 if args.scenario == "c" else 1, secret, args.node_cpu)
+    if args.scenario == "c":
+        procs, urls, regions = start_demo(secret, args.node_cpu)
+        extra += ["--regions", ",".join(regions)]
+    else:
+        proc, url = start_node(secret, args.node_cpu)
+        procs, urls = [proc], [url]
     out = Path(tempfile.mkdtemp(prefix="cascade-capacity-"))
     cmd = ["taskset", "-c", args.load_cpu, sys.executable, "-m", "locust"]
     cmd += ["-f", str(ROOT / "loadtests" / "capacity.py"), "--headless", "--host", urls[0]]
