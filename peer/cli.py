@@ -1,15 +1,19 @@
-"""``cascade`` command line: ``node``, ``token`` and ``keygen``."""
+"""``cascade`` command line: ``node``, ``token`` and ``keygen``, plus the commands of
+extensions (see :func:`load_extensions`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from dht import Directory, NodeIdentity, parse_bootstrap
 from peer.overlay import Overlay
@@ -17,6 +21,36 @@ from peer.server import NodeConfig, NodeServer
 from peer.tokens import issue_token, new_secret
 
 SECRET_ENV = "CASCADE_API_SECRET"
+EXTENSIONS_GROUP = "cascade.extensions"
+EXTENSIONS_ENV = "CASCADE_EXTENSIONS"
+
+
+def load_extensions() -> list[Any]:
+    """Extensions of the ``cascade.extensions`` entry-point group (and ``module:attr`` names
+    in ``$CASCADE_EXTENSIONS``, comma-separated). Each may define any of
+    ``add_commands(subparsers)`` (subcommands set ``run=callable(args) -> int``),
+    ``add_node_arguments(parser)`` and ``setup_node(args, server, directory) -> str | None``
+    (called before the node starts; a string refuses to start with that message)."""
+    found: dict[str, Any] = {}
+    for ep in entry_points(group=EXTENSIONS_GROUP):
+        found[ep.value] = ep
+    for spec in filter(None, os.environ.get(EXTENSIONS_ENV, "").split(",")):
+        found.setdefault(spec.strip(), None)
+    loaded = []
+    for value, ep in found.items():
+        try:
+            if ep is not None:
+                loaded.append(ep.load())
+            else:
+                module, _, attr = value.partition(":")
+                loaded.append(getattr(importlib.import_module(module), attr or "extension"))
+        except Exception as exc:
+            print(f"cascade: extension {value} not loaded: {exc!r}", file=sys.stderr)
+    return loaded
+
+
+def _hooks(extensions: list[Any], name: str) -> list[Any]:
+    return [getattr(e, name) for e in extensions if hasattr(e, name)]
 
 
 def _read_secret(args: argparse.Namespace) -> str | None:
@@ -25,7 +59,9 @@ def _read_secret(args: argparse.Namespace) -> str | None:
     return os.environ.get(SECRET_ENV)
 
 
-def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _node_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     p = sub.add_parser("node", help="run a Cascade node")
     p.add_argument("--host", default="127.0.0.1", help="HTTP/WebSocket listen address")
     p.add_argument("--port", type=int, default=8080)
@@ -55,6 +91,7 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--relay-port", type=int, help="QUIC relay UDP port (default: with the DHT)")
     p.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--log-level", default="INFO")
+    return p
 
 
 def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -67,12 +104,18 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--secret-file", help=f"file with the API secret (else ${SECRET_ENV})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extensions: list[Any] | None = None) -> int:
     """Entry point of the ``cascade`` console script."""
+    if extensions is None:
+        extensions = load_extensions()
     parser = argparse.ArgumentParser(prog="cascade", description="Cascade SFU node")
     sub = parser.add_subparsers(dest="command", required=True)
-    _node_parser(sub)
+    node_parser = _node_parser(sub)
     _token_parser(sub)
+    for add_arguments in _hooks(extensions, "add_node_arguments"):
+        add_arguments(node_parser)
+    for add_commands in _hooks(extensions, "add_commands"):
+        add_commands(sub)
     sub.add_parser("keygen", help="create a node identity key", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "keygen":
@@ -81,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return keygen_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(args, "run", None) is not None:
+        return int(args.run(args))
     if args.command == "token":
         secret = _read_secret(args)
         if not secret:
@@ -97,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
-    return run_node(args)
+    return run_node(args, extensions)
 
 
-def run_node(args: argparse.Namespace) -> int:
+def run_node(args: argparse.Namespace, extensions: list[Any] | None = None) -> int:
     """Run a node until SIGINT/SIGTERM."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     for noisy in ("kademlia", "rpcudp", "aioquic", "aioice", "aiortc"):
@@ -151,11 +196,18 @@ def run_node(args: argparse.Namespace) -> int:
             bootstrap=parse_bootstrap([b for spec in args.bootstrap for b in spec.split(",")]),
             ttl=args.dht_ttl,
         )
-    return asyncio.run(_serve(config, directory))
+    return asyncio.run(_serve(config, directory, args, extensions or []))
 
 
-async def _serve(config: NodeConfig, directory: Directory | None) -> int:
+async def _serve(
+    config: NodeConfig, directory: Directory | None, args: argparse.Namespace, extensions: list[Any]
+) -> int:
     server = NodeServer(config)
+    for setup_node in _hooks(extensions, "setup_node"):
+        refusal = setup_node(args, server, directory)
+        if refusal:
+            print(refusal, file=sys.stderr)
+            return 2
     await server.start()
     overlay = None
     if directory is not None:

@@ -66,6 +66,8 @@ def _new_id(prefix: str) -> str:
 
 Sink = Callable[[bytes], None]
 KEYFRAME_RETRY_INTERVAL = 1.0
+# One forwarded packet in this many is timed (arrival to last sendto) for Node.timing.
+FORWARD_TIMING_EVERY = 64
 
 
 class Producer:
@@ -104,6 +106,7 @@ class Producer:
         self.origin = "local"
         # Set for relayed producers: asks upstream for packets this cache does not hold.
         self.fetch_missing: Callable[[list[int]], None] | None = None
+        self._timing_countdown = FORWARD_TIMING_EVERY
 
     def on_close(self, listener: Callable[[Producer], None]) -> None:
         """Call ``listener`` once when this producer closes."""
@@ -146,6 +149,10 @@ class Producer:
             if ext is None:
                 ext = shared[layout] = shared_extensions(layout, abs_time, audio_level)
             consumer.forward(packet, ext, now)
+        self._timing_countdown -= 1
+        if not self._timing_countdown:
+            self._timing_countdown = FORWARD_TIMING_EVERY
+            self.router.node.timing("forward", time.time() - now)
 
     def request_keyframe(self, now: float | None = None) -> None:
         """Ask the publisher for a keyframe, rate-limited."""
@@ -220,6 +227,7 @@ class Consumer:
         self.sink: Sink | None = None
         self._gated = True
         self._close_listeners: list[Callable[[Consumer], None]] = []
+        self._created_at = time.time()  # until the first packet is forwarded
 
     def on_close(self, listener: Callable[[Consumer], None]) -> None:
         """Call ``listener`` once when this consumer closes."""
@@ -268,6 +276,9 @@ class Consumer:
                 return False
             self.waiting_keyframe = False
             self.rewriter.rebase()
+        if self._created_at:
+            self.producer.router.node.timing("first_packet", time.time() - self._created_at)
+            self._created_at = 0.0
         self._update_gate()
         return True
 
@@ -394,6 +405,7 @@ class Router:
             raise SfuError("unknown_producer", f"no producer {producer_id!r} in this room")
         refusal = self.node.admission.refusal(producer.stats.packet_rate)
         if refusal is not None:
+            self.node.consumers_refused += 1
             raise SfuError("overloaded", f"node refuses new consumers: {refusal}")
         consumer = Consumer(producer, subscriber_id, paused=paused)
         producer.consumers.append(consumer)
@@ -426,6 +438,9 @@ class Node:
     def __init__(self, admission: AdmissionPolicy | None = None) -> None:
         self.routers: dict[str, Router] = {}
         self.admission = admission or AdmissionPolicy()
+        self.consumers_refused = 0
+        # Receives sampled timings ("forward", "first_packet") in seconds; set by monitoring.
+        self.timing: Callable[[str, float], None] = lambda name, seconds: None
 
     def router(self, room: str) -> Router:
         """The room's router, created on first use."""

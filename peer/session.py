@@ -179,7 +179,12 @@ class ParticipantSession:
     async def _join(self, message: Join) -> None:
         if self.router is not None:
             raise ProtocolError("already_joined", "this connection already joined a room")
-        self.grant = verify_token(self.server.api_secret, message.token, message.room)
+        try:
+            self.grant = verify_token(self.server.api_secret, message.token, message.room)
+        except TokenError as exc:
+            self.server.join_outcomes[exc.code] += 1
+            raise
+        self.server.join_outcomes["ok"] += 1
         self.name = message.name or self.grant.identity
         self.auto_subscribe = message.auto_subscribe
         router = self.server.node.router(message.room)
