@@ -267,6 +267,9 @@ class Consumer:
     def _update_gate(self) -> None:
         # One flag on the hot path instead of three checks.
         self._gated = self.sink is None or self.paused or self.waiting_keyframe
+        if not self._gated and self._created_at:  # forwarding starts with the next packet
+            self.producer.router.node.timing("first_packet", time.time() - self._created_at)
+            self._created_at = 0.0
 
     def _pass_gate(self, packet: CachedPacket) -> bool:
         if self.sink is None or self.paused:
@@ -276,9 +279,6 @@ class Consumer:
                 return False
             self.waiting_keyframe = False
             self.rewriter.rebase()
-        if self._created_at:
-            self.producer.router.node.timing("first_packet", time.time() - self._created_at)
-            self._created_at = 0.0
         self._update_gate()
         return True
 
