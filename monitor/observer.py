@@ -69,7 +69,7 @@ class Observer:
         self.poll_timeout = poll_timeout
         self.overlay_interval = overlay_interval
         self.view = OverlayView()
-        self.listeners: set[asyncio.Queue[str]] = set()
+        self.listeners: set[asyncio.Queue[str | None]] = set()
         self._polls: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -208,6 +208,7 @@ class DashboardApp:
     def __init__(self, make_observer: Callable[[], Observer]) -> None:
         self._make_observer = make_observer
         self.observer: Observer | None = None
+        self._streams: set[asyncio.Queue[str | None]] = set()
 
     async def ensure_started(self) -> Observer:
         if self.observer is None:
@@ -216,8 +217,17 @@ class DashboardApp:
         return self.observer
 
     async def stop(self) -> None:
+        self.close_streams()
         if self.observer is not None:
             await self.observer.stop()
+
+    def close_streams(self) -> None:
+        """End every open event stream (the server is shutting down)."""
+        for queue in list(self._streams):
+            queue.put_nowait(None)
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self.close_streams()
 
     def mount(self, app: web.Application, prefix: str) -> None:
         """Add the routes under ``prefix`` ("" for the root)."""
@@ -229,6 +239,7 @@ class DashboardApp:
         app.router.add_get(prefix + "/api/history", self.history)
         app.router.add_get(prefix + "/api/streams", self.streams)
         app.router.add_static(prefix + "/static", STATIC)
+        app.on_shutdown.append(self._on_shutdown)
 
     async def redirect(self, request: web.Request) -> web.StreamResponse:
         query = f"?{request.query_string}" if request.query_string else ""
@@ -281,14 +292,17 @@ class DashboardApp:
             }
         )
         await resp.prepare(request)
-        queue: asyncio.Queue[str] = asyncio.Queue()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
         observer.listeners.add(queue)
+        self._streams.add(queue)
         try:
             if observer.last_snapshot is not None:
                 queue.put_nowait(json.dumps(observer.last_snapshot, separators=(",", ":")))
             while True:
                 try:
                     data = await asyncio.wait_for(queue.get(), 15.0)
+                    if data is None:
+                        break
                     await resp.write(f"event: snapshot\ndata: {data}\n\n".encode())
                 except TimeoutError:
                     await resp.write(b": keep-alive\n\n")
@@ -296,6 +310,7 @@ class DashboardApp:
             pass
         finally:
             observer.listeners.discard(queue)
+            self._streams.discard(queue)
         return resp
 
 

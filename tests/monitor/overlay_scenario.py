@@ -109,9 +109,9 @@ async def main() -> int:
                 ".map(c => c.dataset.node)"
             )
             edge = f"#links tr[data-source='{ids['eu']}'][data-target='{ids['us']}']"
-            await wait_for(page, f"document.querySelector(\"{edge}\") !== null")
+            await wait_for(page, f'document.querySelector("{edge}") !== null')
             result["edge_state"] = await page.evaluate(
-                f"document.querySelector(\"{edge}\").dataset.state"
+                f'document.querySelector("{edge}").dataset.state'
             )
             result["graph_edges"] = await page.evaluate(
                 "document.querySelectorAll('#graph canvas').length"
@@ -149,9 +149,8 @@ async def main() -> int:
             )
             result["missing_after"] = round(time.monotonic() - killed, 2)
             await stopping
-            result["missing_alert"] = await page.evaluate(
-                f"!!document.querySelector(\"#alerts li[data-kind=node_missing][data-node='{ids['ap']}']\")"
-            )
+            alert = f"#alerts li[data-kind=node_missing][data-node='{ids['ap']}']"
+            result["missing_alert"] = await page.evaluate(f'!!document.querySelector("{alert}")')
             result["others_up"] = await page.evaluate(
                 "document.querySelectorAll('#nodes tr[data-status=up]').length"
             )
