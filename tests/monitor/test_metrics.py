@@ -133,3 +133,38 @@ async def test_bad_token_join_is_counted(monitored):
         await c.close()
     assert sum(server.join_outcomes.values()) == 1
     assert "ok" not in server.join_outcomes
+
+
+async def test_grafana_dashboard_uses_series_the_node_exports():
+    import json
+    import re
+    from pathlib import Path
+
+    from dht import Directory, NodeIdentity
+
+    identity = NodeIdentity.generate()
+    server = NodeServer(
+        NodeConfig(port=0, api_secret=SECRET, relay_port=0, identity=identity.private_key)
+    )
+    directory = Directory(identity, "eu", port=0)
+    NodeMonitor(server, directory).attach()
+    await server.start()
+    await directory.start(announce=False)
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as resp:
+            text = await resp.text()
+    finally:
+        await directory.stop()
+        await server.stop()
+    exported = {f.name for f in text_string_to_metric_families(text)}
+    assert "cascade_dht_lookup_seconds" in exported
+    dash = json.loads(
+        (Path(__file__).resolve().parents[2] / "monitor/grafana/cascade-overlay.json").read_text()
+    )
+    used = {
+        re.sub(r"_(bucket|total)$", "", name)
+        for panel in dash["panels"]
+        for target in panel.get("targets", [])
+        for name in re.findall(r"cascade_[a-z_]+", target["expr"])
+    }
+    assert used and used <= exported, used - exported
