@@ -199,9 +199,15 @@ class Directory:
         relay_address: str | None = None,
         relay_key: bytes | None = None,
         load: Load | None = None,
+        location: tuple[float, float] | None = None,
+        draining: bool | None = None,
     ) -> None:
         """Update node record fields; published at the next refresh (within ``ttl / 3``)."""
         changes: dict[str, object] = {}
+        if location is not None:
+            changes["location"] = tuple(location)
+        if draining is not None:
+            changes["draining"] = draining
         if signaling_url is not None:
             changes["signaling_url"] = signaling_url
         if relay_address is not None:

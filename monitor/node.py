@@ -229,6 +229,13 @@ class NodeMonitor:
 
     # -- /stats sections ---------------------------------------------------------------
 
+    def draining(self) -> bool:
+        """Whether the node announces itself as draining (its directory record says so)."""
+        if getattr(self.server, "draining", False):
+            return True
+        record = self.directory.record if self.directory is not None else None
+        return bool(getattr(record, "draining", False))
+
     def node_section(self) -> dict[str, object]:
         """Identity and state of this node."""
         return {
@@ -236,7 +243,7 @@ class NodeMonitor:
             "region": self.region,
             "url": self.server.url,
             "started": self.started,
-            "draining": bool(getattr(self.server, "draining", False)),
+            "draining": self.draining(),
             "pid": os.getpid(),
             "rss": self.process.memory_info().rss,
             "rates": {k: round(v, 1) for k, v in self.rates.items()},

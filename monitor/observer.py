@@ -44,6 +44,7 @@ def directory_lister(directory: Directory) -> NodeLister:
                 "region": r.region,
                 "url": r.signaling_url,
                 "headroom": r.load.headroom if r.load is not None else None,
+                "draining": bool(getattr(r, "draining", False)),
             }
             for r in await directory.nodes()
         ]

@@ -190,6 +190,7 @@ class NodeView:
     first_seen: float
     record_seen: float = 0.0  # last time its record was live in the directory
     record_headroom: float | None = None
+    record_draining: bool = False
     missing_since: float | None = None
     polled_at: float = 0.0
     poll_ok_at: float = 0.0
@@ -204,7 +205,7 @@ class NodeView:
             return "missing"
         if self.poll_error is not None:
             return "unreachable"
-        if self.stats is not None and self.stats.draining:
+        if self.record_draining or (self.stats is not None and self.stats.draining):
             return "draining"
         return "up" if self.stats is not None else "pending"
 
@@ -233,6 +234,7 @@ class OverlayView:
             view.region, view.url = rec["region"], rec["url"]
             view.record_seen = now
             view.record_headroom = rec.get("headroom")
+            view.record_draining = rec.get("draining") is True
             view.missing_since = None
         for node_id, view in list(self.nodes.items()):
             if node_id not in live and view.missing_since is None:

@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
+
+import msgspec
 
 from dht import Directory, Load, NodeRecord
 from dht import Producer as DirectoryProducer
 from dht.cli import split_host_port
+from dht.directory import SOFTWARE_VERSION
+from peer.placement import NodeView, Placement, PlacementPolicy, RoomHost, place
 from peer.server import NodeServer
 
 log = logging.getLogger("cascade.overlay")
@@ -24,10 +29,22 @@ class Overlay:
     fleet mode certified by the operator).
     """
 
-    def __init__(self, server: NodeServer, directory: Directory, *, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        server: NodeServer,
+        directory: Directory,
+        *,
+        interval: float = 1.0,
+        location: tuple[float, float] | None = None,
+        placement: PlacementPolicy | None = None,
+    ) -> None:
         self.server = server
         self.directory = directory
         self.interval = interval
+        self.location = location
+        self.placement_policy = placement or PlacementPolicy(version=SOFTWARE_VERSION)
+        # node id -> (record, when it was last seen live in the directory)
+        self._live: dict[bytes, tuple[NodeRecord, float]] = {}
         self.known_keys: set[bytes] = set()
         self._announced: dict[str, tuple[int, tuple[tuple[str, str], ...]]] = {}
         self._nodes: dict[bytes, NodeRecord] = {}
@@ -47,6 +64,10 @@ class Overlay:
             host, port = relay.address
             relay_address = f"{host}:{port}"
         self.server.relay_authorizer = self.authorize
+        self.server.placer = self.place
+        self.server.node_key = self.directory.node_id.hex()
+        if self.location is not None:
+            self.directory.update_node(location=self.location)
         await self.directory.start(announce=False)
         await self.directory.announce_node(
             signaling_url=self.server.url,
@@ -75,6 +96,7 @@ class Overlay:
             producers=int(totals["producers"]),
             consumers=int(totals["consumers"]),
             headroom=admission.headroom(),
+            capacity=admission.max_consumers,
         )
 
     async def _run(self) -> None:
@@ -113,13 +135,49 @@ class Overlay:
             if hosted is None or not hosted.participants:
                 del self._announced[room]
                 await self.directory.withdraw_room(room)
+        seen = time.time()
+        live: dict[bytes, tuple[NodeRecord, float]] = {}
         for record in await self.directory.nodes():
+            live[record.node_id] = (record, seen)
             self._nodes[record.node_id] = record
             if record.relay_key:
                 self.known_keys.add(record.relay_key)
+        self._live = live
         for room, router in list(routers.items()):
             if router.participants:
                 await self._pull_room(room)
+
+    # -- placement ---------------------------------------------------------------
+
+    def placement_nodes(self) -> list[NodeView]:
+        """Live nodes as placement sees them (this node with its current load)."""
+        ttl = self.directory.ttl
+        views = []
+        own = self.directory.node_id
+        for node_id, (record, seen) in self._live.items():
+            if node_id == own:
+                continue
+            views.append(_view(record, seen + ttl))
+        mine = msgspec.structs.replace(self.directory.record, load=self._load())
+        views.append(_view(mine, float("inf")))
+        return views
+
+    async def place(self, room: str, region: str | None) -> Placement:
+        """Rank the nodes a new participant of ``room`` from ``region`` should join."""
+        entries = await self.directory.room_hosts(room)
+        own = self.directory.node_id
+        hosts = [RoomHost(e.node_id.hex(), e.participants) for e in entries if e.node_id != own]
+        router = self.server.node.routers.get(room)
+        if router is not None and router.participants:
+            hosts.append(RoomHost(own.hex(), len(router.participants)))
+        return place(
+            self.placement_nodes(),
+            hosts,
+            region or self.directory.region,
+            time.time(),
+            policy=self.placement_policy,
+            reached=own.hex(),
+        )
 
     async def _pull_room(self, room: str) -> None:
         router = self.server.node.routers.get(room)
@@ -150,3 +208,18 @@ class Overlay:
             log.info("could not relay %s from %s: %r", producer_id, record.node_id_hex[:12], exc)
         finally:
             self._pulling.discard((room, producer_id))
+
+
+def _view(record: NodeRecord, expires_at: float) -> NodeView:
+    location = (record.location[0], record.location[1]) if record.location else None
+    return NodeView(
+        node_id=record.node_id.hex(),
+        region=record.region,
+        signaling_url=record.signaling_url,
+        headroom=record.load.headroom,
+        capacity=record.load.capacity,
+        location=location,
+        draining=record.draining,
+        version=record.version,
+        expires_at=expires_at,
+    )

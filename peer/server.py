@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer import aiortc_adapter as rtc
 from peer.engine import Node, Producer
+from peer.placement import Placement
 from peer.relay_bridge import ProducerRelaySource, bridge_remote_producer
 from peer.session import ParticipantSession
 from peer.signaling import ProtocolError, decode_client_message, encode
@@ -86,6 +87,9 @@ class NodeServer:
         self.relay: RelayEndpoint | None = None
         self._relay_sources: dict[str, ProducerRelaySource] = {}
         self.relay_authorizer: Callable[[bytes], bool] = lambda key: key in config.relay_peers
+        # Set by the overlay: ranks the nodes a room's new participant should join.
+        self.placer: Callable[[str, str | None], Awaitable[Placement]] | None = None
+        self.node_key = ""
         rtc.set_ice_addresses(config.ice_addresses)
 
     # -- relaying ----------------------------------------------------------------
@@ -182,6 +186,7 @@ class NodeServer:
         app.router.add_get("/ws", self.websocket)
         app.router.add_get("/stats", self.stats_handler)
         app.router.add_get("/healthz", self.health)
+        app.router.add_get("/place", self.place_handler)
         app.router.add_get("/", self.index)
         if self.config.dev:
             app.router.add_get("/dev/token", self.dev_token)
@@ -201,6 +206,41 @@ class NodeServer:
         identity = request.query.get("identity", f"guest-{int(time.time() * 1000) % 100000}")
         token = issue_token(self.api_secret, room, identity, ttl=6 * 3600)
         return web.json_response({"token": token, "room": room, "identity": identity})
+
+    async def place(self, room: str, region: str | None) -> Placement | None:
+        """Where a new participant of ``room`` should go (None outside an overlay)."""
+        if self.placer is None:
+            return None
+        return await self.placer(room, region)
+
+    async def place_handler(self, request: web.Request) -> web.Response:
+        room = request.query.get("room", "")
+        region = request.query.get("region") or None
+        if not room or len(room) > 128:
+            return web.json_response(
+                {"error": "bad_request", "message": "room is required"}, status=400
+            )
+        placement = await self.place(room, region)
+        if placement is None:
+            candidates = [{"node_id": self.node_key, "url": self.url, "reason": "single_node"}]
+            return web.json_response({"room": room, "candidates": candidates})
+        return web.json_response(
+            {
+                "room": room,
+                "client_region": placement.client_region,
+                "left_region": placement.left_region,
+                "candidates": [
+                    {
+                        "node_id": c.node_id,
+                        "url": c.signaling_url,
+                        "region": c.region,
+                        "reason": c.reason.value,
+                        "headroom": round(c.headroom, 3),
+                    }
+                    for c in placement.candidates
+                ],
+            }
+        )
 
     async def stats_handler(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cascade.session")
 
+MAX_REDIRECTS = 2
 SendFn = Callable[[dict[str, object]], Awaitable[None]]
 
 
@@ -180,11 +181,28 @@ class ParticipantSession:
         if self.router is not None:
             raise ProtocolError("already_joined", "this connection already joined a room")
         try:
-            self.grant = verify_token(self.server.api_secret, message.token, message.room)
+            grant = verify_token(self.server.api_secret, message.token, message.room)
         except TokenError as exc:
             self.server.join_outcomes[exc.code] += 1
             raise
+        if message.hops < MAX_REDIRECTS:
+            placement = await self.server.place(message.room, message.region)
+            best = placement.best if placement is not None else None
+            if best is not None and best.node_id != self.server.node_key:
+                await self.send(
+                    {
+                        "type": "redirect",
+                        "id": message.id,
+                        "url": best.signaling_url,
+                        "node_id": best.node_id,
+                        "region": best.region,
+                        "reason": best.reason.value,
+                    }
+                )
+                self.server.join_outcomes["redirected"] += 1
+                return
         self.server.join_outcomes["ok"] += 1
+        self.grant = grant
         self.name = message.name or self.grant.identity
         self.auto_subscribe = message.auto_subscribe
         router = self.server.node.router(message.room)

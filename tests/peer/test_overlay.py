@@ -45,7 +45,7 @@ async def test_room_spanning_three_nodes_found_via_dht():
             return cl
 
         pub = await client(a, "alice")
-        await pub.publish([PatternVideoTrack(160, 120)])
+        await pub.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
         sub_b = await client(b, "bob")
         sub_c = await client(c, "carol")
         for sub in (sub_b, sub_c):
