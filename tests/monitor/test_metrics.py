@@ -168,3 +168,24 @@ async def test_grafana_dashboard_uses_series_the_node_exports():
         for name in re.findall(r"cascade_[a-z_]+", target["expr"])
     }
     assert used and used <= exported, used - exported
+
+
+async def test_node_serves_the_dashboard_of_itself(monitored):
+    server, monitor = monitored
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{server.url}/dashboard") as resp:
+            assert resp.status == 200  # redirected to /dashboard/
+            assert "Cascade overlay" in await resp.text()
+        for _ in range(100):
+            async with http.get(f"{server.url}/dashboard/api/snapshot") as resp:
+                snap = await resp.json()
+            if snap["nodes"] and snap["nodes"][0]["status"] == "up":
+                break
+            await asyncio.sleep(0.1)
+        assert [(n["id"], n["status"]) for n in snap["nodes"]] == [(monitor.node_id, "up")]
+        async with http.get(f"{server.url}/dashboard/static/app.js") as resp:
+            assert resp.status == 200
+            assert "javascript" in resp.headers["Content-Type"]
+        vendor = "/dashboard/static/vendor/cytoscape-3.34.4/cytoscape.esm.min.js"
+        async with http.get(server.url + vendor) as resp:
+            assert "javascript" in resp.headers["Content-Type"]
