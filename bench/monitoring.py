@@ -315,7 +315,7 @@ def bench_dashboard(nodes: int, consumers: int, seconds: float) -> dict[str, Any
     cpu = (c1.user + c1.system - c0.user - c0.system) / dt
     out = {
         "nodes": nodes,
-        "streams_per_node": consumers + consumers // 25 * 2,
+        "streams_per_node": seen.get("streams", 0) // nodes,
         "observer_cpu_percent_of_core": round(cpu * 100, 2),
         "over_target": round(cpu * 100 / 5.0, 3),
         **seen,
