@@ -339,7 +339,7 @@ async def fanout_case(n: int, args: argparse.Namespace, monitored: bool) -> Any:
     if monitored:
         os.environ["CASCADE_EXTENSIONS"] = "monitor.extension:extension"
     else:
-        os.environ["CASCADE_EXTENSIONS"] = ""
+        os.environ["CASCADE_EXTENSIONS"] = "none"
     stop = asyncio.Event()
     scrapes: list[float] = []
 

@@ -27,11 +27,13 @@ EXTENSIONS_ENV = "CASCADE_EXTENSIONS"
 
 def load_extensions() -> list[Any]:
     """Extensions of the ``cascade.extensions`` entry-point group (and ``module:attr`` names
-    in ``$CASCADE_EXTENSIONS``, comma-separated). Each may define any of
+    in ``$CASCADE_EXTENSIONS``, comma-separated; ``none`` loads none). Each may define any of
     ``add_commands(subparsers)`` (subcommands set ``run=callable(args) -> int``),
     ``add_node_arguments(parser)`` and ``setup_node(args, server, directory) -> str | None``
     (called before the node starts; a string refuses to start with that message)."""
     found: dict[str, Any] = {}
+    if os.environ.get(EXTENSIONS_ENV, "").strip() == "none":
+        return []
     for ep in entry_points(group=EXTENSIONS_GROUP):
         found[ep.value] = ep
     for spec in filter(None, os.environ.get(EXTENSIONS_ENV, "").split(",")):
