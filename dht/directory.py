@@ -14,10 +14,12 @@ import msgspec
 from dht.identity import NodeIdentity
 from dht.records import (
     DEFAULT_TTL,
+    MAX_MEMBERS,
     MAX_TTL,
     REGIONS_KEY,
     Body,
     Load,
+    Member,
     NodeRecord,
     Producer,
     RoomEntry,
@@ -229,14 +231,21 @@ class Directory:
         self.update_node(load=load)
 
     async def announce_room(
-        self, room: str, *, participants: int = 0, producers: Iterable[Producer] = ()
+        self,
+        room: str,
+        *,
+        participants: int = 0,
+        producers: Iterable[Producer] = (),
+        members: Iterable[Member] = (),
     ) -> None:
-        """Publish (or update) this node's entry for ``room`` now; kept refreshed."""
+        """Publish (or update) this node's entry for ``room`` now; kept refreshed. At most
+        ``MAX_MEMBERS`` members are listed (the first ones); ``participants`` stays exact."""
         entry = RoomEntry(
             room=room,
             node_id=self.node_id,
             participants=participants,
             producers=tuple(producers),
+            members=tuple(members)[:MAX_MEMBERS],
         )
         self._rooms[room] = entry
         await self._publish(room_key(room), entry)

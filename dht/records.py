@@ -65,6 +65,8 @@ class Load(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=T
     consumers: Count = 0
     headroom: Fraction = 1.0
     capacity: Count = 0
+    spilled: Count = 0
+    """Placements of this region's clients this node sent to another region, last minute."""
 
 
 class NodeRecord(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
@@ -95,6 +97,17 @@ class Producer(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fiel
     kind: MediaKind
 
 
+class Member(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """A participant of a room on the hosting node: its id and display name."""
+
+    id: ShortText
+    name: ShortText = ""
+
+
+MAX_MEMBERS = 40
+"""Members listed per room entry (the count stays exact): keeps records under their limit."""
+
+
 class RoomEntry(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
     """One hosting node's entry for a room."""
 
@@ -102,6 +115,7 @@ class RoomEntry(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fie
     node_id: Bytes20
     participants: Count = 0
     producers: tuple[Producer, ...] = ()
+    members: Annotated[tuple[Member, ...], msgspec.Meta(max_length=MAX_MEMBERS)] = ()
 
 
 class RecordKind(enum.IntEnum):

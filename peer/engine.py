@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from common.ratelimit import KeyframeLimiter
 from peer.rtp import (
     CachedPacket,
     HeaderWriter,
@@ -28,7 +29,6 @@ from peer.rtp import (
     wrap_rtx,
 )
 from peer.stats import AdmissionPolicy, StreamStats
-from relay import KeyframeLimiter
 
 
 class SfuError(Exception):

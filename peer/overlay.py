@@ -4,18 +4,32 @@ the DHT directory, and relays in the producers of every room it shares with othe
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import logging
 import time
 from typing import Any
 
+import aiohttp
 import msgspec
 
-from dht import Directory, Load, NodeRecord
+from dht import Directory, Load, Member, NodeRecord, RoomEntry
 from dht import Producer as DirectoryProducer
 from dht.cli import split_host_port
 from dht.directory import SOFTWARE_VERSION
 from peer.placement import NodeView, Placement, PlacementPolicy, RoomHost, place
+from peer.scaling import (
+    RegionCapacity,
+    ScalePolicy,
+    ScaleSignal,
+    Signal,
+    WebhookOutbox,
+    is_region_leader,
+    notification,
+    region_capacity,
+    sign_notification,
+)
 from peer.server import NodeServer
 
 log = logging.getLogger("cascade.overlay")
@@ -37,6 +51,8 @@ class Overlay:
         interval: float = 1.0,
         location: tuple[float, float] | None = None,
         placement: PlacementPolicy | None = None,
+        scale: ScalePolicy | None = None,
+        scale_webhook: str | None = None,
     ) -> None:
         self.server = server
         self.directory = directory
@@ -45,8 +61,19 @@ class Overlay:
         self.placement_policy = placement or PlacementPolicy(version=SOFTWARE_VERSION)
         # node id -> (record, when it was last seen live in the directory)
         self._live: dict[bytes, tuple[NodeRecord, float]] = {}
+        self.scale = ScaleSignal(scale or ScalePolicy())
+        self.regions: dict[str, RegionCapacity] = {}
+        self.scale_webhook = scale_webhook
+        self.outbox = WebhookOutbox()
+        self.notifications: collections.deque[dict[str, object]] = collections.deque(maxlen=50)
+        self._spills: collections.deque[float] = collections.deque()
+        self._outbox_changed = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
         self.known_keys: set[bytes] = set()
-        self._announced: dict[str, tuple[int, tuple[tuple[str, str], ...]]] = {}
+        self._announced: dict[str, tuple[object, ...]] = {}
+        # room -> participants of the room on other nodes: id -> (name, node id hex)
+        self._remote_members: dict[str, dict[str, tuple[str, str]]] = {}
+        self._refreshing: set[str] = set()
         self._nodes: dict[bytes, NodeRecord] = {}
         self._pulling: set[tuple[str, str]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -65,6 +92,9 @@ class Overlay:
             relay_address = f"{host}:{port}"
         self.server.relay_authorizer = self.authorize
         self.server.placer = self.place
+        self.server.overlay_view = self.describe
+        self.server.remote_participants = self.remote_participants
+        self.server.room_changed = self.room_changed
         self.server.node_key = self.directory.node_id.hex()
         if self.location is not None:
             self.directory.update_node(location=self.location)
@@ -76,6 +106,8 @@ class Overlay:
             load=self._load(),
         )
         self._task = asyncio.ensure_future(self._run())
+        if self.scale_webhook:
+            self._sender = asyncio.ensure_future(self._send_webhooks())
 
     async def stop(self) -> None:
         """Withdraw this node's records and leave the DHT."""
@@ -85,6 +117,8 @@ class Overlay:
                 await self._task
         for task in list(self._tasks):
             task.cancel()
+        if self._sender is not None:
+            self._sender.cancel()
         await self.directory.stop()
 
     def _load(self) -> Load:
@@ -97,6 +131,7 @@ class Overlay:
             consumers=int(totals["consumers"]),
             headroom=admission.headroom(),
             capacity=admission.max_consumers,
+            spilled=len(self._spills),
         )
 
     async def _run(self) -> None:
@@ -114,26 +149,13 @@ class Overlay:
         self.directory.update_load(self._load())
         routers = self.server.node.routers
         for room, router in list(routers.items()):
-            if not router.participants:
-                continue
-            local = tuple(
-                sorted((p.id, p.kind) for p in router.producers.values() if p.origin == "local")
-            )
-            state = (len(router.participants), local)
-            if self._announced.get(room) != state:
-                await self.directory.announce_room(
-                    room,
-                    participants=state[0],
-                    producers=[
-                        DirectoryProducer(id=pid, kind="video" if kind == "video" else "audio")
-                        for pid, kind in local
-                    ],
-                )
-                self._announced[room] = state
+            if router.participants:
+                await self._announce_room(room)
         for room in list(self._announced):
             hosted = routers.get(room)
             if hosted is None or not hosted.participants:
                 del self._announced[room]
+                self._remote_members.pop(room, None)
                 await self.directory.withdraw_room(room)
         seen = time.time()
         live: dict[bytes, tuple[NodeRecord, float]] = {}
@@ -143,9 +165,84 @@ class Overlay:
             if record.relay_key:
                 self.known_keys.add(record.relay_key)
         self._live = live
+        self._update_signal(seen)
         for room, router in list(routers.items()):
             if router.participants:
                 await self._pull_room(room)
+
+    async def _announce_room(self, room: str) -> None:
+        router = self.server.node.routers.get(room)
+        if router is None or not router.participants:
+            return
+        local = tuple(
+            sorted((p.id, p.kind) for p in router.producers.values() if p.origin == "local")
+        )
+        members = tuple(
+            (s.participant_id, (s.name or "")[:64]) for s in self.server.room_sessions(room)
+        )
+        state = (len(router.participants), local, members)
+        if self._announced.get(room) == state:
+            return
+        self._announced[room] = state
+        await self.directory.announce_room(
+            room,
+            participants=len(router.participants),
+            producers=[
+                DirectoryProducer(id=pid, kind="video" if kind == "video" else "audio")
+                for pid, kind in local
+            ],
+            members=[Member(id=pid, name=name) for pid, name in members],
+        )
+
+    def room_changed(self, room: str) -> None:
+        """A participant joined or left ``room`` here: announce it and pull the room's
+        remote producers now rather than at the next sync."""
+        if room in self._refreshing:
+            return
+        self._refreshing.add(room)
+
+        async def refresh() -> None:
+            try:
+                await self._announce_room(room)
+                await self._pull_room(room)
+            except Exception:
+                log.exception("refreshing room %s failed", room)
+            finally:
+                self._refreshing.discard(room)
+
+        task = asyncio.ensure_future(refresh())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def remote_participants(self, room: str) -> list[dict[str, object]]:
+        """Participants of ``room`` on other nodes: as last synced when the room is already
+        open here, else looked up in the directory now."""
+        if room not in self._remote_members:
+            self._update_members(room, await self.directory.room_hosts(room))
+        return [
+            {"participant_id": pid, "name": name, "node_id": node}
+            for pid, (name, node) in sorted(self._remote_members.get(room, {}).items())
+        ]
+
+    def _update_members(self, room: str, entries: list[RoomEntry]) -> None:
+        own = self.directory.node_id
+        current = {
+            m.id: (m.name, e.node_id.hex()) for e in entries if e.node_id != own for m in e.members
+        }
+        previous = self._remote_members.get(room, {})
+        self._remote_members[room] = current
+        if current == previous:
+            return
+        sessions = self.server.room_sessions(room)
+        for pid, (name, node) in current.items():
+            if pid not in previous:
+                joined = {"participant_id": pid, "name": name, "node_id": node}
+                for session in sessions:
+                    session.post({"type": "participant_joined", "participant": joined})
+        for pid in previous:
+            if pid not in current:
+                for session in sessions:
+                    session.post({"type": "participant_left", "participant_id": pid})
 
     # -- placement ---------------------------------------------------------------
 
@@ -162,6 +259,85 @@ class Overlay:
         views.append(_view(mine, float("inf")))
         return views
 
+    def _update_signal(self, now: float) -> None:
+        while self._spills and now - self._spills[0] > self.scale.policy.spill_window:
+            self._spills.popleft()
+        nodes = self.placement_nodes()
+        spilled: dict[str, int] = {}
+        for record, _seen in self._live.values():
+            if record.node_id != self.directory.node_id and record.load.spilled:
+                spilled[record.region] = spilled.get(record.region, 0) + record.load.spilled
+        if self._spills:
+            own = self.directory.region
+            spilled[own] = spilled.get(own, 0) + len(self._spills)
+        self.regions = region_capacity(nodes, spilled, watermark=self.placement_policy.watermark)
+        own_id = self.directory.node_id.hex()
+        for change in self.scale.update(self.regions, now):
+            if not is_region_leader(own_id, change.region, nodes):
+                continue
+            body = notification(change, own_id)
+            self.notifications.append(body)
+            level = logging.WARNING if change.signal is Signal.SCALE_OUT else logging.INFO
+            log.log(level, "scale signal %s", json.dumps(body, sort_keys=True))
+            if self.scale_webhook:
+                self.outbox.add(json.dumps(body, sort_keys=True).encode(), now)
+                self._outbox_changed.set()
+
+    async def _send_webhooks(self) -> None:
+        assert self.scale_webhook is not None
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                now = time.time()
+                for body in self.outbox.due(now):
+                    headers = {"Content-Type": "application/json"}
+                    headers.update(sign_notification(body, self.server.identity))
+                    try:
+                        async with http.post(self.scale_webhook, data=body, headers=headers) as r:
+                            ok = 200 <= r.status < 300
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        log.info("scale webhook failed: %r", exc)
+                        ok = False
+                    self.outbox.done(body, ok, time.time())
+                deadline = self.outbox.deadline()
+                wait = 60.0 if deadline is None else max(0.05, deadline - time.time())
+                self._outbox_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._outbox_changed.wait(), wait)
+
+    def describe(self) -> dict[str, object]:
+        """The overlay as this node sees it: regions, nodes, load, capacity, signals."""
+        return {
+            "node_id": self.directory.node_id.hex(),
+            "region": self.directory.region,
+            "regions": {
+                region: {
+                    "nodes": cap.nodes,
+                    "capacity": round(cap.capacity, 3),
+                    "used": round(cap.used, 3),
+                    "free_fraction": round(cap.free_fraction, 4),
+                    "spilled": cap.spilled,
+                    "removable": cap.removable,
+                    "signal": self.scale.signals.get(region, Signal.STEADY).value,
+                }
+                for region, cap in self.regions.items()
+            },
+            "nodes": [
+                {
+                    "node_id": n.node_id,
+                    "region": n.region,
+                    "url": n.signaling_url,
+                    "headroom": round(n.headroom, 4),
+                    "capacity": n.capacity,
+                    "location": n.location,
+                    "draining": n.draining,
+                    "version": n.version,
+                }
+                for n in sorted(self.placement_nodes(), key=lambda v: (v.region, v.node_id))
+            ],
+            "notifications": list(self.notifications),
+        }
+
     async def place(self, room: str, region: str | None) -> Placement:
         """Rank the nodes a new participant of ``room`` from ``region`` should join."""
         entries = await self.directory.room_hosts(room)
@@ -170,20 +346,30 @@ class Overlay:
         router = self.server.node.routers.get(room)
         if router is not None and router.participants:
             hosts.append(RoomHost(own.hex(), len(router.participants)))
-        return place(
+        client_region = region or self.directory.region
+        placement = place(
             self.placement_nodes(),
             hosts,
-            region or self.directory.region,
+            client_region,
             time.time(),
             policy=self.placement_policy,
             reached=own.hex(),
         )
+        if placement.left_region and client_region == self.directory.region:
+            self._spills.append(time.time())
+        return placement
 
     async def _pull_room(self, room: str) -> None:
         router = self.server.node.routers.get(room)
         if router is None:
             return
-        for entry in await self.directory.room_hosts(room):
+        entries = await self.directory.room_hosts(room)
+        self._update_members(room, entries)
+        if not any(
+            s.grant is not None and s.grant.can_subscribe for s in self.server.room_sessions(room)
+        ):
+            return  # nobody here may receive media: pull nothing
+        for entry in entries:
             if entry.node_id == self.directory.node_id:
                 continue
             record = self._nodes.get(entry.node_id) or await self.directory.node(entry.node_id)

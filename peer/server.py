@@ -90,6 +90,14 @@ class NodeServer:
         # Set by the overlay: ranks the nodes a room's new participant should join.
         self.placer: Callable[[str, str | None], Awaitable[Placement]] | None = None
         self.node_key = ""
+        # Set by the overlay: regions, nodes, capacity and scale signals (GET /overlay).
+        self.overlay_view: Callable[[], dict[str, object]] | None = None
+        # Set by the overlay: a room's participants on other nodes; a room's membership here
+        # changed (announce it and pull its remote producers now).
+        self.remote_participants: Callable[[str], Awaitable[list[dict[str, object]]]] = (
+            _no_remote_participants
+        )
+        self.room_changed: Callable[[str], None] = lambda room: None
         rtc.set_ice_addresses(config.ice_addresses)
 
     # -- relaying ----------------------------------------------------------------
@@ -155,6 +163,7 @@ class NodeServer:
     def add_session(self, room: str, session: ParticipantSession) -> None:
         """Record that ``session`` joined ``room``."""
         self.sessions.setdefault(room, []).append(session)
+        self.room_changed(room)
 
     def announce_producer(self, room: str, producer: Producer) -> None:
         """Tell the room about a new producer (local or relayed) and auto-subscribe to it."""
@@ -177,6 +186,7 @@ class NodeServer:
             members.remove(session)
         if not members:
             self.sessions.pop(room, None)
+        self.room_changed(room)
 
     # -- HTTP handlers ----------------------------------------------------------
 
@@ -187,6 +197,7 @@ class NodeServer:
         app.router.add_get("/stats", self.stats_handler)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/place", self.place_handler)
+        app.router.add_get("/overlay", self.overlay_handler)
         app.router.add_get("/", self.index)
         if self.config.dev:
             app.router.add_get("/dev/token", self.dev_token)
@@ -241,6 +252,14 @@ class NodeServer:
                 ],
             }
         )
+
+    async def overlay_handler(self, request: web.Request) -> web.Response:
+        if self.overlay_view is None:
+            return web.json_response(
+                {"error": "not_in_overlay", "message": "this node runs without a directory"},
+                status=404,
+            )
+        return web.json_response(self.overlay_view())
 
     async def stats_handler(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
@@ -352,6 +371,10 @@ class NodeServer:
     def url(self) -> str:
         """Base HTTP URL of this node."""
         return f"http://{self.config.host}:{self.config.port}"
+
+
+async def _no_remote_participants(room: str) -> list[dict[str, object]]:
+    return []
 
 
 __all__ = ["NodeConfig", "NodeServer", "TokenError"]

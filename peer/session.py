@@ -205,6 +205,7 @@ class ParticipantSession:
         self.grant = grant
         self.name = message.name or self.grant.identity
         self.auto_subscribe = message.auto_subscribe
+        remote = await self.server.remote_participants(message.room)
         router = self.server.node.router(message.room)
         others = self.server.room_sessions(message.room)
         self.router = router
@@ -219,7 +220,7 @@ class ParticipantSession:
                 "identity": self.grant.identity,
                 "can_publish": self.grant.can_publish,
                 "can_subscribe": self.grant.can_subscribe,
-                "participants": [s.describe() for s in others],
+                "participants": [s.describe() for s in others] + remote,
                 "producers": [p.describe() for p in router.producers.values()],
             }
         )

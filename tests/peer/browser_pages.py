@@ -127,15 +127,15 @@ async def wait_all_decode(
 
 
 async def live_streams(pages: dict[str, Page], timeout: float, want: int) -> dict[str, int]:
-    """Per page, how many remote videos decode new frames (sampled 1 s apart); polls
+    """Per page, how many remote videos decode new frames (sampled 2 s apart); polls
     until every page has ``want`` of them or ``timeout`` passes. Does not rely on names."""
     deadline = time.monotonic() + timeout
     while True:
         before = {n: await p.evaluate(FRAMES_BY_NAME) for n, p in pages.items()}
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)
         after = {n: await p.evaluate(FRAMES_BY_NAME) for n, p in pages.items()}
         live = {
-            n: sum(1 for k, v in after[n].items() if v - before[n].get(k, 0) >= 5) for n in pages
+            n: sum(1 for k, v in after[n].items() if v - before[n].get(k, 0) >= 2) for n in pages
         }
         if all(v >= want for v in live.values()) or time.monotonic() > deadline:
             return live
@@ -164,9 +164,9 @@ async def run(pages_n: int, gap: float, nodes_n: int, rejoin: bool, screenshot: 
                 await asyncio.sleep(gap)
             names = set(pages)
             expect = {n: names - {n} for n in names}
-            result["frames"] = await wait_all_decode(pages, expect, 20)
+            result["frames"] = await wait_all_decode(pages, expect, 30)
             result["missing"] = missing(result["frames"], expect)
-            result["live"] = await live_streams(pages, 10, pages_n - 1)
+            result["live"] = await live_streams(pages, 20, pages_n - 1)
             result["captions"] = {n: await p.evaluate(CAPTIONS) for n, p in pages.items()}
             if screenshot:
                 await pages[f"page{pages_n}"].screenshot(path=screenshot)
@@ -175,9 +175,12 @@ async def run(pages_n: int, gap: float, nodes_n: int, rejoin: bool, screenshot: 
                 await leave_page(first)
                 await asyncio.sleep(1.0)
                 await rejoin_page(first)
-                result["frames_after_rejoin"] = await wait_all_decode(pages, expect, 20)
+                result["frames_after_rejoin"] = await wait_all_decode(pages, expect, 30)
                 result["missing_after_rejoin"] = missing(result["frames_after_rejoin"], expect)
-                result["live_after_rejoin"] = await live_streams(pages, 15, pages_n - 1)
+                result["live_after_rejoin"] = await live_streams(pages, 25, pages_n - 1)
+            result["nodes_used"] = {
+                n: await p.evaluate("window.cascade.node") for n, p in pages.items()
+            }
             result["status"] = {
                 n: await p.evaluate("document.getElementById('status').textContent")
                 for n, p in pages.items()

@@ -89,5 +89,7 @@ def test_two_nodes_two_pages_each_all_decode_each_other():
     )
     # Every page decodes three other videos (two of them relayed from the other node),
     # before and after one page leaves and joins again.
+    assert result["missing"] == [], result
+    assert result["missing_after_rejoin"] == [], result
     assert set(result["live"].values()) == {3}, result
     assert set(result["live_after_rejoin"].values()) == {3}, result

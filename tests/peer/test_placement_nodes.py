@@ -11,12 +11,19 @@ from dht import Directory, NodeIdentity
 from peer.client import CascadeClient
 from peer.media import PatternVideoTrack
 from peer.overlay import Overlay
+from peer.scaling import ScalePolicy
 from peer.server import NodeConfig, NodeServer
 from tests.conftest import SECRET, token
 
 
 async def start(
-    region: str, bootstrap: list[tuple[str, int]], location: tuple[float, float], **config: object
+    region: str,
+    bootstrap: list[tuple[str, int]],
+    location: tuple[float, float],
+    *,
+    scale: ScalePolicy | None = None,
+    webhook: str | None = None,
+    **config: object,
 ) -> tuple[NodeServer, Overlay]:
     identity = NodeIdentity.generate()
     server = NodeServer(
@@ -31,7 +38,9 @@ async def start(
     )
     await server.start()
     directory = Directory(identity, region, host="127.0.0.1", port=0, bootstrap=bootstrap, ttl=6.0)
-    overlay = Overlay(server, directory, interval=0.3, location=location)
+    overlay = Overlay(
+        server, directory, interval=0.3, location=location, scale=scale, scale_webhook=webhook
+    )
     await overlay.start()
     return server, overlay
 

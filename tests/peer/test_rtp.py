@@ -8,6 +8,7 @@ import pytest
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
+from common.ratelimit import KeyframeLimiter
 from peer.engine import CodecInfo, Node, Producer, SfuError
 from peer.rtp import (
     URI_ABS_SEND_TIME,
@@ -23,7 +24,6 @@ from peer.rtp import (
 )
 from peer.stats import AdmissionPolicy
 from peer.tokens import TokenError, issue_token, verify_token
-from relay import KeyframeLimiter
 
 SECRET = "unit-secret-0123456789abcdef-0123456789"
 

@@ -1,0 +1,1 @@
+"""Small sans-I/O pieces that several layers share (the engine, the relay)."""
