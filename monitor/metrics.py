@@ -62,6 +62,43 @@ class NodeCollector(Collector):
         yield from self._system()
         yield from self._relay()
         yield from self._dht()
+        yield from self._regions()
+
+    def _regions(self) -> Iterator[Metric]:
+        """Region capacity and scale signal as this node's overlay sees them."""
+        describe = getattr(self.monitor.server, "overlay_view", None)
+        if describe is None:
+            return
+        try:
+            regions = describe().get("regions", {})
+        except Exception:
+            return
+        base = self.base
+        capacity = self._gauge(
+            "cascade_region_capacity_consumers", "Consumers a region can take", ("of_region",)
+        )
+        used = self._gauge(
+            "cascade_region_used_consumers", "Consumers a region carries", ("of_region",)
+        )
+        spilled = self._gauge(
+            "cascade_region_spilled",
+            "Recent placements of the region's clients that left the region",
+            ("of_region",),
+        )
+        signal = self._gauge(
+            "cascade_region_scale_signal",
+            "1 for the region's current signal (steady, scale_out, scale_in)",
+            ("of_region", "signal"),
+        )
+        for name, info in sorted(regions.items()):
+            if not isinstance(info, dict):
+                continue
+            capacity.add_metric([*base, name], float(info.get("capacity", 0)))
+            used.add_metric([*base, name], float(info.get("used", 0)))
+            spilled.add_metric([*base, name], float(info.get("spilled", 0)))
+            for s in ("steady", "scale_out", "scale_in"):
+                signal.add_metric([*base, name, s], 1.0 if info.get("signal") == s else 0.0)
+        yield from (capacity, used, spilled, signal)
 
     def _streams(self) -> Iterator[Metric]:
         base = self.base

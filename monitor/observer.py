@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from monitor.overview import OverlayView, scale_signals_from_overlay
+from monitor.overview import OverlayView
 from monitor.probe import short_id
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ class Observer:
                     raw = await self._get_json(view.url.rstrip("/") + "/overlay")
                 except Exception:
                     return
-                self.view.observe_scale_signals(scale_signals_from_overlay(raw))
+                self.view.observe_overlay(raw)
                 return
 
     def publish(self, now: float) -> None:

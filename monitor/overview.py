@@ -217,6 +217,7 @@ class OverlayView:
         self.nodes: dict[str, NodeView] = {}
         self.forget_missing_after = forget_missing_after
         self.scale_signals: dict[str, str] = {}
+        self.region_capacity: dict[str, dict[str, Any]] = {}
         self.directory_error: str | None = None
 
     # -- inputs ---------------------------------------------------------------------
@@ -304,8 +305,14 @@ class OverlayView:
                 view.history.append([float(v) for v in values])
 
     def observe_scale_signals(self, signals: dict[str, str]) -> None:
-        """Per-region placement signals (``scale_out`` / ``scale_in`` / ``ok``), when known."""
+        """Per-region placement signals (``scale_out`` / ``scale_in`` / ``steady``), when known."""
         self.scale_signals = dict(signals)
+
+    def observe_overlay(self, raw: Any) -> None:
+        """A node's ``GET /overlay`` answer: region signals and capacity."""
+        regions = regions_from_overlay(raw)
+        self.region_capacity = regions
+        self.scale_signals = {n: i["signal"] for n, i in regions.items() if i["signal"]}
 
     # -- outputs --------------------------------------------------------------------
 
@@ -367,6 +374,9 @@ class OverlayView:
             hr = region.pop("headroom")
             region["headroom"] = round(sum(hr) / len(hr), 3) if hr else None
             region["signal"] = self.scale_signals.get(region["name"])
+            capacity = self.region_capacity.get(region["name"], {})
+            for key in ("capacity", "used", "free_fraction", "spilled"):
+                region[key] = capacity.get(key)
         return {
             "time": now,
             "nodes": nodes,
@@ -489,11 +499,12 @@ def _alert(severity: str, kind: str, view: NodeView, message: str, now: float) -
     }
 
 
-def scale_signals_from_overlay(raw: Any) -> dict[str, str]:
-    """Region signals out of a node's ``GET /overlay`` answer, if it has any.
+def regions_from_overlay(raw: Any) -> dict[str, dict[str, Any]]:
+    """Per-region signal and capacity out of a node's ``GET /overlay`` answer.
 
-    Accepts ``{"regions": {name: {"signal": ...}}}`` or ``{"regions": [{"region"|"name": ..,
-    "signal": ..}]}``; anything else yields no signals.
+    Reads ``{"regions": {name: {"signal": .., "capacity": .., "used": .., "free_fraction": ..,
+    "spilled": ..}}}`` (or a list of such objects with ``region``/``name``); anything else
+    yields nothing.
     """
     regions = raw.get("regions") if isinstance(raw, dict) else None
     items: list[tuple[Any, Any]] = []
@@ -501,9 +512,25 @@ def scale_signals_from_overlay(raw: Any) -> dict[str, str]:
         items = list(regions.items())
     elif isinstance(regions, list):
         items = [(r.get("region") or r.get("name"), r) for r in regions if isinstance(r, dict)]
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, info in items:
-        signal = info.get("signal") if isinstance(info, dict) else None
-        if isinstance(name, str) and isinstance(signal, str):
-            out[name[:64]] = signal[:32]
+        if not isinstance(name, str) or not isinstance(info, dict):
+            continue
+        signal = info.get("signal")
+        entry: dict[str, Any] = {"signal": signal[:32] if isinstance(signal, str) else None}
+        for key in ("capacity", "used", "free_fraction"):
+            if key in info:
+                entry[key] = _num(info, key)
+        if "spilled" in info:
+            entry["spilled"] = int(_num(info, "spilled"))
+        out[name[:64]] = entry
     return out
+
+
+def scale_signals_from_overlay(raw: Any) -> dict[str, str]:
+    """Just the region signals of :func:`regions_from_overlay`."""
+    return {
+        name: info["signal"]
+        for name, info in regions_from_overlay(raw).items()
+        if info["signal"] is not None
+    }

@@ -80,7 +80,10 @@ function renderRegions(snap) {
       el("td", { class: "text" }, r.name),
       el("td", {}, r.up + " / " + r.nodes),
       el("td", {}, pct(r.headroom)),
-      el("td", {}, r.signal ? r.signal.replace("_", "-") : el("span", { class: "muted" }, "n/a")))));
+      el("td", {}, r.capacity == null ? "—" : num(r.used) + " / " + num(r.capacity)),
+      el("td", {}, r.spilled == null ? "—" : num(r.spilled)),
+      el("td", { class: "text" + (r.signal === "scale_out" ? " alert" : "") },
+        r.signal ? r.signal.replace("_", "-") : el("span", { class: "muted" }, "n/a")))));
 }
 
 function nodeLabel(snap, id) {

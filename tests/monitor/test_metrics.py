@@ -148,6 +148,9 @@ async def test_grafana_dashboard_uses_series_the_node_exports():
     )
     directory = Directory(identity, "eu", port=0)
     NodeMonitor(server, directory).attach()
+    # what peer.overlay.Overlay.describe returns (GET /overlay)
+    region = {"nodes": 1, "capacity": 2000, "used": 3, "spilled": 0, "signal": "steady"}
+    server.overlay_view = lambda: {"regions": {"eu": region}}
     await server.start()
     await directory.start(announce=False)
     try:
@@ -158,6 +161,7 @@ async def test_grafana_dashboard_uses_series_the_node_exports():
         await server.stop()
     exported = {f.name for f in text_string_to_metric_families(text)}
     assert "cascade_dht_lookup_seconds" in exported
+    assert "cascade_region_scale_signal" in exported
     dash = json.loads(
         (Path(__file__).resolve().parents[2] / "monitor/grafana/cascade-overlay.json").read_text()
     )

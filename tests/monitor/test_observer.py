@@ -16,7 +16,7 @@ from monitor.access import AccessRule, is_loopback, startup_refusal
 from monitor.history import HistoryRing
 from monitor.ledger import CounterLedger
 from monitor.observer import DashboardApp, Observer
-from monitor.overview import BadStats, OverlayView, parse_node_stats, scale_signals_from_overlay
+from monitor.overview import BadStats, OverlayView, parse_node_stats
 from peer.server import NodeConfig, NodeServer
 from tests.conftest import SECRET
 
@@ -110,9 +110,16 @@ def test_view_alerts_and_missing():
     view.observe_poll("n1", 1.0, good)
     view.observe_poll("n2", 1.0, None, "connection refused")
     view.observe_directory(2.0, rec)
-    view.observe_scale_signals(
-        scale_signals_from_overlay({"regions": {"eu": {"signal": "scale_out"}}})
-    )
+    view.observe_overlay(  # the shape of GET /overlay
+        {
+            "regions": {
+                "eu": {"nodes": 1, "capacity": 2000, "used": 1900, "free_fraction": 0.05,
+                       "spilled": 3, "signal": "scale_out"},
+                "us": {"nodes": 1, "capacity": 2000, "used": 0, "signal": "steady"},
+                "xx": "junk",
+            }
+        }
+    )  # fmt: skip
     kinds = {(a["kind"], a["node"]) for a in view.alerts(3.0)}
     assert kinds == {
         ("node_missing", "n2"),
@@ -124,7 +131,8 @@ def test_view_alerts_and_missing():
     snap = view.snapshot(3.0)
     assert {n["id"]: n["status"] for n in snap["nodes"]} == {"n1": "draining", "n2": "missing"}
     assert snap["edges"][0]["source"] == "n2" and snap["edges"][0]["target"] == "n1"
-    assert [r["signal"] for r in snap["regions"]] == ["scale_out", None]
+    assert [r["signal"] for r in snap["regions"]] == ["scale_out", "steady"]
+    assert snap["regions"][0]["used"] == 1900 and snap["regions"][0]["spilled"] == 3
 
 
 def test_streams_page_filters_sorts_and_pages():
