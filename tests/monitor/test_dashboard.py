@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TTL = 4.0
 
 
-def test_dashboard_shows_overlay_rooms_links_and_missing_node():
+def test_dashboard_shows_overlay_rooms_links_and_missing_node(tmp_path):
     reason = _can_run()
     if reason:
         if os.environ.get("CI"):
@@ -35,6 +35,7 @@ def test_dashboard_shows_overlay_rooms_links_and_missing_node():
             capture_output=True,
             text=True,
             timeout=170,
+            env={**os.environ, "CASCADE_SCREENSHOT": str(tmp_path / "dashboard.png")},
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -51,6 +52,6 @@ def test_dashboard_shows_overlay_rooms_links_and_missing_node():
         assert result["missing_alert"]
         assert result["others_up"] == 2
         assert result["page_errors"] == []
-        assert (ROOT / "docs" / "monitoring-dashboard.png").exists()
+        assert (tmp_path / "dashboard.png").exists()
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
