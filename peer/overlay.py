@@ -24,6 +24,7 @@ from peer.scaling import (
     ScalePolicy,
     ScaleSignal,
     Signal,
+    SignalChange,
     WebhookOutbox,
     is_region_leader,
     notification,
@@ -79,6 +80,7 @@ class Overlay:
         self.outbox = WebhookOutbox()
         self.notifications: collections.deque[dict[str, object]] = collections.deque(maxlen=50)
         self._spills: collections.deque[float] = collections.deque()
+        self._leading: set[str] = set()
         self._outbox_changed = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self.known_keys: set[bytes] = set()
@@ -325,8 +327,17 @@ class Overlay:
             spilled[own] = spilled.get(own, 0) + len(self._spills)
         self.regions = region_capacity(nodes, spilled, watermark=self.placement_policy.watermark)
         own_id = self.directory.node_id.hex()
-        for change in self.scale.update(self.regions, now):
-            if not is_region_leader(own_id, change.region, nodes):
+        changes = self.scale.update(self.regions, now)
+        leading = {r for r in self.regions if is_region_leader(own_id, r, nodes)}
+        # A node that just became its region's reporter states the region's signal once, so
+        # receivers converge even if the previous reporter left mid-change.
+        changed = {c.region for c in changes}
+        for region in sorted(leading - self._leading - changed):
+            signal = self.scale.signals.get(region, Signal.STEADY)
+            changes.append(SignalChange(region, signal, signal, self.regions[region], now))
+        self._leading = leading
+        for change in changes:
+            if change.region not in leading:
                 continue
             body = notification(change, own_id)
             self.notifications.append(body)
