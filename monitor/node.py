@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cascade.monitor")
 
 # Paths that reveal room names and identities.
-GUARDED_PREFIXES = ("/metrics", "/stats", "/dashboard")
+GUARDED_PREFIXES = ("/metrics", "/stats", "/dashboard", "/overlay")
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 FIRST_PACKET_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
