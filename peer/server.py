@@ -211,6 +211,7 @@ class NodeServer:
                 s.codec_instances() for members in self.sessions.values() for s in members
             ),
             "bad_messages": self.bad_messages,
+            "datagrams_dropped": rtc.dropped_datagrams.count,
             "rooms": rooms,
         }
 

@@ -168,3 +168,69 @@ async def test_garbage_udp_on_media_ports(node, call_in_progress):
     assert track.frames_decoded > frames + 10
     assert track.stats()["decode_errors"] == 0
     assert (await pub.ping())["type"] == "pong"
+
+
+def _session_of(node, room: str, participant_id: str):
+    return next(s for s in node.sessions[room] if s.participant_id == participant_id)
+
+
+async def _grows(read, by: int = 1, timeout: float = 15.0) -> bool:
+    start = read()
+    for _ in range(int(timeout / 0.05)):
+        if read() >= start + by:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_hostile_datagrams_on_ice_ports_never_stop_the_call(node, clients: ClientFactory):
+    """Issue 7.1: every datagram class at the publisher's and a subscriber's ICE ports on
+    the node; both subscribers keep decoding and the attacked subscriber's RTCP (NACK,
+    PLI) still reaches the node."""
+    from bench.hostile import hostile_datagrams, send_datagrams
+    from peer import aiortc_adapter as rtc
+
+    pub = await clients("call", "alice")
+    await pub.publish([PatternVideoTrack(160, 120)])
+    subs = [await clients("call", f"viewer{i}") for i in range(2)]
+    tracks = [(await s.wait_for_tracks(1, "video"))[0] for s in subs]
+    publisher_pc = _session_of(node, "call", pub.participant_id).publish_pc
+    victim = _session_of(node, "call", subs[0].participant_id)
+    targets = rtc.local_candidate_ports(publisher_pc) + rtc.local_candidate_ports(
+        victim.subscribe_pc
+    )
+    assert len(targets) >= 2
+
+    send_datagrams(targets, [b"\x80" + b"\x00" * 1500])  # the reproduction of issue 7.1
+    batch: list[bytes] = []
+    for data in hostile_datagrams():
+        batch.append(data)
+        if len(batch) == 40:
+            send_datagrams(targets, batch)
+            batch.clear()
+            await asyncio.sleep(0.005)
+    send_datagrams(targets, batch)
+
+    for track in tracks:
+        assert await _grows(lambda t=track: t.frames_decoded, by=20)
+        assert track.stats()["decode_errors"] == 0
+    (consumer,) = [s.consumer for s in victim.subscriptions.values()]
+    # PLI from the attacked subscriber reaches its consumer on the node.
+    receiver = tracks[0].receiver
+    ssrc = rtc.remote_media_ssrcs(receiver)[0]
+    rtc.send_pli(receiver, ssrc)
+    assert await _grows(lambda: consumer.stats.plis)
+    # So do NACKs: drop one RTP packet in 20 at the subscriber for a moment.
+    count = 0
+
+    def keep(data: bytes) -> bool:
+        nonlocal count
+        if len(data) > 12 and 127 < data[0] < 192 and not 191 < data[1] < 224:
+            count += 1
+            return count % 20 != 0
+        return True
+
+    rtc.set_receive_filter(subs[0]._subscribe_pc, keep)
+    assert await _grows(lambda: consumer.stats.nacks)
+    assert (await pub.ping())["type"] == "pong"
+    assert node.stats()["datagrams_dropped"] > 0
