@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 from peer.client import CascadeClient, CascadeError
-from peer.signaling import MAX_MESSAGE_BYTES
 from peer.media import PatternVideoTrack
+from peer.signaling import MAX_MESSAGE_BYTES
 from peer.tokens import issue_token
 from tests.conftest import SECRET, ClientFactory, token
 from tests.peer.raw_ws import RawWebSocket
@@ -188,7 +188,7 @@ async def test_unmasked_client_frames_are_refused(node, call_in_progress):
     _, _, track, _ = call_in_progress
     raw = await RawWebSocket.connect(node.config.host, node.config.port)
     await raw.send_text('{"type": "ping", "id": 1}')  # masked: answered
-    opcode, payload = await raw.receive()
+    _, payload = await raw.receive()
     assert json.loads(payload)["type"] == "pong"
     await raw.send_text('{"type": "ping", "id": 2}', masked=False)
     assert await raw.close_code() == 1002  # protocol error
