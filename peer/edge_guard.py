@@ -137,14 +137,14 @@ class SignalingSocket(web.WebSocketResponse):
         self.frame_check = ClientFrameCheck()
         self._on_refused = on_refused or (lambda reason: None)
 
-    def _post_start(self, request: Any, protocol: str, writer: Any) -> None:
+    def _post_start(self, request: Any, protocol: str | None, writer: Any) -> None:
         handler = request.protocol
         check = self.frame_check
         # Bytes that arrived with the upgrade request are fed to the parser inside
         # _post_start: check them first so the frame check stays in step.
         tail = bytes(getattr(handler, "_message_tail", b""))
         check.feed(tail, time.monotonic())
-        super()._post_start(request, protocol, writer)  # type: ignore[misc]
+        super()._post_start(request, protocol, writer)
         handler._payload_parser = _MaskedFramesOnly(
             handler._payload_parser, check, self._refuse_unmasked
         )
