@@ -24,6 +24,12 @@ What we rely on, and why:
 - ``aioice.ice.StunProtocol.datagram_received``: STUN parsing raises more than
   the ``ValueError`` it catches (e.g. ``struct.error`` on a truncated attribute);
   on uvloop an exception there closes the ICE socket. Guarded the same way.
+- ``aioice.ice.Connection.gather_candidates`` and its ``_protocols`` /
+  ``_closing``: gathering runs shielded from cancellation (uvloop's
+  ``create_datagram_endpoint`` leaks the socket it was binding when cancelled),
+  and sockets it opens after the connection started closing are closed when it
+  ends (``close()`` only closes the sockets gathered so far). Without this, a
+  participant leaving while the node gathers for its offer leaks UDP sockets.
 """
 
 from __future__ import annotations
@@ -104,7 +110,27 @@ def _guarded_stun_datagram_received(
         _drop(exc)
 
 
+_ORIGINAL_GATHER_CANDIDATES = aioice.ice.Connection.gather_candidates
+
+
+async def _gather_candidates_without_leaks(self: aioice.ice.Connection) -> None:
+    gathering = asyncio.ensure_future(_ORIGINAL_GATHER_CANDIDATES(self))
+    gathering.add_done_callback(lambda task: _close_if_closing(self, task))
+    await asyncio.shield(gathering)
+
+
+def _close_if_closing(conn: aioice.ice.Connection, gathering: asyncio.Future[None]) -> None:
+    if not gathering.cancelled():
+        gathering.exception()  # retrieved: the awaiting caller may be gone
+    if getattr(conn, "_closing", False):
+        for protocol in conn._protocols:
+            if protocol.transport is not None:
+                protocol.transport.close()
+        conn._protocols.clear()
+
+
 RTCDtlsTransport._recv_next = _guarded_recv_next  # type: ignore[method-assign]
+aioice.ice.Connection.gather_candidates = _gather_candidates_without_leaks  # type: ignore[method-assign]
 aioice.ice.StunProtocol.datagram_received = _guarded_stun_datagram_received  # type: ignore[method-assign]
 _ice_addresses: list[str] | None = None
 _background: set[asyncio.Future[None]] = set()

@@ -23,8 +23,8 @@ class EdgeLimits:
     # A partly received WebSocket message must complete within this.
     ws_message_timeout: float = 10.0
     # Joins per source IP: a token bucket of `join_burst`, refilled at `join_rate` per second.
-    join_rate: float = 5.0
-    join_burst: float = 20.0
+    join_rate: float = 20.0
+    join_burst: float = 200.0
     # Buckets of sources not seen for this long are forgotten (bounded bucket table).
     bucket_idle: float = 60.0
     max_buckets: int = 100_000
