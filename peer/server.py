@@ -241,9 +241,10 @@ class NodeServer:
         """What each limit of docs/limits.md refused so far."""
         self.counters.datagrams_dropped = rtc.dropped_datagrams.count
         counters = self.counters.as_dict()
-        relay_counters = getattr(self.relay, "counters", None)
-        if relay_counters is not None:
-            counters.update({f"relay_{k}": v for k, v in relay_counters.as_dict().items()})
+        if self.relay is not None:
+            relay = self.relay.admission.counters.as_dict()
+            counters.update({f"relay_{k}": v for k, v in relay.items()})
+            counters["relay_pending"] = self.relay.admission.pending
         return counters
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:

@@ -16,8 +16,20 @@ class RawWebSocket:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, host: str, port: int, path: str = "/ws") -> RawWebSocket:
-        reader, writer = await asyncio.open_connection(host, port)
+    async def connect(
+        cls, host: str, port: int, path: str = "/ws", source: str | None = None
+    ) -> RawWebSocket:
+        ws, status = await cls.try_connect(host, port, path, source)
+        assert ws is not None, f"upgrade refused with HTTP {status}"
+        return ws
+
+    @classmethod
+    async def try_connect(
+        cls, host: str, port: int, path: str = "/ws", source: str | None = None
+    ) -> tuple[RawWebSocket | None, int]:
+        """(socket, 101) or (None, the HTTP status that refused the upgrade)."""
+        local = (source, 0) if source else None
+        reader, writer = await asyncio.open_connection(host, port, local_addr=local)
         key = base64.b64encode(os.urandom(16)).decode()
         writer.write(
             (
@@ -27,8 +39,11 @@ class RawWebSocket:
             ).encode()
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        assert b" 101 " in head.split(b"\r\n")[0], head
-        return cls(reader, writer)
+        status = int(head.split(b" ", 2)[1])
+        if status != 101:
+            writer.close()
+            return None, status
+        return cls(reader, writer), status
 
     @staticmethod
     def frame(

@@ -1,0 +1,1 @@
+"""Small sans-I/O pieces several layers share."""
