@@ -287,6 +287,18 @@ class Directory:
                 return record.body
         return None
 
+    async def node_entry(self, node_id: bytes) -> tuple[NodeRecord, float] | None:
+        """The current record of one node and when it expires, if it is alive."""
+        for record in await self._live(node_key(node_id)):
+            if isinstance(record.body, NodeRecord) and record.body.node_id == node_id:
+                return record.body, record.expires_at
+        return None
+
+    async def node_entries(self) -> list[tuple[NodeRecord, float]]:
+        """Records of all live nodes (global key), each with its expiry time."""
+        records = await self._live(REGIONS_KEY)
+        return [(r.body, r.expires_at) for r in records if isinstance(r.body, NodeRecord)]
+
     async def region_nodes(self, region: str) -> list[NodeRecord]:
         """Records of the live nodes of ``region``."""
         records = await self._live(region_key(region))

@@ -95,6 +95,8 @@ class NodeServer:
         self.relay: RelayEndpoint | None = None
         self._relay_sources: dict[str, ProducerRelaySource] = {}
         self.relay_authorizer: Callable[[bytes], bool] = lambda key: key in config.relay_peers
+        # (peer key, room) -> may that peer pull the room's producers (the overlay sets it).
+        self.relay_room_policy: Callable[[bytes, str], bool] = lambda key, room: True
         rtc.set_ice_addresses(config.ice_addresses)
 
     # -- relaying ----------------------------------------------------------------
@@ -111,6 +113,12 @@ class NodeServer:
                 producer.on_close(self._forget_relay_source)
                 return source
         return None
+
+    def _relay_may_subscribe(self, peer_key: bytes, producer_id: str) -> bool:
+        for room, router in self.node.routers.items():
+            if producer_id in router.producers:
+                return self.relay_room_policy(peer_key, room)
+        return True  # unknown: the lookup answers NOT_FOUND
 
     def _forget_relay_source(self, producer: Producer) -> None:
         self._relay_sources.pop(producer.id, None)
@@ -387,6 +395,7 @@ class NodeServer:
                 authorize=lambda key: self.relay_authorizer(key),
                 config=RelayConfig(host=self.config.relay_host, port=self.config.relay_port),
             )
+            self.relay.may_subscribe = self._relay_may_subscribe
             await self.relay.start()
         if self.config.port == 0:
             self.config.port = self._http_server.sockets[0].getsockname()[1]

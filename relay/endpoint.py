@@ -509,6 +509,18 @@ class _ServerConn(_Conn):
     def _on_subscribe(self, msg: Subscribe) -> None:
         flow = self.by_producer.get(msg.producer_id)
         if flow is None:
+            try:
+                permitted = self.peer_key is not None and self.endpoint.may_subscribe(
+                    self.peer_key, msg.producer_id
+                )
+            except Exception:
+                log.exception("relay: may_subscribe callback failed")
+                permitted = False
+            if not permitted:
+                self.send_msg(
+                    ErrorMsg(msg.request_id, ErrorCode.UNAUTHORIZED, "not allowed to pull this")
+                )
+                return
             if len(self.flows) >= self.cfg.max_flows_per_connection:
                 self.send_msg(ErrorMsg(msg.request_id, ErrorCode.TOO_MANY_FLOWS, "too many flows"))
                 return
@@ -1205,6 +1217,9 @@ class RelayEndpoint:
         self.public_key = auth.public_key_bytes(private_key)
         self.lookup = lookup
         self.authorize: Callable[[bytes], bool] = authorize or (lambda key: False)
+        #: ``may_subscribe(peer_key, producer_id)``: whether an authenticated peer may pull
+        #: that producer (default: any producer ``lookup`` finds).
+        self.may_subscribe: Callable[[bytes, str], bool] = lambda key, producer_id: True
         self.config = config or RelayConfig()
         self.counters = RelayCounters()
         self.admission = PendingAdmission(self.config.admission)
@@ -1213,6 +1228,7 @@ class RelayEndpoint:
         self._server: QuicServer | None = None
         self._sessions: set[_ServerConn] = set()
         self._links: dict[bytes, RelayLink] = {}
+        self._closing: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         """Start the QUIC server on ``config.host:config.port``."""
@@ -1244,6 +1260,19 @@ class RelayEndpoint:
             raise RelayError("endpoint not started")
         host, port = self._server._transport.get_extra_info("sockname")[:2]
         return host, port
+
+    def revoke(self, peer_key: bytes) -> None:
+        """``peer_key`` is no longer authorized: close its inbound connections (ending the
+        flows served on them) and the link to it (ending the flows pulled from it)."""
+        self.admission.counters.revoked += 1
+        for session in list(self._sessions):
+            if session.peer_key == peer_key:
+                session.abort(ErrorCode.UNAUTHORIZED, "node key no longer in the directory")
+        link = self._links.get(peer_key)
+        if link is not None:
+            task = asyncio.ensure_future(link.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def link(self, peer_key: bytes, host: str, port: int) -> RelayLink:
         """The :class:`RelayLink` to ``peer_key`` at ``host:port`` (created on first call)."""
