@@ -30,6 +30,9 @@ What we rely on, and why:
   and sockets it opens after the connection started closing are closed when it
   ends (``close()`` only closes the sockets gathered so far). Without this, a
   participant leaving while the node gathers for its offer leaks UDP sockets.
+- ``aioice.ice.StunProtocol.connection_lost``: closes our dup of the ICE socket
+  (see :func:`_send_socket`) when the ICE socket closes, instead of whenever the
+  garbage collector gets to the protocol.
 """
 
 from __future__ import annotations
@@ -111,6 +114,14 @@ def _guarded_stun_datagram_received(
 
 
 _ORIGINAL_GATHER_CANDIDATES = aioice.ice.Connection.gather_candidates
+_ORIGINAL_STUN_CONNECTION_LOST = aioice.ice.StunProtocol.connection_lost
+
+
+def _stun_connection_lost(self: aioice.ice.StunProtocol, exc: Exception | None) -> None:
+    dup = _dup_sockets.pop(self, None)
+    if dup is not None:
+        dup.close()
+    _ORIGINAL_STUN_CONNECTION_LOST(self, exc)
 
 
 async def _gather_candidates_without_leaks(self: aioice.ice.Connection) -> None:
@@ -131,6 +142,7 @@ def _close_if_closing(conn: aioice.ice.Connection, gathering: asyncio.Future[Non
 
 RTCDtlsTransport._recv_next = _guarded_recv_next  # type: ignore[method-assign]
 aioice.ice.Connection.gather_candidates = _gather_candidates_without_leaks  # type: ignore[method-assign]
+aioice.ice.StunProtocol.connection_lost = _stun_connection_lost  # type: ignore[method-assign]
 aioice.ice.StunProtocol.datagram_received = _guarded_stun_datagram_received  # type: ignore[method-assign]
 _ice_addresses: list[str] | None = None
 _background: set[asyncio.Future[None]] = set()

@@ -237,8 +237,16 @@ class NodeServer:
             "bad_messages": self.counters.bad_messages,
             "datagrams_dropped": rtc.dropped_datagrams.count,
             "limits": self.limit_counters(),
+            "process": self.process_stats(),
             "rooms": rooms,
         }
+
+    def process_stats(self) -> dict[str, int]:
+        """Resident memory, open file descriptors and asyncio tasks of the node process."""
+        with self._process.oneshot():
+            rss = self._process.memory_info().rss
+            fds = self._process.num_fds()
+        return {"rss_bytes": rss, "fds": fds, "asyncio_tasks": len(asyncio.all_tasks())}
 
     @property
     def bad_messages(self) -> int:
