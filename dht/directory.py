@@ -14,10 +14,12 @@ import msgspec
 from dht.identity import NodeIdentity
 from dht.records import (
     DEFAULT_TTL,
+    MAX_MEMBERS,
     MAX_TTL,
     REGIONS_KEY,
     Body,
     Load,
+    Member,
     NodeRecord,
     Producer,
     RoomEntry,
@@ -199,9 +201,15 @@ class Directory:
         relay_address: str | None = None,
         relay_key: bytes | None = None,
         load: Load | None = None,
+        location: tuple[float, float] | None = None,
+        draining: bool | None = None,
     ) -> None:
         """Update node record fields; published at the next refresh (within ``ttl / 3``)."""
         changes: dict[str, object] = {}
+        if location is not None:
+            changes["location"] = tuple(location)
+        if draining is not None:
+            changes["draining"] = draining
         if signaling_url is not None:
             changes["signaling_url"] = signaling_url
         if relay_address is not None:
@@ -223,14 +231,21 @@ class Directory:
         self.update_node(load=load)
 
     async def announce_room(
-        self, room: str, *, participants: int = 0, producers: Iterable[Producer] = ()
+        self,
+        room: str,
+        *,
+        participants: int = 0,
+        producers: Iterable[Producer] = (),
+        members: Iterable[Member] = (),
     ) -> None:
-        """Publish (or update) this node's entry for ``room`` now; kept refreshed."""
+        """Publish (or update) this node's entry for ``room`` now; kept refreshed. At most
+        ``MAX_MEMBERS`` members are listed (the first ones); ``participants`` stays exact."""
         entry = RoomEntry(
             room=room,
             node_id=self.node_id,
             participants=participants,
             producers=tuple(producers),
+            members=tuple(members)[:MAX_MEMBERS],
         )
         self._rooms[room] = entry
         await self._publish(room_key(room), entry)

@@ -52,6 +52,8 @@ RoomName = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Text = Annotated[str, msgspec.Meta(max_length=256)]
 ShortText = Annotated[str, msgspec.Meta(max_length=64)]
 MediaKind = Literal["audio", "video"]
+Latitude = Annotated[float, msgspec.Meta(ge=-90.0, le=90.0)]
+Longitude = Annotated[float, msgspec.Meta(ge=-180.0, le=180.0)]
 
 
 class Load(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
@@ -62,6 +64,9 @@ class Load(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=T
     producers: Count = 0
     consumers: Count = 0
     headroom: Fraction = 1.0
+    capacity: Count = 0
+    spilled: Count = 0
+    """Placements of this region's clients this node sent to another region, last minute."""
 
 
 class NodeRecord(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
@@ -74,6 +79,10 @@ class NodeRecord(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fi
     relay_key: Annotated[bytes, msgspec.Meta(max_length=32)] = b""
     load: Load = Load()
     version: ShortText = ""
+    location: tuple[Latitude, Longitude] | None = None
+    """Operator-declared (latitude, longitude): placement's distance between regions."""
+    draining: bool = False
+    """The node takes no new participants (placement never chooses it)."""
 
     @property
     def node_id_hex(self) -> str:
@@ -88,6 +97,17 @@ class Producer(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fiel
     kind: MediaKind
 
 
+class Member(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """A participant of a room on the hosting node: its id and display name."""
+
+    id: ShortText
+    name: ShortText = ""
+
+
+MAX_MEMBERS = 40
+"""Members listed per room entry (the count stays exact): keeps records under their limit."""
+
+
 class RoomEntry(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
     """One hosting node's entry for a room."""
 
@@ -95,6 +115,7 @@ class RoomEntry(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fie
     node_id: Bytes20
     participants: Count = 0
     producers: tuple[Producer, ...] = ()
+    members: Annotated[tuple[Member, ...], msgspec.Meta(max_length=MAX_MEMBERS)] = ()
 
 
 class RecordKind(enum.IntEnum):

@@ -51,6 +51,7 @@ from typing import Any
 import aioice.ice
 from aiortc import (
     MediaStreamTrack,
+    RTCBundlePolicy,
     RTCConfiguration,
     RTCRtpReceiver,
     RTCRtpSender,
@@ -168,8 +169,16 @@ def _configured_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
 
 
 def rtc_configuration() -> RTCConfiguration:
-    """Peer connection config with no STUN/TURN servers (aiortc defaults to a public STUN)."""
-    return RTCConfiguration(iceServers=[])
+    """Peer connection config: no STUN/TURN servers (aiortc defaults to a public STUN),
+    and every transceiver on one bundled transport from its creation.
+
+    With aiortc's default "balanced" policy, a transceiver shares the transport of the
+    first transceiver of its kind; when an offer then bundles everything onto the first
+    m-line, aiortc moves only transceivers not already sharing, so the second and later
+    video transceivers created in one offer stay on a stopped transport and never send
+    (a late joiner saw only the first of several videos). "max-bundle" avoids the move.
+    """
+    return RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
 
 
 class SilentTrack(MediaStreamTrack):

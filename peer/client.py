@@ -94,6 +94,8 @@ class CascadeClient:
         self.request_timeout = request_timeout
         self.participant_id: str | None = None
         self.room_state: dict[str, Any] = {}
+        # The redirect replies followed by the last join (placement's choices).
+        self.redirects: list[dict[str, Any]] = []
         self.tracks: dict[str, SubscribedTrack] = {}
         self.events: list[dict[str, Any]] = []
         self._event_added = asyncio.Event()
@@ -184,9 +186,20 @@ class CascadeClient:
     # -- room -------------------------------------------------------------------
 
     async def join(
-        self, room: str, token: str, *, name: str | None = None, auto_subscribe: bool = True
+        self,
+        room: str,
+        token: str,
+        *,
+        name: str | None = None,
+        auto_subscribe: bool = True,
+        region: str | None = None,
     ) -> dict[str, Any]:
-        """Join a room; returns the room state (participants and producers)."""
+        """Join a room; returns the room state (participants and producers).
+
+        When the node answers with a ``redirect`` (placement chose another node), the
+        client reconnects there and joins with the same token, at most twice; a
+        redirect back to a node already tried raises ``CascadeError("redirect_loop")``.
+        """
         message: dict[str, Any] = {
             "type": "join",
             "room": room,
@@ -195,10 +208,33 @@ class CascadeClient:
         }
         if name:
             message["name"] = name
-        reply = await self.request(message)
+        if region:
+            message["region"] = region
+        tried = {self.url}
+        self.redirects = []
+        while True:
+            reply = await self.request({**message, "hops": len(self.redirects)})
+            if reply.get("type") != "redirect":
+                break
+            url = str(reply.get("url", "")).rstrip("/")
+            if url in tried or len(self.redirects) >= 2:
+                raise CascadeError("redirect_loop", f"redirected again to {url}")
+            tried.add(url)
+            self.redirects.append(reply)
+            await self._reconnect(url)
         self.participant_id = reply["participant_id"]
         self.room_state = reply
         return reply
+
+    async def _reconnect(self, url: str) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._ws is not None:
+            await self._ws.close()
+        if self._session is not None:
+            await self._session.close()
+        self.url = url
+        await self.connect()
 
     async def publish(
         self, tracks: list[MediaStreamTrack], *, video_codec: str | None = None

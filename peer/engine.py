@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from common.ratelimit import KeyframeLimiter
 from peer.rtp import (
     CachedPacket,
     HeaderWriter,
@@ -28,7 +29,6 @@ from peer.rtp import (
     wrap_rtx,
 )
 from peer.stats import AdmissionPolicy, StreamStats
-from relay import KeyframeLimiter
 
 
 class SfuError(Exception):
@@ -65,7 +65,6 @@ def _new_id(prefix: str) -> str:
 
 
 Sink = Callable[[bytes], None]
-KEYFRAME_RETRY_INTERVAL = 1.0
 
 
 class Producer:
@@ -157,16 +156,18 @@ class Producer:
 
     def tick(self, now: float) -> None:
         """Timer work: held keyframe requests, retries for waiting consumers, rates."""
-        if (
-            self.is_video
-            and now - self.keyframe_limiter.last_sent >= KEYFRAME_RETRY_INTERVAL
-            and any(c.waiting_keyframe and c.sink is not None for c in self.consumers)
-        ):
-            # The request or the keyframe itself was lost: ask again.
-            self.request_keyframe(now)
         if self.keyframe_limiter.poll(now):
             self.stats.plis += 1
             self.send_keyframe_request()
+        elif (
+            self.is_video
+            and now - self.keyframe_limiter.last_sent >= self.keyframe_limiter.interval
+            and any(c.waiting_keyframe and c.sink is not None for c in self.consumers)
+        ):
+            # A consumer that can receive still waits: the request, the keyframe or the
+            # publisher's first packets were lost or late. Ask again, once per interval,
+            # until a keyframe has been forwarded to every such consumer.
+            self.request_keyframe(now)
         self.stats.sample(now)
 
     def close(self) -> None:
@@ -225,8 +226,13 @@ class Consumer:
         """Call ``listener`` once when this consumer closes."""
         self._close_listeners.append(listener)
 
-    def attach(self, params: OutboundParams, sink: Sink) -> None:
-        """Start sending to ``sink`` with what the subscriber negotiated."""
+    def attach(self, params: OutboundParams, sink: Sink, now: float | None = None) -> None:
+        """Start sending to ``sink`` with what the subscriber negotiated.
+
+        Call it once the subscriber's transport can carry media: a video consumer then
+        asks for a keyframe, and keeps asking (see :meth:`Producer.tick`) until one
+        has been forwarded to it.
+        """
         self.params = params
         self.writer = HeaderWriter(params)
         if params.rtx_ssrc is not None and params.rtx_payload_type is not None:
@@ -242,7 +248,7 @@ class Consumer:
         self.sink = sink
         if self.producer.is_video:
             self.waiting_keyframe = True
-            self.producer.request_keyframe()
+            self.producer.request_keyframe(now)
         self._update_gate()
 
     def forward(self, packet: CachedPacket, shared_ext: bytes, now: float) -> None:

@@ -31,16 +31,22 @@ class EncodedClip:
 
 @functools.lru_cache(maxsize=8)
 def vp8_test_pattern(
-    width: int = 640, height: int = 480, fps: int = 30, bitrate: int = 1_000_000, seconds: int = 4
+    width: int = 640,
+    height: int = 480,
+    fps: int = 30,
+    bitrate: int = 1_000_000,
+    seconds: int = 4,
+    periodic_keyframes: bool = True,
 ) -> EncodedClip:
-    """Encode a moving test pattern with libvpx, keyframe every second."""
+    """Encode a moving test pattern with libvpx: a keyframe every second, or only the
+    first frame when ``periodic_keyframes`` is false (as browsers encode)."""
     codec = av.CodecContext.create("libvpx", "w")
     codec.width, codec.height = width, height
     codec.pix_fmt = "yuv420p"
     codec.time_base = fractions.Fraction(1, fps)
     codec.framerate = fractions.Fraction(fps, 1)
     codec.bit_rate = bitrate
-    codec.gop_size = fps
+    codec.gop_size = fps if periodic_keyframes else fps * seconds + 1
     codec.options = {
         "deadline": "realtime",
         "cpu-used": "8",
@@ -76,11 +82,10 @@ def vp8_test_pattern(
         frame.planes[1].update(_pad(u, frame.planes[1].line_size))
         frame.planes[2].update(_pad(v, frame.planes[2].line_size))
         frame.pts = i
-        frame.pict_type = (
-            av.video.frame.PictureType.I if i % fps == 0 else av.video.frame.PictureType.NONE
-        )
+        key = i == 0 or (periodic_keyframes and i % fps == 0)
+        frame.pict_type = av.video.frame.PictureType.I if key else av.video.frame.PictureType.NONE
         data = b"".join(bytes(p) for p in codec.encode(frame))
-        if i % fps == 0:
+        if key:
             keyframes.append(len(frames))
         frames.append(data)
     return EncodedClip(tuple(frames), tuple(keyframes), width, height, fps)
@@ -138,21 +143,37 @@ class _PacedTrack(MediaStreamTrack):
 
 
 class PatternVideoTrack(_PacedTrack):
-    """Pre-encoded VP8 test pattern; jumps to a keyframe when one is requested."""
+    """Pre-encoded VP8 test pattern; jumps to a keyframe when one is requested.
+
+    ``periodic_keyframes=False`` publishes like a browser: one keyframe at the start,
+    then keyframes only when the receiving side asks (PLI/FIR), so a missed keyframe
+    request shows up as a subscriber that never decodes.
+    """
 
     kind = "video"
 
     def __init__(
-        self, width: int = 640, height: int = 480, fps: int = 30, bitrate: int = 1_000_000
+        self,
+        width: int = 640,
+        height: int = 480,
+        fps: int = 30,
+        bitrate: int = 1_000_000,
+        *,
+        periodic_keyframes: bool = True,
     ) -> None:
         super().__init__(1.0 / fps)
-        self.clip = vp8_test_pattern(width, height, fps, bitrate)
+        self.clip = vp8_test_pattern(
+            width, height, fps, bitrate, periodic_keyframes=periodic_keyframes
+        )
+        self.periodic_keyframes = periodic_keyframes
         self._index = 0
         self._keyframe_requested = False
         self.keyframes_sent = 0
+        self.keyframe_requests = 0
 
     def request_keyframe(self) -> None:
         """Make the next frame a keyframe (wired to the sender's PLI handling)."""
+        self.keyframe_requests += 1
         self._keyframe_requested = True
 
     async def recv(self) -> av.Packet:
@@ -162,6 +183,8 @@ class PatternVideoTrack(_PacedTrack):
             self._keyframe_requested = False
             self._index = clip.keyframes[0]
         i = self._index % len(clip.frames)
+        if i == 0 and self._index and not self.periodic_keyframes:
+            i = 1  # loop the clip without its leading keyframe
         if i in clip.keyframes:
             self.keyframes_sent += 1
         packet = av.Packet(clip.frames[i])

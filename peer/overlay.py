@@ -4,16 +4,35 @@ the DHT directory, and relays in the producers of every room it shares with othe
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
+import json
 import logging
 import sys
+import time
 from typing import Any
 
-from dht import Directory, Load, NodeRecord
+import aiohttp
+import msgspec
+
+from dht import Directory, Load, Member, NodeRecord, RoomEntry
 from dht import Producer as DirectoryProducer
 from dht.cli import split_host_port
+from dht.directory import SOFTWARE_VERSION
+from peer.placement import NodeView, Placement, PlacementPolicy, RoomHost, place
 from peer.relay_access import RelayAccess
+from peer.scaling import (
+    RegionCapacity,
+    ScalePolicy,
+    ScaleSignal,
+    Signal,
+    WebhookOutbox,
+    is_region_leader,
+    notification,
+    region_capacity,
+    sign_notification,
+)
 from peer.server import NodeServer
 
 log = logging.getLogger("cascade.overlay")
@@ -29,14 +48,40 @@ class Overlay:
     producers of rooms it announces participants in (see :mod:`peer.relay_access`).
     """
 
-    def __init__(self, server: NodeServer, directory: Directory, *, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        server: NodeServer,
+        directory: Directory,
+        *,
+        interval: float = 1.0,
+        location: tuple[float, float] | None = None,
+        placement: PlacementPolicy | None = None,
+        scale: ScalePolicy | None = None,
+        scale_webhook: str | None = None,
+    ) -> None:
         self.server = server
         self.directory = directory
         self.interval = interval
+        self.location = location
+        self.placement_policy = placement or PlacementPolicy(version=SOFTWARE_VERSION)
+        # node id -> (record, when it was last seen live in the directory)
+        self._live: dict[bytes, tuple[NodeRecord, float]] = {}
+        self.scale = ScaleSignal(scale or ScalePolicy())
+        self.regions: dict[str, RegionCapacity] = {}
+        self.scale_webhook = scale_webhook
+        self.outbox = WebhookOutbox()
+        self.notifications: collections.deque[dict[str, object]] = collections.deque(maxlen=50)
+        self._spills: collections.deque[float] = collections.deque()
+        self._outbox_changed = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
         self.access = RelayAccess(
             server.config.relay_peers, open_mode=directory.policy.operator_key is None
         )
-        self._announced: dict[str, tuple[int, tuple[tuple[str, str], ...]]] = {}
+        self._announced: dict[str, tuple[object, ...]] = {}
+        # room -> participants of the room on other nodes: id -> (name, node id hex)
+        self._remote_members: dict[str, dict[str, tuple[str, str]]] = {}
+        self._refreshing: set[str] = set()
+        self._checking_hosts: set[str] = set()
         self._nodes: dict[bytes, NodeRecord] = {}
         self._pulling: set[tuple[str, str]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -54,7 +99,32 @@ class Overlay:
 
     def may_pull(self, key: bytes, room: str) -> bool:
         """Whether the node of ``key`` may pull producers of ``room`` from this node."""
-        return self.access.may_pull(key, room, self.directory.clock())
+        now = self.directory.clock()
+        if self.access.may_pull(key, room, now):
+            return True
+        if self.access.allowed(key, now):
+            # A node that just announced the room may be newer than our view of its hosts:
+            # look again, so that its retry is decided on the current directory.
+            self._refresh_room_hosts(room)
+        return False
+
+    def _refresh_room_hosts(self, room: str) -> None:
+        if room in self._checking_hosts:
+            return
+        self._checking_hosts.add(room)
+
+        async def refresh() -> None:
+            try:
+                entries = await self.directory.room_hosts(room)
+                self.access.room_hosts(room, (e.node_id for e in entries if e.participants > 0))
+            except Exception:
+                log.exception("looking up the hosts of room %s failed", room)
+            finally:
+                self._checking_hosts.discard(room)
+
+        task = asyncio.ensure_future(refresh())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def listen_hosts(self) -> list[str]:
         """Addresses this node listens on: signaling, DHT and relay."""
@@ -72,6 +142,13 @@ class Overlay:
             relay_address = f"{host}:{port}"
         self.server.relay_authorizer = self.authorize
         self.server.relay_room_policy = self.may_pull
+        self.server.placer = self.place
+        self.server.overlay_view = self.describe
+        self.server.remote_participants = self.remote_participants
+        self.server.room_changed = self.room_changed
+        self.server.node_key = self.directory.node_id.hex()
+        if self.location is not None:
+            self.directory.update_node(location=self.location)
         await self.directory.start(announce=False)
         warning = exposure_warning(self.access.open_mode, self.listen_hosts())
         if warning is not None:
@@ -84,6 +161,8 @@ class Overlay:
             load=self._load(),
         )
         self._task = asyncio.ensure_future(self._run())
+        if self.scale_webhook:
+            self._sender = asyncio.ensure_future(self._send_webhooks())
 
     async def stop(self) -> None:
         """Withdraw this node's records and leave the DHT."""
@@ -93,6 +172,8 @@ class Overlay:
                 await self._task
         for task in list(self._tasks):
             task.cancel()
+        if self._sender is not None:
+            self._sender.cancel()
         await self.directory.stop()
 
     def _load(self) -> Load:
@@ -104,6 +185,8 @@ class Overlay:
             producers=int(totals["producers"]),
             consumers=int(totals["consumers"]),
             headroom=admission.headroom(),
+            capacity=admission.max_consumers,
+            spilled=len(self._spills),
         )
 
     async def _run(self) -> None:
@@ -121,41 +204,33 @@ class Overlay:
         self.directory.update_load(self._load())
         routers = self.server.node.routers
         for room, router in list(routers.items()):
-            if not router.participants:
-                continue
-            local = tuple(
-                sorted((p.id, p.kind) for p in router.producers.values() if p.origin == "local")
-            )
-            state = (len(router.participants), local)
-            if self._announced.get(room) != state:
-                await self.directory.announce_room(
-                    room,
-                    participants=state[0],
-                    producers=[
-                        DirectoryProducer(id=pid, kind="video" if kind == "video" else "audio")
-                        for pid, kind in local
-                    ],
-                )
-                self._announced[room] = state
+            if router.participants:
+                await self._announce_room(room)
         for room in list(self._announced):
             hosted = routers.get(room)
             if hosted is None or not hosted.participants:
                 del self._announced[room]
+                self._remote_members.pop(room, None)
                 self.access.forget_room(room)
                 await self.directory.withdraw_room(room)
-        await self._follow_directory()
-        for room, router in list(routers.items()):
-            if router.participants:
-                await self._pull_room(room)
-
-    async def _follow_directory(self) -> None:
-        """Grant relay access to live node records; revoke it from withdrawn or expired ones."""
+        seen = time.time()
+        live: dict[bytes, tuple[NodeRecord, float]] = {}
         listed: set[bytes] = set()
         for record, expires_at in await self.directory.node_entries():
+            live[record.node_id] = (record, seen)
             self._nodes[record.node_id] = record
             if record.relay_key:
                 listed.add(record.relay_key)
                 self.access.seen(record.relay_key, record.node_id, expires_at)
+        self._live = live
+        await self._revoke_gone(listed)
+        self._update_signal(seen)
+        for room, router in list(routers.items()):
+            if router.participants:
+                await self._pull_room(room)
+
+    async def _revoke_gone(self, listed: set[bytes]) -> None:
+        """Revoke relay access of keys whose node record was withdrawn or expired."""
         for key, node_id in self.access.tracked():
             if key in listed:
                 continue
@@ -172,12 +247,206 @@ class Overlay:
             if relay is not None:
                 relay.revoke(key)
 
+    async def _announce_room(self, room: str) -> None:
+        router = self.server.node.routers.get(room)
+        if router is None or not router.participants:
+            return
+        local = tuple(
+            sorted((p.id, p.kind) for p in router.producers.values() if p.origin == "local")
+        )
+        members = tuple(
+            (s.participant_id, (s.name or "")[:64]) for s in self.server.room_sessions(room)
+        )
+        state = (len(router.participants), local, members)
+        if self._announced.get(room) == state:
+            return
+        self._announced[room] = state
+        await self.directory.announce_room(
+            room,
+            participants=len(router.participants),
+            producers=[
+                DirectoryProducer(id=pid, kind="video" if kind == "video" else "audio")
+                for pid, kind in local
+            ],
+            members=[Member(id=pid, name=name) for pid, name in members],
+        )
+
+    def room_changed(self, room: str) -> None:
+        """A participant joined or left ``room`` here: announce it and pull the room's
+        remote producers now rather than at the next sync."""
+        if room in self._refreshing:
+            return
+        self._refreshing.add(room)
+
+        async def refresh() -> None:
+            try:
+                await self._announce_room(room)
+                await self._pull_room(room)
+            except Exception:
+                log.exception("refreshing room %s failed", room)
+            finally:
+                self._refreshing.discard(room)
+
+        task = asyncio.ensure_future(refresh())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def remote_participants(self, room: str) -> list[dict[str, object]]:
+        """Participants of ``room`` on other nodes: as last synced when the room is already
+        open here, else looked up in the directory now."""
+        if room not in self._remote_members:
+            self._update_members(room, await self.directory.room_hosts(room))
+        return [
+            {"participant_id": pid, "name": name, "node_id": node}
+            for pid, (name, node) in sorted(self._remote_members.get(room, {}).items())
+        ]
+
+    def _update_members(self, room: str, entries: list[RoomEntry]) -> None:
+        own = self.directory.node_id
+        current = {
+            m.id: (m.name, e.node_id.hex()) for e in entries if e.node_id != own for m in e.members
+        }
+        previous = self._remote_members.get(room, {})
+        self._remote_members[room] = current
+        if current == previous:
+            return
+        sessions = self.server.room_sessions(room)
+        for pid, (name, node) in current.items():
+            if pid not in previous:
+                joined = {"participant_id": pid, "name": name, "node_id": node}
+                for session in sessions:
+                    session.post({"type": "participant_joined", "participant": joined})
+        for pid in previous:
+            if pid not in current:
+                for session in sessions:
+                    session.post({"type": "participant_left", "participant_id": pid})
+
+    # -- placement ---------------------------------------------------------------
+
+    def placement_nodes(self) -> list[NodeView]:
+        """Live nodes as placement sees them (this node with its current load)."""
+        ttl = self.directory.ttl
+        views = []
+        own = self.directory.node_id
+        for node_id, (record, seen) in self._live.items():
+            if node_id == own:
+                continue
+            views.append(_view(record, seen + ttl))
+        mine = msgspec.structs.replace(self.directory.record, load=self._load())
+        views.append(_view(mine, float("inf")))
+        return views
+
+    def _update_signal(self, now: float) -> None:
+        while self._spills and now - self._spills[0] > self.scale.policy.spill_window:
+            self._spills.popleft()
+        nodes = self.placement_nodes()
+        spilled: dict[str, int] = {}
+        for record, _seen in self._live.values():
+            if record.node_id != self.directory.node_id and record.load.spilled:
+                spilled[record.region] = spilled.get(record.region, 0) + record.load.spilled
+        if self._spills:
+            own = self.directory.region
+            spilled[own] = spilled.get(own, 0) + len(self._spills)
+        self.regions = region_capacity(nodes, spilled, watermark=self.placement_policy.watermark)
+        own_id = self.directory.node_id.hex()
+        for change in self.scale.update(self.regions, now):
+            if not is_region_leader(own_id, change.region, nodes):
+                continue
+            body = notification(change, own_id)
+            self.notifications.append(body)
+            level = logging.WARNING if change.signal is Signal.SCALE_OUT else logging.INFO
+            log.log(level, "scale signal %s", json.dumps(body, sort_keys=True))
+            if self.scale_webhook:
+                self.outbox.add(json.dumps(body, sort_keys=True).encode(), now)
+                self._outbox_changed.set()
+
+    async def _send_webhooks(self) -> None:
+        assert self.scale_webhook is not None
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                now = time.time()
+                for body in self.outbox.due(now):
+                    headers = {"Content-Type": "application/json"}
+                    headers.update(sign_notification(body, self.server.identity))
+                    try:
+                        async with http.post(self.scale_webhook, data=body, headers=headers) as r:
+                            ok = 200 <= r.status < 300
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        log.info("scale webhook failed: %r", exc)
+                        ok = False
+                    self.outbox.done(body, ok, time.time())
+                deadline = self.outbox.deadline()
+                wait = 60.0 if deadline is None else max(0.05, deadline - time.time())
+                self._outbox_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._outbox_changed.wait(), wait)
+
+    def describe(self) -> dict[str, object]:
+        """The overlay as this node sees it: regions, nodes, load, capacity, signals."""
+        return {
+            "node_id": self.directory.node_id.hex(),
+            "region": self.directory.region,
+            "regions": {
+                region: {
+                    "nodes": cap.nodes,
+                    "capacity": round(cap.capacity, 3),
+                    "used": round(cap.used, 3),
+                    "free_fraction": round(cap.free_fraction, 4),
+                    "spilled": cap.spilled,
+                    "removable": cap.removable,
+                    "signal": self.scale.signals.get(region, Signal.STEADY).value,
+                }
+                for region, cap in self.regions.items()
+            },
+            "nodes": [
+                {
+                    "node_id": n.node_id,
+                    "region": n.region,
+                    "url": n.signaling_url,
+                    "headroom": round(n.headroom, 4),
+                    "capacity": n.capacity,
+                    "location": n.location,
+                    "draining": n.draining,
+                    "version": n.version,
+                }
+                for n in sorted(self.placement_nodes(), key=lambda v: (v.region, v.node_id))
+            ],
+            "notifications": list(self.notifications),
+        }
+
+    async def place(self, room: str, region: str | None) -> Placement:
+        """Rank the nodes a new participant of ``room`` from ``region`` should join."""
+        entries = await self.directory.room_hosts(room)
+        own = self.directory.node_id
+        hosts = [RoomHost(e.node_id.hex(), e.participants) for e in entries if e.node_id != own]
+        router = self.server.node.routers.get(room)
+        if router is not None and router.participants:
+            hosts.append(RoomHost(own.hex(), len(router.participants)))
+        client_region = region or self.directory.region
+        placement = place(
+            self.placement_nodes(),
+            hosts,
+            client_region,
+            time.time(),
+            policy=self.placement_policy,
+            reached=own.hex(),
+        )
+        if placement.left_region and client_region == self.directory.region:
+            self._spills.append(time.time())
+        return placement
+
     async def _pull_room(self, room: str) -> None:
         router = self.server.node.routers.get(room)
         if router is None:
             return
         entries = await self.directory.room_hosts(room)
+        self._update_members(room, entries)
         self.access.room_hosts(room, (e.node_id for e in entries if e.participants > 0))
+        if not any(
+            s.grant is not None and s.grant.can_subscribe for s in self.server.room_sessions(room)
+        ):
+            return  # nobody here may receive media: pull nothing
         for entry in entries:
             if entry.node_id == self.directory.node_id:
                 continue
@@ -211,6 +480,21 @@ class Overlay:
             self._pulling.discard((room, producer_id))
 
 
+def _view(record: NodeRecord, expires_at: float) -> NodeView:
+    location = (record.location[0], record.location[1]) if record.location else None
+    return NodeView(
+        node_id=record.node_id.hex(),
+        region=record.region,
+        signaling_url=record.signaling_url,
+        headroom=record.load.headroom,
+        capacity=record.load.capacity,
+        location=location,
+        draining=record.draining,
+        version=record.version,
+        expires_at=expires_at,
+    )
+
+
 def exposure_warning(open_mode: bool, hosts: list[str]) -> str | None:
     """The start-up warning for a node in open mode listening beyond loopback, or None."""
     exposed = sorted({h for h in hosts if not _is_loopback(h)})
@@ -229,5 +513,5 @@ def _is_loopback(host: str) -> bool:
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "" (every interface), "0.0.0.0"-like names, host names
+    except ValueError:  # "" (every interface), host names
         return False

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from peer import aiortc_adapter as rtc
 from peer.edge_guard import HeadDeadline, SignalingSocket
 from peer.engine import Node, Producer
 from peer.limits import ConnectionCounts, EdgeCounters, EdgeLimits, TokenBuckets
+from peer.placement import Placement
 from peer.relay_bridge import ProducerRelaySource, bridge_remote_producer
 from peer.session import ParticipantSession
 from peer.signaling import Join, ProtocolError, decode_client_message, encode, error_message
@@ -97,6 +98,17 @@ class NodeServer:
         self.relay_authorizer: Callable[[bytes], bool] = lambda key: key in config.relay_peers
         # (peer key, room) -> may that peer pull the room's producers (the overlay sets it).
         self.relay_room_policy: Callable[[bytes, str], bool] = lambda key, room: True
+        # Set by the overlay: ranks the nodes a room's new participant should join.
+        self.placer: Callable[[str, str | None], Awaitable[Placement]] | None = None
+        self.node_key = ""
+        # Set by the overlay: regions, nodes, capacity and scale signals (GET /overlay).
+        self.overlay_view: Callable[[], dict[str, object]] | None = None
+        # Set by the overlay: a room's participants on other nodes; a room's membership here
+        # changed (announce it and pull its remote producers now).
+        self.remote_participants: Callable[[str], Awaitable[list[dict[str, object]]]] = (
+            _no_remote_participants
+        )
+        self.room_changed: Callable[[str], None] = lambda room: None
         rtc.set_ice_addresses(config.ice_addresses)
 
     # -- relaying ----------------------------------------------------------------
@@ -168,6 +180,7 @@ class NodeServer:
     def add_session(self, room: str, session: ParticipantSession) -> None:
         """Record that ``session`` joined ``room``."""
         self.sessions.setdefault(room, []).append(session)
+        self.room_changed(room)
 
     def announce_producer(self, room: str, producer: Producer) -> None:
         """Tell the room about a new producer (local or relayed) and auto-subscribe to it."""
@@ -190,6 +203,7 @@ class NodeServer:
             members.remove(session)
         if not members:
             self.sessions.pop(room, None)
+        self.room_changed(room)
 
     # -- HTTP handlers ----------------------------------------------------------
 
@@ -200,6 +214,8 @@ class NodeServer:
         app.router.add_get("/ws", self.websocket)
         app.router.add_get("/stats", self.stats_handler)
         app.router.add_get("/healthz", self.health)
+        app.router.add_get("/place", self.place_handler)
+        app.router.add_get("/overlay", self.overlay_handler)
         app.router.add_get("/", self.index)
         if self.config.dev:
             app.router.add_get("/dev/token", self.dev_token)
@@ -217,6 +233,49 @@ class NodeServer:
         identity = request.query.get("identity", f"guest-{int(time.time() * 1000) % 100000}")
         token = issue_token(self.api_secret, room, identity, ttl=6 * 3600)
         return web.json_response({"token": token, "room": room, "identity": identity})
+
+    async def place(self, room: str, region: str | None) -> Placement | None:
+        """Where a new participant of ``room`` should go (None outside an overlay)."""
+        if self.placer is None:
+            return None
+        return await self.placer(room, region)
+
+    async def place_handler(self, request: web.Request) -> web.Response:
+        room = request.query.get("room", "")
+        region = request.query.get("region") or None
+        if not room or len(room) > 128:
+            return web.json_response(
+                {"error": "bad_request", "message": "room is required"}, status=400
+            )
+        placement = await self.place(room, region)
+        if placement is None:
+            candidates = [{"node_id": self.node_key, "url": self.url, "reason": "single_node"}]
+            return web.json_response({"room": room, "candidates": candidates})
+        return web.json_response(
+            {
+                "room": room,
+                "client_region": placement.client_region,
+                "left_region": placement.left_region,
+                "candidates": [
+                    {
+                        "node_id": c.node_id,
+                        "url": c.signaling_url,
+                        "region": c.region,
+                        "reason": c.reason.value,
+                        "headroom": round(c.headroom, 3),
+                    }
+                    for c in placement.candidates
+                ],
+            }
+        )
+
+    async def overlay_handler(self, request: web.Request) -> web.Response:
+        if self.overlay_view is None:
+            return web.json_response(
+                {"error": "not_in_overlay", "message": "this node runs without a directory"},
+                status=404,
+            )
+        return web.json_response(self.overlay_view())
 
     async def stats_handler(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
@@ -432,6 +491,10 @@ async def _one_request_per_connection(request: web.Request, response: web.Stream
     # One request per HTTP connection: the head deadline then covers every request.
     if not isinstance(response, web.WebSocketResponse):
         response.force_close()
+
+
+async def _no_remote_participants(room: str) -> list[dict[str, object]]:
+    return []
 
 
 __all__ = ["NodeConfig", "NodeServer", "TokenError"]

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cascade.session")
 
+MAX_REDIRECTS = 2
 SendFn = Callable[[dict[str, object]], Awaitable[None]]
 
 
@@ -179,9 +180,26 @@ class ParticipantSession:
     async def _join(self, message: Join) -> None:
         if self.router is not None:
             raise ProtocolError("already_joined", "this connection already joined a room")
-        self.grant = verify_token(self.server.api_secret, message.token, message.room)
+        grant = verify_token(self.server.api_secret, message.token, message.room)
+        if message.hops < MAX_REDIRECTS:
+            placement = await self.server.place(message.room, message.region)
+            best = placement.best if placement is not None else None
+            if best is not None and best.node_id != self.server.node_key:
+                await self.send(
+                    {
+                        "type": "redirect",
+                        "id": message.id,
+                        "url": best.signaling_url,
+                        "node_id": best.node_id,
+                        "region": best.region,
+                        "reason": best.reason.value,
+                    }
+                )
+                return
+        self.grant = grant
         self.name = message.name or self.grant.identity
         self.auto_subscribe = message.auto_subscribe
+        remote = await self.server.remote_participants(message.room)
         router = self.server.node.router(message.room)
         others = self.server.room_sessions(message.room)
         self.router = router
@@ -196,7 +214,7 @@ class ParticipantSession:
                 "identity": self.grant.identity,
                 "can_publish": self.grant.can_publish,
                 "can_subscribe": self.grant.can_subscribe,
-                "participants": [s.describe() for s in others],
+                "participants": [s.describe() for s in others] + remote,
                 "producers": [p.describe() for p in router.producers.values()],
             }
         )

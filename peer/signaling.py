@@ -30,6 +30,10 @@ class Join(msgspec.Struct, tag="join", forbid_unknown_fields=True):
     id: RequestId | None = None
     name: Annotated[str, msgspec.Meta(max_length=128)] | None = None
     auto_subscribe: bool = True
+    region: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
+    """The client's region hint for placement (default: this node's region)."""
+    hops: Annotated[int, msgspec.Meta(ge=0, le=8)] = 0
+    """Redirects the client already followed; a node redirects only while it is below 2."""
 
 
 class Publish(msgspec.Struct, tag="publish", forbid_unknown_fields=True):

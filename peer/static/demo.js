@@ -2,10 +2,25 @@
 import { Signaling } from "/static/signaling.js";
 
 const $ = (id) => document.getElementById(id);
-const state = { sig: null, pubPc: null, subPc: null, tiles: new Map(), byMid: new Map(), stream: null };
+const state = {
+  sig: null, pubPc: null, subPc: null, stream: null,
+  tiles: new Map(), byMid: new Map(), names: new Map(),
+};
 window.cascade = state; // exposed for tests and debugging
 
 function setStatus(text) { $("status").textContent = text; }
+
+function displayName(participantId) {
+  return state.names.get(participantId) || participantId;
+}
+
+function learnName(participant) {
+  if (!participant.name) return;
+  state.names.set(participant.participant_id, participant.name);
+  for (const cap of document.querySelectorAll("figcaption[data-participant-id]")) {
+    if (cap.dataset.participantId === participant.participant_id) cap.textContent = participant.name;
+  }
+}
 
 function tile(consumer, stream) {
   let fig = state.tiles.get(consumer.consumer_id);
@@ -17,7 +32,8 @@ function tile(consumer, stream) {
     media.autoplay = true; media.playsInline = true; media.muted = consumer.kind === "video";
     fig.append(media);
     const cap = document.createElement("figcaption");
-    cap.textContent = consumer.participant_id;
+    cap.dataset.participantId = consumer.participant_id;
+    cap.textContent = displayName(consumer.participant_id);
     fig.append(cap);
     if (consumer.kind === "video") $("grid").append(fig); else fig.hidden = true, document.body.append(fig);
     state.tiles.set(consumer.consumer_id, fig);
@@ -48,8 +64,13 @@ function onEvent(msg) {
       state.tiles.delete(msg.consumer_id);
       break;
     }
-    case "participant_joined": setStatus(`${msg.participant.name} joined`); break;
-    case "participant_left": setStatus(`${msg.participant_id} left`); break;
+    case "participant_joined":
+      learnName(msg.participant);
+      setStatus(`${msg.participant.name} joined`);
+      break;
+    case "participant_left":
+      setStatus(`${displayName(msg.participant_id)} left`);
+      break;
     case "error": setStatus(`error ${msg.code}: ${msg.message}`); break;
     case "closed": setStatus("disconnected"); break;
   }
@@ -62,13 +83,36 @@ async function join(ev) {
   const tokenReply = await fetch(`/dev/token?room=${encodeURIComponent(room)}&identity=${encodeURIComponent(name || "guest")}`);
   if (!tokenReply.ok) { setStatus("this node does not hand out dev tokens"); return; }
   const { token } = await tokenReply.json();
-  const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
-  state.sig = new Signaling(wsUrl, onEvent);
-  await state.sig.open();
-  const joined = await state.sig.request({ type: "join", room, token, name });
+  const joined = await joinFollowingRedirects(room, token, name);
+  for (const p of joined.participants) learnName(p);
   setStatus(`joined ${room} as ${joined.participant_id}`);
   $("join-button").disabled = true; $("leave-button").disabled = false;
   if ($("publish").checked) await publish();
+}
+
+function wsUrlOf(httpUrl) {
+  const url = new URL("/ws", httpUrl);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  return url.href;
+}
+
+// Join through this node; placement may redirect to another node (at most two hops).
+async function joinFollowingRedirects(room, token, name) {
+  const tried = new Set([location.origin]);
+  let base = location.origin;
+  for (let hops = 0; ; hops++) {
+    state.sig = new Signaling(wsUrlOf(base), onEvent);
+    await state.sig.open();
+    const reply = await state.sig.request({ type: "join", room, token, name, hops });
+    if (reply.type !== "redirect") { state.node = base; return reply; }
+    state.sig.onEvent = () => {};
+    state.sig.close();
+    const next = new URL(reply.url).origin;
+    if (tried.has(next) || hops >= 2) throw new Error(`redirect loop at ${next}`);
+    tried.add(next);
+    base = next;
+    setStatus(`placed on ${reply.region} node ${reply.node_id.slice(0, 8)} (${reply.reason})`);
+  }
 }
 
 async function publish() {
@@ -80,7 +124,8 @@ async function publish() {
   await waitForIce(state.pubPc);
   const reply = await state.sig.request({ type: "publish", sdp: state.pubPc.localDescription.sdp });
   await state.pubPc.setRemoteDescription({ type: "answer", sdp: reply.sdp });
-  tile({ consumer_id: "local", kind: "video", participant_id: "you" }, state.stream);
+  state.names.set("local", `${$("name").value || "you"} (you)`);
+  tile({ consumer_id: "local", kind: "video", participant_id: "local" }, state.stream);
   state.published = reply.producers;
 }
 
@@ -99,8 +144,8 @@ async function leave() {
   state.pubPc?.close(); state.subPc?.close();
   state.stream?.getTracks().forEach((t) => t.stop());
   for (const fig of state.tiles.values()) fig.remove();
-  Object.assign(state, { sig: null, pubPc: null, subPc: null, stream: null });
-  state.tiles.clear(); state.byMid.clear();
+  Object.assign(state, { sig: null, pubPc: null, subPc: null, stream: null, published: undefined });
+  state.tiles.clear(); state.byMid.clear(); state.names.clear();
   $("join-button").disabled = false; $("leave-button").disabled = true;
   setStatus("left");
 }

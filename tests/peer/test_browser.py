@@ -1,5 +1,6 @@
-"""A real browser (Debian chromium, headless) publishes its fake camera through the
-demo page and a second page decodes it. Runs in a network namespace of its own."""
+"""Real browsers (Debian chromium, headless) on the demo page, each run in a network
+namespace of its own: a publisher and a viewer, and rooms where every page publishes and
+must decode every other page's video whatever the order and spacing of joins."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +30,8 @@ def _can_run() -> str | None:
     return None
 
 
-def test_browser_publishes_and_another_page_decodes():
+def run_in_namespace(module: str, *args: str, timeout: float = 150) -> dict[str, Any]:
+    """Run ``python -m module args`` in a fresh network namespace; its last JSON line."""
     reason = _can_run()
     if reason:
         if os.environ.get("CI"):
@@ -39,17 +42,54 @@ def test_browser_publishes_and_another_page_decodes():
     try:
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
         proc = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.peer.browser_scenario"],
+            ["ip", "netns", "exec", ns, sys.executable, "-m", module, *args],
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=150,
+            timeout=timeout,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert result["frames_decoded"] > 30, (result, proc.stderr[-3000:])
-        assert result["video_tiles"] >= 1
-        assert result["video_width"] > 0
-        assert result["server_codec_instances"] == 0
+        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["stderr"] = proc.stderr[-2000:]
+        return result
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+def test_browser_publishes_and_another_page_decodes():
+    result = run_in_namespace("tests.peer.browser_scenario")
+    assert result["frames_decoded"] > 30, result
+    assert result["video_tiles"] >= 1
+    assert result["video_width"] > 0
+    assert result["server_codec_instances"] == 0
+
+
+def test_four_pages_half_a_second_apart_all_decode_each_other_then_one_rejoins():
+    result = run_in_namespace(
+        "tests.peer.browser_pages", "--pages", "4", "--gap", "0.5", "--rejoin"
+    )
+    assert result["missing"] == [], result
+    assert result["missing_after_rejoin"] == [], result
+    assert set(result["live_after_rejoin"].values()) == {3}, result
+    # Tiles are labelled with the participants' names.
+    for name, captions in result["captions"].items():
+        assert sorted(captions) == sorted(
+            [f"{name} (you)", *(other for other in result["expect"][name])]
+        )
+
+
+def test_four_pages_two_seconds_apart_all_decode_each_other():
+    result = run_in_namespace("tests.peer.browser_pages", "--pages", "4", "--gap", "2")
+    assert result["missing"] == [], result
+
+
+def test_two_nodes_two_pages_each_all_decode_each_other():
+    result = run_in_namespace(
+        "tests.peer.browser_pages", "--pages", "4", "--gap", "0.5", "--nodes", "2", "--rejoin"
+    )
+    # Every page decodes three other videos (two of them relayed from the other node),
+    # before and after one page leaves and joins again.
+    assert result["missing"] == [], result
+    assert result["missing_after_rejoin"] == [], result
+    assert set(result["live"].values()) == {3}, result
+    assert set(result["live_after_rejoin"].values()) == {3}, result

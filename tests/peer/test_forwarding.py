@@ -12,7 +12,9 @@ from tests.conftest import ClientFactory
 
 async def test_one_publisher_three_subscribers_decode_video_and_audio(node, clients: ClientFactory):
     pub = await clients("room1", "alice")
-    producers = await pub.publish([PatternVideoTrack(320, 240), ToneAudioTrack()])
+    producers = await pub.publish(
+        [PatternVideoTrack(320, 240, periodic_keyframes=False), ToneAudioTrack()]
+    )
     assert {p["kind"] for p in producers} == {"video", "audio"}
     subs = [await clients("room1", f"bob{i}") for i in range(3)]
     for sub in subs:
@@ -34,8 +36,8 @@ async def test_one_publisher_three_subscribers_decode_video_and_audio(node, clie
 async def test_two_rooms_stay_isolated(node, clients: ClientFactory):
     a = await clients("roomA", "a")
     b = await clients("roomB", "b")
-    await a.publish([PatternVideoTrack(320, 240)])
-    await b.publish([PatternVideoTrack(160, 120)])
+    await a.publish([PatternVideoTrack(320, 240, periodic_keyframes=False)])
+    await b.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
     sa = await clients("roomA", "sa")
     sb = await clients("roomB", "sb")
     (ta,) = await sa.wait_for_tracks(1, "video")
@@ -50,7 +52,7 @@ async def test_two_rooms_stay_isolated(node, clients: ClientFactory):
 
 async def test_late_joiner_decodes_within_one_second(node, clients: ClientFactory):
     pub = await clients("late", "alice")
-    await pub.publish([PatternVideoTrack(320, 240)])
+    await pub.publish([PatternVideoTrack(320, 240, periodic_keyframes=False)])
     early = await clients("late", "early")
     await early.wait_for_tracks(1, "video")
     # Wait past the keyframe-request window so the late joiner's PLI is not held back.
@@ -66,7 +68,7 @@ async def test_publisher_leaves_subscribers_told_and_room_keeps_working(
     node, clients: ClientFactory
 ):
     pub = await clients("leave", "alice")
-    (video,) = await pub.publish([PatternVideoTrack(160, 120)])
+    (video,) = await pub.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
     sub = await clients("leave", "bob")
     (track,) = await sub.wait_for_tracks(1, "video")
     await pub.close()
@@ -80,14 +82,14 @@ async def test_publisher_leaves_subscribers_told_and_room_keeps_working(
     assert track.ended
     # The room still works: a new publisher reaches the remaining subscriber.
     pub2 = await clients("leave", "carol")
-    await pub2.publish([PatternVideoTrack(320, 240)])
+    await pub2.publish([PatternVideoTrack(320, 240, periodic_keyframes=False)])
     fresh = [t for t in (await sub.wait_for_tracks(2, "video")) if not t.ended]
     assert fresh and (fresh[0].width, fresh[0].height) == (320, 240)
 
 
 async def test_nack_repairs_three_percent_loss(node, clients: ClientFactory):
     pub = await clients("lossy", "alice")
-    await pub.publish([PatternVideoTrack(320, 240, bitrate=600_000)])
+    await pub.publish([PatternVideoTrack(320, 240, bitrate=600_000, periodic_keyframes=False)])
     sub = await clients("lossy", "bob")
     (track,) = await sub.wait_for_tracks(1, "video")
     rng = random.Random(42)
@@ -116,7 +118,7 @@ async def test_nack_repairs_three_percent_loss(node, clients: ClientFactory):
 
 async def test_pause_resume_keeps_sequence_continuous(node, clients: ClientFactory):
     pub = await clients("pause", "alice")
-    await pub.publish([PatternVideoTrack(160, 120)])
+    await pub.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
     sub = await clients("pause", "bob")
     (track,) = await sub.wait_for_tracks(1, "video")
     await sub.pause(track.consumer_id)
@@ -130,3 +132,30 @@ async def test_pause_resume_keeps_sequence_continuous(node, clients: ClientFacto
     assert track.stats()["decode_errors"] == 0
     # Continuity: the subscriber saw no sequence gap across the pause.
     assert track.stats()["packets_lost"] == 0
+
+
+async def test_every_late_joiner_decodes_every_publisher(node, clients: ClientFactory):
+    # Browser-like publishers (keyframes only on request) joining one after another: each
+    # newcomer subscribes to several video producers in one negotiation and must get a
+    # keyframe from each of them.
+    members = []
+    for i in range(4):
+        client = await clients("many", f"p{i}")
+        await client.publish(
+            [PatternVideoTrack(160, 120, periodic_keyframes=False), ToneAudioTrack()]
+        )
+        members.append(client)
+        await asyncio.sleep(0.3)
+    for client in members:
+        tracks = await client.wait_for_tracks(3, "video", timeout=20)
+        for _ in range(100):
+            if all(t.frames_decoded > 5 for t in tracks):
+                break
+            await asyncio.sleep(0.1)
+        decoded = {t.participant_id: t.frames_decoded for t in tracks}
+        others = {m.participant_id for m in members} - {client.participant_id}
+        assert set(decoded) == others
+        assert all(n > 5 for n in decoded.values()), decoded
+        assert all(t.stats()["decode_errors"] == 0 for t in tracks)
+        audio = await client.wait_for_tracks(3, "audio", timeout=20)
+        assert {t.participant_id for t in audio} == others

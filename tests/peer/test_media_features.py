@@ -45,7 +45,7 @@ async def test_h264_forwarded_when_negotiated(node, clients: ClientFactory):
 
 async def test_sender_reports_carry_consumer_counts(node, clients: ClientFactory):
     pub = await clients("sr", "alice")
-    await pub.publish([PatternVideoTrack(160, 120)])
+    await pub.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
     sub = await clients("sr", "bob")
     (track,) = await sub.wait_for_tracks(1, "video")
     await asyncio.sleep(3.0)  # SRs go out every 0.5-1.5 s
@@ -62,7 +62,7 @@ async def test_sender_reports_carry_consumer_counts(node, clients: ClientFactory
 
 async def test_admission_control_refuses_consumers_and_keeps_calls(node, clients: ClientFactory):
     pub = await clients("adm", "alice")
-    await pub.publish([PatternVideoTrack(160, 120)])
+    await pub.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
     sub1 = await clients("adm", "bob")
     (track,) = await sub1.wait_for_tracks(1, "video")
     sub2 = await clients("adm", "carol", auto_subscribe=False)
@@ -82,7 +82,7 @@ async def test_admission_control_refuses_consumers_and_keeps_calls(node, clients
 
 async def test_keyframe_requests_are_rate_limited(node, clients: ClientFactory):
     pub = await clients("pli", "alice")
-    video = PatternVideoTrack(160, 120)
+    video = PatternVideoTrack(160, 120, periodic_keyframes=False)
     await pub.publish([video])
     subs: list[CascadeClient] = []
     for i in range(4):

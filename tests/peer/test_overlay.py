@@ -45,7 +45,7 @@ async def test_room_spanning_three_nodes_found_via_dht():
             return cl
 
         pub = await client(a, "alice")
-        await pub.publish([PatternVideoTrack(160, 120)])
+        await pub.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
         sub_b = await client(b, "bob")
         sub_c = await client(c, "carol")
         for sub in (sub_b, sub_c):
@@ -62,3 +62,45 @@ async def test_room_spanning_three_nodes_found_via_dht():
         for server, overlay in reversed(nodes):
             await overlay.stop()
             await server.stop()
+
+
+async def test_participants_of_other_nodes_are_listed_and_their_joins_and_leaves_reported():
+    nodes: list[tuple[NodeServer, Overlay]] = []
+    clients: list[CascadeClient] = []
+    try:
+        nodes.append(await start_node("eu", []))
+        nodes.append(await start_node("us", [nodes[0][1].directory.address]))
+        (a, _), (b, _) = nodes
+
+        async def client(node: NodeServer, identity: str) -> CascadeClient:
+            cl = CascadeClient(node.url)
+            await cl.connect()
+            await cl.join("roster", token("roster", identity), name=identity.title())
+            clients.append(cl)
+            return cl
+
+        alice = await client(a, "alice")
+        bob = await client(b, "bob")
+        listed = {p["participant_id"]: p["name"] for p in bob.room_state["participants"]}
+        assert listed == {alice.participant_id: "Alice"}
+        event = await alice.wait_event("participant_joined", timeout=10)
+        assert event["participant"]["name"] == "Bob"
+        dave = await client(a, "dave")
+        assert dave.participant_id
+        joined = await bob.wait_event("participant_joined", timeout=10)
+        assert joined["participant"] == {
+            "participant_id": dave.participant_id,
+            "name": "Dave",
+            "node_id": a_node_id(nodes[0][1]),
+        }
+        await dave.close()
+        await bob.wait_event("participant_left", participant_id=dave.participant_id, timeout=10)
+    finally:
+        await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)
+        for server, overlay in reversed(nodes):
+            await overlay.stop()
+            await server.stop()
+
+
+def a_node_id(overlay: Overlay) -> str:
+    return overlay.directory.node_id.hex()

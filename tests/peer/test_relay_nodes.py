@@ -49,7 +49,10 @@ async def test_ten_subscribers_on_b_decode_publisher_on_a_over_one_flow(two_node
         pub = await connect(a, "span", "alice")
         clients.append(pub)
         producers = await pub.publish(
-            [PatternVideoTrack(320, 240, bitrate=500_000), ToneAudioTrack()]
+            [
+                PatternVideoTrack(320, 240, bitrate=500_000, periodic_keyframes=False),
+                ToneAudioTrack(),
+            ]
         )
         first = await connect(b, "span", "sub0")
         clients.append(first)
@@ -94,7 +97,7 @@ async def test_origin_producer_closing_reaches_remote_subscribers(two_nodes):
     try:
         pub = await connect(a, "bye", "alice")
         clients.append(pub)
-        producers = await pub.publish([PatternVideoTrack(160, 120)])
+        producers = await pub.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
         sub = await connect(b, "bye", "bob")
         clients.append(sub)
         await pull_all(a, b, "bye", producers)
@@ -117,7 +120,7 @@ async def test_unauthorised_node_cannot_pull(two_nodes):
     a.config.relay_peers.clear()  # A no longer knows B
     pub = await connect(a, "deny", "alice")
     try:
-        producers = await pub.publish([PatternVideoTrack(160, 120)])
+        producers = await pub.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
         with pytest.raises(Exception) as info:
             await asyncio.wait_for(pull_all(a, b, "deny", producers), 15)
         assert "deny" not in b.node.routers or not b.node.routers["deny"].producers
@@ -159,7 +162,9 @@ async def test_lossy_delayed_link_repaired_and_late_joiner_fast(impaired_nodes):
     try:
         pub = await connect(a, "lossy", "alice")
         clients.append(pub)
-        producers = await pub.publish([PatternVideoTrack(320, 240, bitrate=600_000)])
+        producers = await pub.publish(
+            [PatternVideoTrack(320, 240, bitrate=600_000, periodic_keyframes=False)]
+        )
         sub = await connect(b, "lossy", "bob")
         clients.append(sub)
         await pull_via(proxy, a, b, "lossy", producers)
@@ -191,7 +196,7 @@ async def test_cut_link_detected_reported_and_recovered(impaired_nodes):
     try:
         pub = await connect(a, "cut", "alice")
         clients.append(pub)
-        producers = await pub.publish([PatternVideoTrack(160, 120)])
+        producers = await pub.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
         sub = await connect(b, "cut", "bob")
         clients.append(sub)
         await pull_via(proxy, a, b, "cut", producers)

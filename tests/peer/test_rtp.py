@@ -8,6 +8,7 @@ import pytest
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
+from common.ratelimit import KeyframeLimiter
 from peer.engine import CodecInfo, Node, Producer, SfuError
 from peer.rtp import (
     URI_ABS_SEND_TIME,
@@ -23,7 +24,6 @@ from peer.rtp import (
 )
 from peer.stats import AdmissionPolicy
 from peer.tokens import TokenError, issue_token, verify_token
-from relay import KeyframeLimiter
 
 SECRET = "unit-secret-0123456789abcdef-0123456789"
 
@@ -196,3 +196,67 @@ def test_tokens():
     assert e.value.code == "bad_token"
     with pytest.raises(ValueError):
         issue_token("short", "room", "a")
+
+
+def _video_router() -> tuple[Producer, list[float], list[bytes]]:
+    node = Node()
+    router = node.router("r")
+    producer = router.add_producer(
+        Producer(router, "p", "video", CodecInfo("video/VP8", 90000), keyframe_request_delay=0.5)
+    )
+    asked: list[float] = []
+    producer.send_keyframe_request = lambda: asked.append(clock[0])
+    return producer, asked, []
+
+
+clock = [0.0]
+
+
+def _run(producer: Producer, start: float, end: float) -> None:
+    t = start
+    while t < end - 1e-9:
+        clock[0] = t
+        producer.tick(t)
+        t = round(t + 0.1, 3)
+
+
+def test_waiting_consumers_get_keyframe_requests_until_one_is_forwarded():
+    producer, asked, sent = _video_router()
+    # Three consumers created at once, attached at once (one negotiation): one request.
+    consumers = [producer.router.create_consumer(producer.id, f"s{i}") for i in range(3)]
+    clock[0] = 0.0
+    for c in consumers:
+        c.attach(OutboundParams(ssrc=1, payload_type=97), sent.append, now=0.0)
+    assert asked == [0.0]
+    # No keyframe arrives (request or keyframe lost, publisher not sending yet): the
+    # producer asks again once per keyframe-request interval, never faster.
+    _run(producer, 0.1, 2.05)
+    assert asked == [0.0, 0.5, 1.0, 1.5, 2.0]
+    producer.receive(1, 100, 1, vp8_payload(True), now=2.05)
+    assert len(sent) == 3 and not any(c.waiting_keyframe for c in consumers)
+    _run(producer, 2.1, 4.0)
+    assert asked == [0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+def test_unattached_consumer_does_not_ask_until_it_can_receive():
+    producer, asked, sent = _video_router()
+    consumer = producer.router.create_consumer(producer.id, "s")
+    _run(producer, 0.0, 1.0)
+    assert asked == []  # its transport is not connected: a keyframe now would be wasted
+    clock[0] = 1.0
+    consumer.attach(OutboundParams(ssrc=1, payload_type=97), sent.append, now=1.0)
+    assert asked == [1.0]
+
+
+def test_request_inside_the_throttle_window_is_held_not_lost():
+    producer, asked, sent = _video_router()
+    a = producer.router.create_consumer(producer.id, "a")
+    b = producer.router.create_consumer(producer.id, "b")
+    clock[0] = 0.0
+    a.attach(OutboundParams(ssrc=1, payload_type=97), sent.append, now=0.0)
+    producer.receive(1, 100, 1, vp8_payload(True), now=0.05)  # a starts
+    clock[0] = 0.2
+    b.attach(OutboundParams(ssrc=2, payload_type=97), sent.append, now=0.2)
+    assert asked == [0.0]
+    _run(producer, 0.3, 0.65)
+    assert asked == [0.0, 0.5]  # b's request, held until the window ended

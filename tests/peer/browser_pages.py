@@ -1,0 +1,213 @@
+"""Run inside a private network namespace by test_browser.py: nodes started in this
+process, headless Chromium pages joining one room through the demo page in sequence,
+then a report of which page decodes which participant's video.
+
+    python -m tests.peer.browser_pages --pages 4 --gap 0.5 [--nodes 2] [--rejoin]
+
+Prints one JSON object: per page, frames decoded per remote participant name, and the
+tile captions the page shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from playwright.async_api import Browser, Page, async_playwright
+
+from dht import Directory, NodeIdentity
+from peer.overlay import Overlay
+from peer.server import NodeConfig, NodeServer
+from tests.peer.browser_scenario import CHROMIUM_ARGS
+
+DEBUG = bool(os.environ.get("CASCADE_DEBUG"))
+SECRET = "browser-test-secret-0123456789abcdef"
+
+# Frames decoded per remote participant (by the name the page learnt for it).
+FRAMES_BY_NAME = """async () => {
+  const s = window.cascade;
+  if (!s.subPc) return {};
+  const out = {};
+  (await s.subPc.getStats()).forEach((r) => {
+    if (r.type !== "inbound-rtp" || r.kind !== "video") return;
+    const consumer = s.byMid.get(r.mid);
+    if (!consumer) return;
+    const name = s.names.get(consumer.participant_id) || consumer.participant_id;
+    out[name] = (out[name] || 0) + (r.framesDecoded || 0);
+  });
+  return out;
+}"""
+
+CAPTIONS = """() => [...document.querySelectorAll('figure[data-kind=video] figcaption')]
+  .map((c) => c.textContent)"""
+
+
+async def start_overlay(count: int) -> tuple[list[NodeServer], list[Overlay]]:
+    """``count`` nodes (ports 8080, 8081, ...) in one DHT, each in its own region."""
+    servers: list[NodeServer] = []
+    overlays: list[Overlay] = []
+    bootstrap: list[tuple[str, int]] = []
+    for i in range(count):
+        identity = NodeIdentity.generate()
+        server = NodeServer(
+            NodeConfig(
+                port=8080 + i,
+                api_secret=SECRET,
+                dev=True,
+                relay_port=0,
+                identity=identity.private_key,
+            )
+        )
+        await server.start()
+        directory = Directory(
+            identity, f"r{i}", host="127.0.0.1", port=0, bootstrap=bootstrap, ttl=6.0
+        )
+        overlay = Overlay(server, directory, interval=0.5)
+        await overlay.start()
+        bootstrap = bootstrap or [directory.address]
+        servers.append(server)
+        overlays.append(overlay)
+    return servers, overlays
+
+
+async def join_page(browser: Browser, url: str, name: str, room: str) -> Page:
+    page = await browser.new_page(viewport={"width": 1000, "height": 700})
+    if DEBUG:
+        page.on(
+            "websocket",
+            lambda ws: ws.on(
+                "framereceived", lambda f: print(name, "<", str(f)[:300], file=sys.stderr)
+            ),
+        )
+    await page.goto(url)
+    await page.fill("#room", room)
+    await page.fill("#name", name)
+    await page.click("#join-button")
+    await page.wait_for_function("window.cascade.published !== undefined", timeout=30000)
+    return page
+
+
+async def leave_page(page: Page) -> None:
+    await page.click("#leave-button")
+    await page.wait_for_function("window.cascade.sig === null", timeout=10000)
+
+
+async def rejoin_page(page: Page) -> None:
+    await page.click("#join-button")
+    await page.wait_for_function("window.cascade.published !== undefined", timeout=30000)
+
+
+def missing(frames: dict[str, dict[str, int]], expect: dict[str, set[str]]) -> list[str]:
+    """``"viewer<-publisher"`` for each expected video a page does not decode."""
+    return [
+        f"{name}<-{other}"
+        for name, others in sorted(expect.items())
+        for other in sorted(others)
+        if frames.get(name, {}).get(other, 0) <= 10
+    ]
+
+
+async def wait_all_decode(
+    pages: dict[str, Page], expect: dict[str, set[str]], timeout: float
+) -> dict[str, dict[str, int]]:
+    """Poll until every page decodes > 10 frames of each expected name, or time out."""
+    deadline = time.monotonic() + timeout
+    frames: dict[str, dict[str, int]] = {}
+    while True:
+        for name, page in pages.items():
+            frames[name] = await page.evaluate(FRAMES_BY_NAME)
+        if not missing(frames, expect) or time.monotonic() > deadline:
+            return frames
+        await asyncio.sleep(0.25)
+
+
+async def live_streams(pages: dict[str, Page], timeout: float, want: int) -> dict[str, int]:
+    """Per page, how many remote videos decode new frames (sampled 2 s apart); polls
+    until every page has ``want`` of them or ``timeout`` passes. Does not rely on names."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before = {n: await p.evaluate(FRAMES_BY_NAME) for n, p in pages.items()}
+        await asyncio.sleep(2.0)
+        after = {n: await p.evaluate(FRAMES_BY_NAME) for n, p in pages.items()}
+        live = {
+            n: sum(1 for k, v in after[n].items() if v - before[n].get(k, 0) >= 2) for n in pages
+        }
+        if all(v >= want for v in live.values()) or time.monotonic() > deadline:
+            return live
+
+
+async def run(pages_n: int, gap: float, nodes_n: int, rejoin: bool, screenshot: str | None) -> dict:
+    servers: list[NodeServer] = []
+    overlays: list[Overlay] = []
+    if nodes_n == 1:
+        server = NodeServer(NodeConfig(port=8080, api_secret=SECRET, dev=True))
+        await server.start()
+        servers.append(server)
+    else:
+        servers, overlays = await start_overlay(nodes_n)
+    result: dict[str, Any] = {}
+    try:
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(
+                executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+            )
+            pages: dict[str, Page] = {}
+            for i in range(pages_n):
+                name = f"page{i + 1}"
+                url = servers[i % len(servers)].url
+                pages[name] = await join_page(browser, url, name, "demo")
+                await asyncio.sleep(gap)
+            names = set(pages)
+            expect = {n: names - {n} for n in names}
+            result["frames"] = await wait_all_decode(pages, expect, 30)
+            result["missing"] = missing(result["frames"], expect)
+            result["live"] = await live_streams(pages, 20, pages_n - 1)
+            result["captions"] = {n: await p.evaluate(CAPTIONS) for n, p in pages.items()}
+            if screenshot:
+                await pages[f"page{pages_n}"].screenshot(path=screenshot)
+            if rejoin:
+                first = pages["page1"]
+                await leave_page(first)
+                await asyncio.sleep(1.0)
+                await rejoin_page(first)
+                result["frames_after_rejoin"] = await wait_all_decode(pages, expect, 30)
+                result["missing_after_rejoin"] = missing(result["frames_after_rejoin"], expect)
+                result["live_after_rejoin"] = await live_streams(pages, 25, pages_n - 1)
+            result["nodes_used"] = {
+                n: await p.evaluate("window.cascade.node") for n, p in pages.items()
+            }
+            result["status"] = {
+                n: await p.evaluate("document.getElementById('status').textContent")
+                for n, p in pages.items()
+            }
+            result["expect"] = {n: sorted(v) for n, v in expect.items()}
+            result["node_stats"] = [s.stats() for s in servers]
+            await browser.close()
+    finally:
+        for overlay in overlays:
+            await overlay.stop()
+        for server in servers:
+            await server.stop()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pages", type=int, default=4)
+    parser.add_argument("--gap", type=float, default=0.5)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--rejoin", action="store_true")
+    parser.add_argument("--screenshot")
+    args = parser.parse_args()
+    result = asyncio.run(run(args.pages, args.gap, args.nodes, args.rejoin, args.screenshot))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

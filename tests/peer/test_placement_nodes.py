@@ -1,0 +1,108 @@
+"""Placement on live nodes: a join on any node is redirected to the node placement
+chooses, the SDK follows, and the room's participants see each other."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from dht import Directory, NodeIdentity
+from peer.client import CascadeClient
+from peer.media import PatternVideoTrack
+from peer.overlay import Overlay
+from peer.scaling import ScalePolicy
+from peer.server import NodeConfig, NodeServer
+from tests.conftest import SECRET, token
+
+
+async def start(
+    region: str,
+    bootstrap: list[tuple[str, int]],
+    location: tuple[float, float],
+    *,
+    scale: ScalePolicy | None = None,
+    webhook: str | None = None,
+    **config: object,
+) -> tuple[NodeServer, Overlay]:
+    identity = NodeIdentity.generate()
+    server = NodeServer(
+        NodeConfig(
+            port=0,
+            api_secret=SECRET,
+            max_cpu=100.0,
+            relay_port=0,
+            identity=identity.private_key,
+            **config,  # type: ignore[arg-type]
+        )
+    )
+    await server.start()
+    directory = Directory(identity, region, host="127.0.0.1", port=0, bootstrap=bootstrap, ttl=6.0)
+    overlay = Overlay(
+        server, directory, interval=0.3, location=location, scale=scale, scale_webhook=webhook
+    )
+    await overlay.start()
+    return server, overlay
+
+
+async def wait_for_nodes(overlay: Overlay, count: int) -> None:
+    for _ in range(100):
+        if len(overlay.placement_nodes()) >= count:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("nodes never appeared in the directory")
+
+
+async def test_joins_are_redirected_to_the_room_node_of_the_clients_region():
+    nodes: list[tuple[NodeServer, Overlay]] = []
+    clients: list[CascadeClient] = []
+    try:
+        nodes.append(await start("eu", [], (48.9, 2.4)))
+        seed = [nodes[0][1].directory.address]
+        nodes.append(await start("eu", seed, (50.1, 8.7)))
+        nodes.append(await start("us", seed, (38.9, -77.0)))
+        (eu1, _), (eu2, o2), (us, _) = nodes
+        for _, overlay in nodes:
+            await wait_for_nodes(overlay, 3)
+
+        async def client(url: str, who: str, **join: object) -> CascadeClient:
+            c = CascadeClient(url)
+            clients.append(c)
+            await c.connect()
+            await c.join("meet", token("meet", who), **join)  # type: ignore[arg-type]
+            return c
+
+        alice = await client(eu1.url, "alice")
+        assert alice.redirects == []
+        await alice.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+        # The room is announced; a client of eu reaching the other eu node is sent to eu1.
+        for _ in range(50):
+            if await o2.directory.room_hosts("meet"):
+                break
+            await asyncio.sleep(0.1)
+        bob = await client(eu2.url, "bob")
+        assert [r["url"] for r in bob.redirects] == [eu1.url]
+        assert bob.redirects[0]["reason"] == "room_in_region"
+        # A client reaching the us node with an eu hint is sent there too.
+        carol = await client(us.url, "carol", region="eu")
+        assert carol.url == eu1.url
+        # Without a hint, a client of us stays in us (the room is opened there, relayed).
+        dave = await client(us.url, "dave")
+        assert dave.redirects == [] and dave.url == us.url
+        for viewer in (bob, carol, dave):
+            (track,) = await viewer.wait_for_tracks(1, "video", timeout=20)
+            assert track.participant_id == alice.participant_id
+        # GET /place gives the same ranking to applications that choose themselves.
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{us.url}/place", params={"room": "meet", "region": "eu"}) as resp,
+        ):
+            body = await resp.json()
+        assert body["candidates"][0]["url"] == eu1.url
+        assert body["candidates"][0]["reason"] == "room_in_region"
+        assert {c["region"] for c in body["candidates"]} == {"eu", "us"}
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        for server, overlay in reversed(nodes):
+            await overlay.stop()
+            await server.stop()
