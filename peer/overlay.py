@@ -75,7 +75,9 @@ class Overlay:
         self._outbox_changed = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self.access = RelayAccess(
-            server.config.relay_peers, open_mode=directory.policy.operator_key is None
+            server.config.relay_peers,
+            open_mode=directory.policy.operator_key is None,
+            host_lifetime=directory.ttl,
         )
         self._announced: dict[str, tuple[object, ...]] = {}
         # room -> participants of the room on other nodes: id -> (name, node id hex)
@@ -116,7 +118,8 @@ class Overlay:
         async def refresh() -> None:
             try:
                 entries = await self.directory.room_hosts(room)
-                self.access.room_hosts(room, (e.node_id for e in entries if e.participants > 0))
+                hosts = (e.node_id for e in entries if e.participants > 0)
+                self.access.room_hosts(room, hosts, self.directory.clock())
             except Exception:
                 log.exception("looking up the hosts of room %s failed", room)
             finally:
@@ -442,7 +445,8 @@ class Overlay:
             return
         entries = await self.directory.room_hosts(room)
         self._update_members(room, entries)
-        self.access.room_hosts(room, (e.node_id for e in entries if e.participants > 0))
+        hosts = (e.node_id for e in entries if e.participants > 0)
+        self.access.room_hosts(room, hosts, self.directory.clock())
         if not any(
             s.grant is not None and s.grant.can_subscribe for s in self.server.room_sessions(room)
         ):

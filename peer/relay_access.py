@@ -23,11 +23,20 @@ class _KeyGrant:
 class RelayAccess:
     """The relay access policy, fed with what the overlay reads from the directory."""
 
-    def __init__(self, static_keys: Iterable[bytes] = (), *, open_mode: bool = True) -> None:
+    def __init__(
+        self,
+        static_keys: Iterable[bytes] = (),
+        *,
+        open_mode: bool = True,
+        host_lifetime: float = 10.0,
+    ) -> None:
         self.static_keys = static_keys
         self.open_mode = open_mode
+        #: a room host seen in a lookup stays one this long (a room entry's lifetime), so
+        #: that a lookup that started earlier cannot undo what a newer one found
+        self.host_lifetime = host_lifetime
         self._grants: dict[bytes, _KeyGrant] = {}
-        self._room_hosts: dict[str, frozenset[bytes]] = {}
+        self._room_hosts: dict[str, dict[bytes, float]] = {}
 
     # -- what the directory says ---------------------------------------------------------
 
@@ -45,9 +54,15 @@ class RelayAccess:
         if grant is not None:
             grant.withdrawn = True
 
-    def room_hosts(self, room: str, node_ids: Iterable[bytes]) -> None:
-        """The nodes whose room entry for ``room`` announces participants."""
-        self._room_hosts[room] = frozenset(node_ids)
+    def room_hosts(self, room: str, node_ids: Iterable[bytes], now: float) -> None:
+        """A lookup at ``now`` found these nodes' room entries for ``room`` announcing
+        participants."""
+        hosts = self._room_hosts.setdefault(room, {})
+        for node_id in node_ids:
+            hosts[node_id] = now
+        for node_id, seen in list(hosts.items()):
+            if now - seen > self.host_lifetime:
+                del hosts[node_id]
 
     def forget_room(self, room: str) -> None:
         """``room`` has no local participants any more."""
@@ -74,7 +89,8 @@ class RelayAccess:
             return False
         if not self.open_mode:
             return True
-        return self._grants[key].node_id in self._room_hosts.get(room, frozenset())
+        seen = self._room_hosts.get(room, {}).get(self._grants[key].node_id)
+        return seen is not None and now - seen <= self.host_lifetime
 
     def revoke_due(self, now: float) -> list[bytes]:
         """Keys granted before and no longer allowed (each reported once, then forgotten)."""

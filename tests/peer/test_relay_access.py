@@ -24,11 +24,15 @@ def test_access_follows_records_and_rooms() -> None:
     assert access.allowed(b"k1", 50.0) and access.allowed(b"static", 1e9)
     assert not access.allowed(b"stranger", 50.0)
     # Open mode: only rooms the node announces participants in.
-    access.room_hosts("world", [b"n1"])
+    access.room_hosts("world", [b"n1"], now=50.0)
     assert access.may_pull(b"k1", "world", 50.0)
     assert not access.may_pull(b"k2", "world", 50.0)
     assert not access.may_pull(b"k1", "other", 50.0)
     assert access.may_pull(b"static", "other", 50.0)
+    # A later lookup that misses n1 does not undo what an earlier one found, for a while.
+    access.room_hosts("world", [], now=55.0)
+    assert access.may_pull(b"k1", "world", 55.0)
+    assert not access.may_pull(b"k1", "world", 50.0 + access.host_lifetime + 1)
     # Withdrawn: revoked at once; expired: revoked at expiry; each reported once.
     access.missing(b"k2")
     assert access.revoke_due(50.0) == [b"k2"]
