@@ -237,12 +237,14 @@ class Overlay:
         for key, node_id in self.access.tracked():
             if key in listed:
                 continue
-            # Not in the global listing (a lookup can be partial): ask for that node.
-            entry = await self.directory.node_entry(node_id)
-            if entry is None or entry[0].relay_key != key:
+            # Not in the global listing (a lookup can be partial): ask for that node. Only
+            # its tombstone revokes at once; otherwise the grant lasts until the record's
+            # expiry (a failed lookup on a loaded node must not cut a live peer off).
+            entry, withdrawn = await self.directory.node_state(node_id)
+            if withdrawn or (entry is not None and entry[0].relay_key != key):
                 self.access.missing(key)
                 self._nodes.pop(node_id, None)
-            else:
+            elif entry is not None:
                 self.access.seen(key, node_id, entry[1])
         relay = self.server.relay
         for key in self.access.revoke_due(self.directory.clock()):
