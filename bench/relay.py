@@ -248,7 +248,7 @@ def spawn(job: dict[str, Any], args: argparse.Namespace) -> tuple[Any, Connectio
 
 async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) -> dict[str, Any]:
     """One relay scenario; returns origin and remote figures (and link bytes via proxy)."""
-    from tests.impairment import ImpairmentProxy
+    from bench.impairment import ImpairmentProxy
 
     n = int(args.rate * args.seconds)
     okey = Ed25519PrivateKey.generate()

@@ -15,15 +15,9 @@ What we rely on, and why:
 - ``RTCDtlsTransport._tx_srtp`` and aioice's nominated pair: the forwarding
   hot path protects and sends synchronously, without a coroutine per packet.
 - ``aioice.ice.get_host_addresses``: ICE listen addresses are configurable.
-- ``RTCDtlsTransport._recv_next``: one call handles one received datagram; its
-  loop (``__run``) ends on any exception but ``pylibsrtp.Error``, so an empty
-  datagram (``data[0]``), an oversized RTP-range one (pylibsrtp's ``ValueError``)
-  or any other surprise from a stranger would end the transport for good. The
-  guard makes every exception but ``ConnectionError`` (the transport closed) and
-  cancellation drop that one datagram; :data:`dropped_datagrams` counts them.
-- ``aioice.ice.StunProtocol.datagram_received``: STUN parsing raises more than
-  the ``ValueError`` it catches (e.g. ``struct.error`` on a truncated attribute);
-  on uvloop an exception there closes the ICE socket. Guarded the same way.
+- ``aioice.ice.Connection.gather_candidates`` and its ``_local_candidates``: host
+  candidates announce a configured address instead of the bound one (a node binding
+  0.0.0.0 or behind 1:1 NAT), like mediasoup's announced IP.
 - ``aioice.ice.Connection.gather_candidates`` and its ``_protocols`` /
   ``_closing``: gathering runs shielded from cancellation (uvloop's
   ``create_datagram_endpoint`` leaks the socket it was binding when cancelled),
@@ -33,6 +27,18 @@ What we rely on, and why:
 - ``aioice.ice.StunProtocol.connection_lost``: closes our dup of the ICE socket
   (see :func:`_send_socket`) when the ICE socket closes, instead of whenever the
   garbage collector gets to the protocol.
+- ``aioice.ice.Connection._query_consent_task`` and ``RTCIceTransport.__start``: a
+  connection closed while its ICE checks were completing starts consent checks after
+  ``close()`` (aioice 0.13); :func:`close_peer_connection` waits for that and stops them.
+- ``RTCDtlsTransport._recv_next``: one call handles one received datagram; its
+  loop (``__run``) ends on any exception but ``pylibsrtp.Error``, so an empty
+  datagram (``data[0]``), an oversized RTP-range one (pylibsrtp's ``ValueError``)
+  or any other surprise from a stranger would end the transport for good. The
+  guard makes every exception but ``ConnectionError`` (the transport closed) and
+  cancellation drop that one datagram; :data:`dropped_datagrams` counts them.
+- ``aioice.ice.StunProtocol.datagram_received``: STUN parsing raises more than
+  the ``ValueError`` it catches (e.g. ``struct.error`` on a truncated attribute);
+  on uvloop an exception there closes the ICE socket. Guarded the same way.
 """
 
 from __future__ import annotations
@@ -126,7 +132,7 @@ def _stun_connection_lost(self: aioice.ice.StunProtocol, exc: Exception | None) 
 
 
 async def _gather_candidates_without_leaks(self: aioice.ice.Connection) -> None:
-    gathering = asyncio.ensure_future(_ORIGINAL_GATHER_CANDIDATES(self))
+    gathering = asyncio.ensure_future(_announcing_gather_candidates(self))
     gathering.add_done_callback(lambda task: _close_if_closing(self, task))
     await asyncio.shield(gathering)
 
@@ -146,21 +152,38 @@ aioice.ice.Connection.gather_candidates = _gather_candidates_without_leaks  # ty
 aioice.ice.StunProtocol.connection_lost = _stun_connection_lost  # type: ignore[method-assign]
 aioice.ice.StunProtocol.datagram_received = _guarded_stun_datagram_received  # type: ignore[method-assign]
 _ice_addresses: list[str] | None = None
+_ice_announce: str | None = None
 _background: set[asyncio.Future[None]] = set()
 
 
-def set_ice_addresses(addresses: list[str] | None) -> None:
+def set_ice_addresses(addresses: list[str] | None, announce: str | None = None) -> None:
     """Restrict ICE host candidates to ``addresses`` (None restores aioice's default).
 
     aioice advertises every interface (and never loopback) by default; a node, test
-    or benchmark sets this before creating peer connections.
+    or benchmark sets this before creating peer connections. ``announce`` replaces the
+    address of every host candidate of its family (IPv4 or IPv6) in what is offered to
+    the other side, while the sockets stay bound to ``addresses`` (e.g. 0.0.0.0).
     """
-    global _ice_addresses
+    global _ice_addresses, _ice_announce
     _ice_addresses = list(addresses) if addresses is not None else None
+    _ice_announce = announce
     if addresses is None:
         aioice.ice.get_host_addresses = _ORIGINAL_GET_HOST_ADDRESSES
     else:
         aioice.ice.get_host_addresses = _configured_host_addresses
+
+
+async def _announcing_gather_candidates(self: aioice.ice.Connection) -> None:
+    await _ORIGINAL_GATHER_CANDIDATES(self)
+    announce = _ice_announce
+    if announce is None:
+        return
+    v6 = ":" in announce
+    for candidate in self._local_candidates:
+        # the candidate object is also the socket's protocol.local_candidate: pairing and
+        # checks keep using the bound socket, only the advertised address changes
+        if candidate.type == "host" and (":" in candidate.host) == v6:
+            candidate.host = announce
 
 
 def _configured_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
@@ -493,6 +516,27 @@ def _ice_connections(pc: Any) -> list[tuple[Any, Any]]:
         conn = dtls.transport._connection
         seen.setdefault(id(conn), (conn, dtls))
     return list(seen.values())
+
+
+async def close_peer_connection(pc: Any, wait: float = 2.0) -> None:
+    """Close ``pc`` and stop what aiortc/aioice may leave running after ``close()``: an ICE
+    connect() that was completing still starts consent checks (waited for up to ``wait``
+    seconds through ``RTCIceTransport.__start``, then cancelled)."""
+    pairs: list[tuple[Any, Any]] = []
+    with contextlib.suppress(Exception):
+        pairs = _ice_connections(pc)
+    with contextlib.suppress(Exception):
+        await pc.close()
+    for conn, dtls in pairs:
+        started = getattr(dtls.transport, "_RTCIceTransport__start", None)
+        if started is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(started.wait(), wait)
+        task = getattr(conn, "_query_consent_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 def local_candidate_ports(pc: Any) -> list[tuple[str, int]]:

@@ -1,178 +1,443 @@
-"""``cascade`` command line: ``node``, ``token`` and ``keygen``."""
+"""``cascade`` command line: ``node``, ``token``, ``keygen``, ``pubkey`` and ``bench``.
+
+Every error is one line on stderr (``cascade <command>: <what to do>``) and a non-zero exit
+status: 2 for bad usage or configuration, 1 when something failed at run time (a port in use).
+Node options are declared once, in :data:`peer.config.NODE_OPTIONS`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import importlib
+import json
 import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any, NoReturn
 
-from dht import Directory, NodeIdentity, parse_bootstrap
-from peer.overlay import Overlay
-from peer.server import NodeConfig, NodeServer
-from peer.tokens import issue_token, new_secret
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from dht import Directory, NodeIdentity, check_certificate, parse_bootstrap
+from dht.identity import IdentityError
+from peer.addresses import AddressError, AddressPlan, plan_addresses
+from peer.config import NODE_OPTIONS, ConfigError, add_options, resolve
+from peer.tokens import (
+    KeyMaterialError,
+    check_secret,
+    issue_token,
+    load_public_key,
+    load_signing_key,
+    new_secret,
+    public_pem,
+)
 
 SECRET_ENV = "CASCADE_API_SECRET"
+USAGE_ERROR = 2
+RUNTIME_ERROR = 1
+THIRD_PARTY_LOGGERS = ("kademlia", "rpcudp", "aioquic", "quic", "aioice", "aiortc", "aiohttp")
+BENCHMARKS = {
+    "fanout": "Cascade vs Janus vs aiortc MediaRelay fan-out (root: network namespaces)",
+    "relay": "QUIC relay between two nodes",
+    "dht": "directory lookups and churn on a local DHT",
+}
+NEEDS_ROOT = {"fanout"}
 
 
-def _read_secret(args: argparse.Namespace) -> str | None:
-    if getattr(args, "secret_file", None):
-        return Path(args.secret_file).read_text().strip()
-    return os.environ.get(SECRET_ENV)
+class CliError(Exception):
+    """A one-line error for the user; ``status`` is the exit code."""
+
+    def __init__(self, message: str, status: int = USAGE_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("node", help="run a Cascade node")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP/WebSocket listen address")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--dev", action="store_true", help="dev mode: printed dev secret, dev tokens")
-    p.add_argument(
-        "--ice-ip",
-        action="append",
-        default=None,
-        help="address to gather ICE host candidates on (repeatable; default 127.0.0.1)",
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see {self.prog} --help)")
+
+
+# -- secrets and keys ------------------------------------------------------------------
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def read_secret(secret_file: str | None) -> str | None:
+    """The HS256 secret from ``secret_file`` or ``$CASCADE_API_SECRET``, checked; or None."""
+    if secret_file:
+        where = f"secret file {secret_file}"
+        secret = _read_file(secret_file, "secret file").decode(errors="replace").strip()
+    else:
+        where = f"${SECRET_ENV}"
+        secret = os.environ.get(SECRET_ENV, "").strip()
+        if not secret:
+            return None
+    try:
+        return check_secret(secret)
+    except ValueError as exc:
+        raise CliError(f"{where}: {exc}") from None
+
+
+def read_public_key(path: str, what: str) -> Ed25519PublicKey:
+    """A PEM Ed25519 public key file (``cascade pubkey`` output)."""
+    try:
+        return load_public_key(_read_file(path, what))
+    except KeyMaterialError as exc:
+        raise CliError(f"{what} {path}: {exc}") from None
+
+
+def read_identity(path: str) -> NodeIdentity:
+    """A node key file (``cascade keygen``): mode 0600, PEM Ed25519."""
+    try:
+        return NodeIdentity.load(path)
+    except IdentityError as exc:
+        raise CliError(str(exc).split(": [Errno")[0]) from None
+
+
+# -- logging ---------------------------------------------------------------------------
+
+
+class _LineFormatter(logging.Formatter):
+    """One line per record: tracebacks are folded with `` | ``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", " | ")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, as_json: bool = False) -> None:
+    """Root logging at ``level`` on stderr, single-line; third-party libraries at WARNING
+    unless ``level`` is DEBUG."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise CliError(f"--log-level {level!r}: use DEBUG, INFO, WARNING or ERROR")
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        _JsonFormatter()
+        if as_json
+        else _LineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
-    p.add_argument("--secret-file", help=f"file with the API secret (else ${SECRET_ENV})")
-    p.add_argument("--max-consumers", type=int, default=2000)
-    p.add_argument("--max-cpu", type=float, default=0.85, help="refuse consumers above this")
-    p.add_argument("--max-egress-pps", type=float, default=60_000.0)
-    p.add_argument("--key", help="node identity key file (cascade keygen); default: a fresh key")
-    p.add_argument("--region", help="join the overlay DHT in this region")
-    p.add_argument("--dht-host", default="127.0.0.1", help="DHT UDP listen address")
-    p.add_argument("--dht-port", type=int, help="DHT UDP port (enables the overlay)")
-    p.add_argument(
-        "--bootstrap",
-        action="append",
-        default=[],
-        help="host:port of a DHT node to join through (repeatable, comma-separated)",
-    )
-    p.add_argument("--dht-ttl", type=float, default=10.0, help="record lifetime, seconds")
-    p.add_argument("--relay-host", default="127.0.0.1", help="QUIC relay listen address")
-    p.add_argument("--relay-port", type=int, help="QUIC relay UDP port (default: with the DHT)")
-    p.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--log-level", default="INFO")
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, numeric))
 
 
-def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+# -- commands --------------------------------------------------------------------------
+
+
+def _token_parser(sub: Any) -> None:
     p = sub.add_parser("token", help="issue an access token")
     p.add_argument("--room", required=True)
     p.add_argument("--identity", required=True)
-    p.add_argument("--ttl", type=float, default=3600, help="seconds")
+    p.add_argument("--ttl", type=float, default=3600, help="seconds (default 3600)")
     p.add_argument("--no-publish", action="store_true")
     p.add_argument("--no-subscribe", action="store_true")
-    p.add_argument("--secret-file", help=f"file with the API secret (else ${SECRET_ENV})")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--secret-file", help=f"HS256 secret file (else ${SECRET_ENV})")
+    keys.add_argument("--signing-key", help="Ed25519 application key file (EdDSA tokens)")
+
+
+def token_main(args: argparse.Namespace) -> int:
+    """``cascade token``: print a JWT."""
+    key: str | Ed25519PrivateKey | None
+    if args.signing_key:
+        try:
+            key = load_signing_key(_read_file(args.signing_key, "signing key"))
+        except KeyMaterialError as exc:
+            raise CliError(f"signing key {args.signing_key}: {exc}") from None
+    else:
+        key = read_secret(args.secret_file)
+        if key is None:
+            raise CliError(f"no signing key: set ${SECRET_ENV}, --secret-file or --signing-key")
+    try:
+        token = issue_token(
+            key,
+            args.room,
+            args.identity,
+            ttl=args.ttl,
+            publish=not args.no_publish,
+            subscribe=not args.no_subscribe,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(token)
+    return 0
+
+
+def pubkey_main(args: argparse.Namespace) -> int:
+    """``cascade pubkey``: print the PEM public key of a key file (for --token-key and
+    --fleet-operator)."""
+    print(public_pem(read_identity(args.key).private_key), end="")
+    return 0
+
+
+def bench_main(name: str, rest: list[str]) -> int:
+    """``cascade bench NAME ...``: run a packaged benchmark."""
+    if not name or name.startswith("-"):
+        listing = "\n".join(f"  {k:8} {v}" for k, v in BENCHMARKS.items())
+        print(f"usage: cascade bench NAME [ARGS]  (cascade bench NAME --help)\n{listing}")
+        return 0 if name in ("-h", "--help") or "--help" in rest else USAGE_ERROR
+    if name not in BENCHMARKS:
+        raise CliError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    if name in NEEDS_ROOT and os.geteuid() != 0:
+        raise CliError(
+            f"benchmark {name} needs root: it runs servers and clients in network namespaces"
+        )
+    module = importlib.import_module(f"bench.{name}")
+    sys.argv[0] = f"cascade bench {name}"  # the benchmark's own --help and errors
+    return int(module.main(rest) or 0)
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="cascade", description="Cascade: a decentralized SFU overlay")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    node = sub.add_parser("node", help="run a Cascade node")
+    add_options(node, NODE_OPTIONS)
+    _token_parser(sub)
+    sub.add_parser("keygen", help="create a key file (cascade keygen --help)", add_help=False)
+    pub = sub.add_parser("pubkey", help="print the public key of a key file")
+    pub.add_argument("--key", required=True, help="key file (cascade keygen)")
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark",
+        description="\n".join(f"{k}: {v}" for k, v in BENCHMARKS.items()),
+        add_help=False,
+    )
+    bench.add_argument("benchmark", nargs="?", default="")
+    sub.add_parser(
+        "demo",
+        help="a local overlay: 4 nodes in eu, us and ap on 127.0.0.1 (cascade demo --help)",
+        add_help=False,
+    )
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cascade`` console script."""
-    parser = argparse.ArgumentParser(prog="cascade", description="Cascade SFU node")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _node_parser(sub)
-    _token_parser(sub)
-    sub.add_parser("keygen", help="create a node identity key", add_help=False)
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "keygen":
-        from dht.cli import keygen_main
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    try:
+        args, rest = _parser().parse_known_args(argv)
+        if args.command == "keygen":
+            from dht.cli import keygen_main
 
-        return keygen_main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "token":
-        secret = _read_secret(args)
-        if not secret:
-            print(f"no API secret: set ${SECRET_ENV} or pass --secret-file", file=sys.stderr)
-            return 2
-        print(
-            issue_token(
-                secret,
-                args.room,
-                args.identity,
-                ttl=args.ttl,
-                publish=not args.no_publish,
-                subscribe=not args.no_subscribe,
-            )
+            return keygen_main(rest)
+        if args.command == "bench":
+            return bench_main(args.benchmark, rest)
+        if args.command == "demo":
+            from peer.demo import main as demo_main
+
+            return demo_main(rest)
+        if rest:
+            raise CliError(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "token":
+            return token_main(args)
+        if args.command == "pubkey":
+            return pubkey_main(args)
+        return run_node(resolve(args))
+    except CliError as exc:
+        known = command in ("node", "token", "pubkey", "bench")
+        print(f"cascade {command}: {exc}" if known else f"cascade: {exc}", file=sys.stderr)
+        return exc.status
+    except ConfigError as exc:
+        print(f"cascade {command}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- cascade node ----------------------------------------------------------------------
+
+
+def _bootstrap(specs: list[str]) -> list[tuple[str, int]]:
+    try:
+        return parse_bootstrap([b for spec in specs for b in spec.split(",") if b.strip()])
+    except ValueError as exc:
+        raise CliError(f"--bootstrap: {exc}") from None
+
+
+def _fleet(args: argparse.Namespace, identity: NodeIdentity) -> tuple[bytes, bytes | None]:
+    """The node's fleet certificate and the operator's raw public key (fleet mode), checked."""
+    if not args.fleet_cert and not args.fleet_operator:
+        return b"", None
+    if not (args.fleet_cert and args.fleet_operator):
+        raise CliError("fleet mode needs both --fleet-cert and --fleet-operator")
+    if not args.key:
+        raise CliError("--fleet-cert needs --key, the key file the certificate was issued for")
+    certificate = _read_file(args.fleet_cert, "fleet certificate")
+    operator = read_public_key(args.fleet_operator, "fleet operator key").public_bytes_raw()
+    if not check_certificate(
+        certificate,
+        operator_public_key=operator,
+        node_public_key=identity.public_key,
+        now=time.time(),
+    ):
+        raise CliError(
+            f"fleet certificate {args.fleet_cert} is not a valid, unexpired certificate of "
+            f"{args.key} by that operator"
         )
-        return 0
-    return run_node(args)
+    return certificate, operator
 
 
 def run_node(args: argparse.Namespace) -> int:
-    """Run a node until SIGINT/SIGTERM."""
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("kademlia", "rpcudp", "aioquic", "aioice", "aiortc"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    secret = _read_secret(args)
-    if not secret:
-        if not args.dev:
-            print(
-                f"no API secret: set ${SECRET_ENV}, pass --secret-file, or use --dev",
-                file=sys.stderr,
-            )
-            return 2
-        secret = new_secret()
-        print(f"dev mode: API secret {secret}", flush=True)
-    identity = NodeIdentity.load(args.key) if args.key else NodeIdentity.generate()
+    """Check every setting, then run a node until SIGINT/SIGTERM."""
+    from peer.server import NodeConfig
+
+    configure_logging(args.log_level, args.log_json)
+    for name in ("port", "dht_port", "relay_port"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < 65536:
+            raise CliError(f"--{name.replace('_', '-')} {value} is not a port number")
     overlay = args.dht_port is not None
     if overlay and not args.region:
-        print("--dht-port needs --region", file=sys.stderr)
-        return 2
-    relay_port = args.relay_port
-    if relay_port is None and overlay:
-        relay_port = 0
+        raise CliError("--dht-port needs --region")
+    if args.region and not overlay:
+        raise CliError("--region needs --dht-port (the overlay's DHT port)")
+    secret = read_secret(args.secret_file)
+    token_key = read_public_key(args.token_key, "token key") if args.token_key else None
+    if secret is None and token_key is None and not args.dev:
+        raise CliError(
+            f"no token secret or key: set ${SECRET_ENV}, --secret-file or --token-key (or --dev)"
+        )
+    if args.dev and secret is None:
+        secret = new_secret()
+        print(f"dev mode: API secret {secret}", flush=True)
+    identity = read_identity(args.key) if args.key else NodeIdentity.generate()
+    certificate, operator = _fleet(args, identity)
+    bootstrap = _bootstrap(args.bootstrap)
+    relay_port = args.relay_port if args.relay_port is not None or not overlay else 0
+    try:
+        plan = plan_addresses(
+            host=args.host,
+            port=args.port,
+            public_url=args.public_url,
+            ice_ip=args.ice_ip,
+            announce_ip=args.announce_ip,
+            dht_host=args.dht_host,
+            dht_port=args.dht_port,
+            dht_announce=args.dht_announce,
+            relay_host=args.relay_host,
+            relay_port=relay_port or None,
+            relay_announce=args.relay_announce,
+            bootstrap=bootstrap,
+        )
+    except AddressError as exc:
+        raise CliError(str(exc)) from None
     config = NodeConfig(
-        host=args.host,
+        host=plan.http_bind,
         port=args.port,
-        api_secret=secret,
+        public_url=plan.public_url if (args.public_url or args.announce_ip) else "",
+        api_secret=secret or "",
+        token_public_key=token_key,
         dev=args.dev,
-        ice_addresses=args.ice_ip or ["127.0.0.1"],
+        ice_addresses=plan.ice_bind,
+        ice_announce=plan.ice_announce,
         max_consumers=args.max_consumers,
         max_cpu=args.max_cpu,
         max_egress_pps=args.max_egress_pps,
         identity=identity.private_key,
-        relay_host=args.relay_host,
+        relay_host=plan.relay_bind,
         relay_port=relay_port,
+        relay_announce=plan.relay_announce if (args.relay_announce or args.announce_ip) else "",
     )
+    directory = None
+    if overlay:
+        try:
+            directory = Directory(
+                identity,
+                args.region,
+                host=plan.dht_bind,
+                port=args.dht_port,
+                bootstrap=bootstrap,
+                ttl=args.dht_ttl,
+                certificate=certificate,
+                operator_key=operator,
+            )
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     if args.uvloop:
         with contextlib.suppress(ImportError):
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    directory = None
-    if overlay:
-        directory = Directory(
-            identity,
-            args.region,
-            host=args.dht_host,
-            port=args.dht_port,
-            bootstrap=parse_bootstrap([b for spec in args.bootstrap for b in spec.split(",")]),
-            ttl=args.dht_ttl,
-        )
-    return asyncio.run(_serve(config, directory))
+    if (args.location or args.scale_webhook) and not overlay:
+        raise CliError("--location and --scale-webhook need the overlay (--dht-port)")
+    if args.scale_webhook and not args.scale_webhook.startswith(("http://", "https://")):
+        raise CliError(f"--scale-webhook must be an http(s) URL, not {args.scale_webhook!r}")
+    return asyncio.run(
+        _serve(config, directory, plan, location=args.location, webhook=args.scale_webhook)
+    )
 
 
-async def _serve(config: NodeConfig, directory: Directory | None) -> int:
-    server = NodeServer(config)
-    await server.start()
-    overlay = None
-    if directory is not None:
-        overlay = Overlay(server, directory)
-        await overlay.start()
-        host, port = directory.address
-        print(
-            f"overlay: node {directory.node_id.hex()[:16]} in {directory.region}, "
-            f"DHT on {host}:{port}",
-            flush=True,
-        )
-    print(f"cascade node listening on {server.url}", flush=True)
+async def _serve(
+    config: Any,
+    directory: Directory | None,
+    plan: AddressPlan,
+    *,
+    location: tuple[float, float] | None = None,
+    webhook: str | None = None,
+) -> int:
+    from peer.overlay import Overlay
+    from peer.server import NodeServer
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    server = NodeServer(config)
+    try:
+        await server.start()
+    except OSError as exc:
+        await server.stop()
+        raise CliError(f"cannot listen: {exc.strerror or exc}", RUNTIME_ERROR) from None
+    if server.config.public_url.endswith(":0"):  # --port 0 with --announce-ip
+        server.config.public_url = f"{server.config.public_url[:-2]}:{server.config.port}"
+    overlay = None
+    if directory is not None:
+        overlay = Overlay(server, directory, location=location, scale_webhook=webhook)
+        try:
+            await overlay.start()
+        except OSError as exc:
+            await server.stop()
+            raise CliError(
+                f"cannot start the DHT on {plan.dht_bind}: {exc.strerror or exc}", RUNTIME_ERROR
+            ) from None
+        host, port = directory.address
+        announce = plan.dht_announce
+        if announce.endswith("]") or ":" not in announce:
+            announce = f"{announce}:{port}"
+        print(
+            f"overlay: node {directory.node_id.hex()[:16]} in {directory.region}, "
+            f"DHT on {host}:{port} (bootstrap others through {announce})",
+            flush=True,
+        )
+    print(f"cascade node listening on {server.url}", flush=True)
     await stop.wait()
     if overlay is not None:
         await overlay.stop()

@@ -1,11 +1,9 @@
 """Python SDK: a Cascade participant built on aiortc.
 
-client = CascadeClient("http://127.0.0.1:8080")
-await client.connect()
-await client.join("room", token)
-await client.publish([PatternVideoTrack(), ToneAudioTrack()])
-...  # client.tracks fills as the node offers consumers
-await client.close()
+async with CascadeClient("http://127.0.0.1:8080") as client:
+    await client.join("room", mint_token("room", "alice"))
+    await client.publish([PatternVideoTrack(), ToneAudioTrack()])
+    ...  # client.tracks fills as the node offers consumers
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +24,31 @@ from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
 from peer import aiortc_adapter as rtc
+from peer.tokens import issue_token, load_signing_key
 
 log = logging.getLogger("cascade.client")
+
+
+def mint_token(
+    room: str,
+    identity: str,
+    *,
+    secret: str | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+    ttl: float = 3600,
+    publish: bool = True,
+    subscribe: bool = True,
+) -> str:
+    """An access token for scripts and tests: signed with ``secret`` (HS256), the Ed25519
+    application key in ``key_file`` (EdDSA), or else ``$CASCADE_API_SECRET``."""
+    if key_file is not None:
+        with open(key_file, "rb") as f:
+            key: Any = load_signing_key(f.read())
+    else:
+        key = secret if secret is not None else os.environ.get("CASCADE_API_SECRET")
+        if not key:
+            raise ValueError("mint_token needs secret=, key_file= or $CASCADE_API_SECRET")
+    return issue_token(key, room, identity, ttl=ttl, publish=publish, subscribe=subscribe)
 
 
 class CascadeError(Exception):
@@ -111,6 +133,14 @@ class CascadeClient:
         self._by_mid: dict[str, SubscribedTrack] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sub_lock = asyncio.Lock()
+        self._closing = False
+
+    async def __aenter__(self) -> CascadeClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     # -- connection -------------------------------------------------------------
 
@@ -167,6 +197,8 @@ class CascadeClient:
 
     async def _on_event(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
+        if self._closing:
+            return
         if kind == "offer":
             self._spawn(self._handle_offer(message))
         elif kind == "consumer_closed":
@@ -181,7 +213,12 @@ class CascadeClient:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self._closing:
+            log.warning("client task failed: %r", task.exception())
 
     # -- room -------------------------------------------------------------------
 
@@ -227,8 +264,11 @@ class CascadeClient:
         return reply
 
     async def _reconnect(self, url: str) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader  # nothing of the old connection keeps running
         if self._ws is not None:
             await self._ws.close()
         if self._session is not None:
@@ -395,17 +435,24 @@ class CascadeClient:
         sub.ended = True
 
     async def close(self) -> None:
-        """Leave and release every connection."""
+        """Leave and release every connection; returns once nothing of this client runs."""
+        if self._closing:
+            return
         if self._ws is not None and not self._ws.closed:
-            await self.leave()
-            await self._ws.close()
-        for task in list(self._tasks):
-            task.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.leave(), self.request_timeout)
+        self._closing = True
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+        tasks = list(self._tasks)
         if self._reader is not None:
-            self._reader.cancel()
+            tasks.append(self._reader)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for pc in (self._publish_pc, self._subscribe_pc):
             if pc is not None:
-                with contextlib.suppress(Exception):
-                    await pc.close()
+                await rtc.close_peer_connection(pc)
         if self._session is not None:
             await self._session.close()

@@ -34,6 +34,8 @@ class DemoNode:
     port: int
     dht_port: int
     bootstrap: str | None
+    extra: tuple[str, ...] = ()
+    """More ``cascade node`` flags."""
 
     @property
     def url(self) -> str:
@@ -63,7 +65,7 @@ class DemoNode:
         ]
         if self.bootstrap:
             cmd += ["--bootstrap", self.bootstrap]
-        return cmd
+        return cmd + list(self.extra)
 
 
 SITES: tuple[tuple[str, str, tuple[float, float]], ...] = (
@@ -110,6 +112,36 @@ def _stop(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def start_nodes(
+    plan: Sequence[DemoNode], env: dict[str, str], *, timeout: float = 60.0
+) -> list[subprocess.Popen[bytes]]:
+    """Start ``plan``'s nodes and wait until each answers; raises RuntimeError otherwise."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for node in plan:
+            procs.append(subprocess.Popen(node.command(), env=env))
+            if node.bootstrap is None:
+                time.sleep(0.5)
+        deadline = time.monotonic() + timeout
+        pending = list(plan)
+        while pending:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a node exited during start-up")
+            if time.monotonic() > deadline:
+                raise RuntimeError("nodes did not start in time")
+            pending = [n for n in pending if not _healthy(n.url)]
+            time.sleep(0.2)
+    except BaseException:
+        stop_nodes(procs)
+        raise
+    return procs
+
+
+def stop_nodes(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """SIGTERM every node, SIGKILL those still running after ``timeout``."""
+    _stop(procs, timeout)
 
 
 def run(plan: Sequence[DemoNode], *, start_timeout: float = 60.0) -> int:

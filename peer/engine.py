@@ -398,7 +398,7 @@ class Router:
         producer = self.producers.get(producer_id)
         if producer is None or producer.closed:
             raise SfuError("unknown_producer", f"no producer {producer_id!r} in this room")
-        refusal = self.node.admission.refusal(producer.stats.packet_rate)
+        refusal = self.node.admission.admit(producer.stats.packet_rate)
         if refusal is not None:
             raise SfuError("overloaded", f"node refuses new consumers: {refusal}")
         consumer = Consumer(producer, subscriber_id, paused=paused)
@@ -411,7 +411,8 @@ class Router:
         self.producers.pop(producer.id, None)
 
     def _forget_consumer(self, consumer: Consumer) -> None:
-        self.consumers.pop(consumer.id, None)
+        if self.consumers.pop(consumer.id, None) is not None:
+            self.node.admission.release()
 
     def tick(self, now: float) -> None:
         """Timer work for every producer and consumer."""

@@ -38,6 +38,18 @@ from peer.server import NodeServer
 log = logging.getLogger("cascade.overlay")
 
 
+def announced_relay_address(announce: str, bound_host: str, bound_port: int) -> str:
+    """The relay address to publish: ``announce`` (HOST, HOST:PORT, HOST:0), else the bound
+    address; a missing or zero port is the bound port."""
+    host, port = bound_host, bound_port
+    if announce:
+        try:
+            host, port = split_host_port(announce)
+        except ValueError:
+            host = announce.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class Overlay:
     """Keeps a node's directory records current and pulls remote producers of shared rooms.
 
@@ -84,6 +96,8 @@ class Overlay:
         self._remote_members: dict[str, dict[str, tuple[str, str]]] = {}
         self._refreshing: set[str] = set()
         self._checking_hosts: set[str] = set()
+        # room -> the room's entries as last read from the directory
+        self._room_entries: dict[str, list[RoomEntry]] = {}
         self._nodes: dict[bytes, NodeRecord] = {}
         self._pulling: set[tuple[str, str]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -142,13 +156,15 @@ class Overlay:
         relay_address = ""
         if relay is not None:
             host, port = relay.address
-            relay_address = f"{host}:{port}"
+            relay_address = announced_relay_address(self.server.config.relay_announce, host, port)
         self.server.relay_authorizer = self.authorize
         self.server.relay_room_policy = self.may_pull
         self.server.placer = self.place
         self.server.overlay_view = self.describe
         self.server.remote_participants = self.remote_participants
         self.server.room_changed = self.room_changed
+        self.server.remote_producers = self.remote_producers
+        self.server.pull_producer = self.pull_producer
         self.server.node_key = self.directory.node_id.hex()
         if self.location is not None:
             self.directory.update_node(location=self.location)
@@ -215,6 +231,7 @@ class Overlay:
                 del self._announced[room]
                 self._remote_members.pop(room, None)
                 self.access.forget_room(room)
+                self._room_entries.pop(room, None)
                 await self.directory.withdraw_room(room)
         seen = time.time()
         live: dict[bytes, tuple[NodeRecord, float]] = {}
@@ -300,11 +317,47 @@ class Overlay:
         """Participants of ``room`` on other nodes: as last synced when the room is already
         open here, else looked up in the directory now."""
         if room not in self._remote_members:
-            self._update_members(room, await self.directory.room_hosts(room))
+            entries = await self.directory.room_hosts(room)
+            self._room_entries[room] = entries
+            self._update_members(room, entries)
         return [
             {"participant_id": pid, "name": name, "node_id": node}
             for pid, (name, node) in sorted(self._remote_members.get(room, {}).items())
         ]
+
+    def remote_producers(self, room: str) -> list[dict[str, object]]:
+        """Producers of ``room`` on other nodes not relayed here yet (as last read)."""
+        router = self.server.node.routers.get(room)
+        here = set(router.producers) if router is not None else set()
+        own = self.directory.node_id
+        return [
+            {"producer_id": p.id, "kind": p.kind, "node_id": e.node_id.hex(), "remote": True}
+            for e in self._room_entries.get(room, [])
+            if e.node_id != own
+            for p in e.producers
+            if p.id not in here
+        ]
+
+    async def pull_producer(self, room: str, producer_id: str) -> bool:
+        """Relay one producer of ``room`` from the node hosting it now (a subscriber asked
+        for it); False if no live node of the room has it."""
+        entries = self._room_entries.get(room)
+        if entries is None or not any(p.id == producer_id for e in entries for p in e.producers):
+            entries = await self.directory.room_hosts(room)
+            self._room_entries[room] = entries
+        for entry in entries:
+            if entry.node_id == self.directory.node_id:
+                continue
+            if not any(p.id == producer_id for p in entry.producers):
+                continue
+            record = self._nodes.get(entry.node_id) or await self.directory.node(entry.node_id)
+            if record is None or not record.relay_address or not record.relay_key:
+                return False
+            self.known_keys.add(record.relay_key)
+            host, port = split_host_port(record.relay_address)
+            await self.server.pull_remote_producer(room, record.relay_key, host, port, producer_id)
+            return True
+        return False
 
     def _update_members(self, room: str, entries: list[RoomEntry]) -> None:
         own = self.directory.node_id
@@ -394,12 +447,7 @@ class Overlay:
             "region": self.directory.region,
             "regions": {
                 region: {
-                    "nodes": cap.nodes,
-                    "capacity": round(cap.capacity, 3),
-                    "used": round(cap.used, 3),
-                    "free_fraction": round(cap.free_fraction, 4),
-                    "spilled": cap.spilled,
-                    "removable": cap.removable,
+                    **cap.as_dict(),
                     "signal": self.scale.signals.get(region, Signal.STEADY).value,
                 }
                 for region, cap in self.regions.items()
@@ -418,7 +466,19 @@ class Overlay:
                 for n in sorted(self.placement_nodes(), key=lambda v: (v.region, v.node_id))
             ],
             "notifications": list(self.notifications),
+            "relayed_producers": {
+                room: sorted(p.id for p in router.producers.values() if p.origin == "relay")
+                for room, router in self.server.node.routers.items()
+            },
+            "dht": self._dht_traffic(),
         }
+
+    def _dht_traffic(self) -> dict[str, int]:
+        protocol = self.directory.server.protocol
+        if protocol is None:
+            return {}
+        t = protocol.traffic
+        return {"bytes_sent": t.bytes_sent, "bytes_received": t.bytes_received}
 
     async def place(self, room: str, region: str | None) -> Placement:
         """Rank the nodes a new participant of ``room`` from ``region`` should join."""
@@ -446,13 +506,15 @@ class Overlay:
         if router is None:
             return
         entries = await self.directory.room_hosts(room)
+        self._room_entries[room] = entries
         self._update_members(room, entries)
         hosts = (e.node_id for e in entries if e.participants > 0)
         self.access.room_hosts(room, hosts, self.directory.clock())
         if not any(
-            s.grant is not None and s.grant.can_subscribe for s in self.server.room_sessions(room)
+            s.grant is not None and s.grant.can_subscribe and s.auto_subscribe
+            for s in self.server.room_sessions(room)
         ):
-            return  # nobody here may receive media: pull nothing
+            return  # nobody here subscribes automatically: pull on demand only
         for entry in entries:
             if entry.node_id == self.directory.node_id:
                 continue

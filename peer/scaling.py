@@ -56,6 +56,17 @@ class RegionCapacity:
         """Spare capacity as a fraction of the region's capacity (0 with no node)."""
         return self.free / self.capacity if self.capacity > 0 else 0.0
 
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready figures (``GET /overlay``, notifications)."""
+        return {
+            "nodes": self.nodes,
+            "capacity": round(self.capacity, 3),
+            "used": round(self.used, 3),
+            "free_fraction": round(self.free_fraction, 4),
+            "spilled": self.spilled,
+            "removable": self.removable,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class ScalePolicy:
@@ -186,12 +197,7 @@ def notification(change: SignalChange, node_id: str) -> dict[str, object]:
         "previous": change.previous.value,
         "at": change.at,
         "reported_by": node_id,
-        "nodes": cap.nodes,
-        "capacity": round(cap.capacity, 3),
-        "used": round(cap.used, 3),
-        "free_fraction": round(cap.free_fraction, 4),
-        "spilled": cap.spilled,
-        "removable": cap.removable,
+        **cap.as_dict(),
     }
 
 

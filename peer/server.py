@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 from aiohttp import WSCloseCode, WSMsgType, web
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from peer import aiortc_adapter as rtc
 from peer.edge_guard import HeadDeadline, SignalingSocket
@@ -25,7 +25,7 @@ from peer.relay_bridge import ProducerRelaySource, bridge_remote_producer
 from peer.session import ParticipantSession
 from peer.signaling import Join, ProtocolError, decode_client_message, encode, error_message
 from peer.stats import AdmissionPolicy
-from peer.tokens import TokenError, issue_token
+from peer.tokens import TokenError, TokenVerifier, issue_token
 from relay import RelayConfig, RelayEndpoint
 
 log = logging.getLogger("cascade.server")
@@ -38,9 +38,15 @@ class NodeConfig:
 
     host: str = "127.0.0.1"
     port: int = 8080
+    # HS256 shared secret and/or Ed25519 application public key (EdDSA) for access tokens.
     api_secret: str = ""
+    token_public_key: Ed25519PublicKey | None = None
     dev: bool = False
     ice_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    # Address put in ICE host candidates instead of the bound one (e.g. bound to 0.0.0.0).
+    ice_announce: str | None = None
+    # Signaling URL announced to clients and other nodes (default: http://host:port).
+    public_url: str = ""
     max_consumers: int = 2000
     max_cpu: float = 0.85
     max_egress_pps: float = 60_000.0
@@ -51,6 +57,8 @@ class NodeConfig:
     # QUIC relay endpoint; None disables relaying.
     relay_host: str = "127.0.0.1"
     relay_port: int | None = None
+    # Relay address published to other nodes, HOST or HOST:PORT (default: the bound one).
+    relay_announce: str = ""
     # Raw Ed25519 public keys of peer nodes allowed to pull producers from this one.
     relay_peers: set[bytes] = field(default_factory=set)
     # Connection, message, timeout and rate limits of the HTTP/WebSocket edge (docs/limits.md).
@@ -61,10 +69,11 @@ class NodeServer:
     """A running node: the SFU engine plus its signaling sessions."""
 
     def __init__(self, config: NodeConfig) -> None:
-        if not config.api_secret:
-            raise ValueError("an API secret is required")
         self.config = config
         self.api_secret = config.api_secret
+        self.tokens = TokenVerifier(
+            secret=config.api_secret or None, public_key=config.token_public_key
+        )
         self.keyframe_request_delay = config.keyframe_request_delay
         self.answer_timeout = config.answer_timeout
         self.node = Node(
@@ -109,7 +118,11 @@ class NodeServer:
             _no_remote_participants
         )
         self.room_changed: Callable[[str], None] = lambda room: None
-        rtc.set_ice_addresses(config.ice_addresses)
+        # Set by the overlay: a room's producers on other nodes not relayed here yet, and
+        # relaying one of them now.
+        self.remote_producers: Callable[[str], list[dict[str, object]]] = lambda room: []
+        self.pull_producer: Callable[[str, str], Awaitable[bool]] | None = None
+        rtc.set_ice_addresses(config.ice_addresses, config.ice_announce)
 
     # -- relaying ----------------------------------------------------------------
 
@@ -217,7 +230,7 @@ class NodeServer:
         app.router.add_get("/place", self.place_handler)
         app.router.add_get("/overlay", self.overlay_handler)
         app.router.add_get("/", self.index)
-        if self.config.dev:
+        if self.config.dev and self.api_secret:
             app.router.add_get("/dev/token", self.dev_token)
         app.router.add_static("/static", STATIC)
         return app
@@ -483,7 +496,9 @@ class NodeServer:
 
     @property
     def url(self) -> str:
-        """Base HTTP URL of this node."""
+        """Base HTTP URL of this node, as announced to clients and other nodes."""
+        if self.config.public_url:
+            return self.config.public_url
         return f"http://{self.config.host}:{self.config.port}"
 
 

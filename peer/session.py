@@ -33,7 +33,7 @@ from peer.signaling import (
     Unpublish,
     Unsubscribe,
 )
-from peer.tokens import Grant, TokenError, verify_token
+from peer.tokens import Grant, TokenError
 
 if TYPE_CHECKING:
     from peer.server import NodeServer
@@ -180,7 +180,7 @@ class ParticipantSession:
     async def _join(self, message: Join) -> None:
         if self.router is not None:
             raise ProtocolError("already_joined", "this connection already joined a room")
-        grant = verify_token(self.server.api_secret, message.token, message.room)
+        grant = self.server.tokens.verify(message.token, message.room)
         if message.hops < MAX_REDIRECTS:
             placement = await self.server.place(message.room, message.region)
             best = placement.best if placement is not None else None
@@ -215,7 +215,8 @@ class ParticipantSession:
                 "can_publish": self.grant.can_publish,
                 "can_subscribe": self.grant.can_subscribe,
                 "participants": [s.describe() for s in others] + remote,
-                "producers": [p.describe() for p in router.producers.values()],
+                "producers": [p.describe() for p in router.producers.values()]
+                + self.server.remote_producers(message.room),
             }
         )
         for other in others:
@@ -373,6 +374,16 @@ class ParticipantSession:
         for sub in self.subscriptions.values():
             if sub.consumer.producer.id == message.producer_id:
                 raise ProtocolError("already_subscribed", "already consuming this producer")
+        assert self.router is not None
+        pull = self.server.pull_producer
+        if message.producer_id not in self.router.producers and pull is not None:
+            # A producer of another node not relayed here yet: relay it now.
+            try:
+                await pull(self.router.room, message.producer_id)
+            except Exception as exc:
+                raise SfuError(
+                    "unknown_producer", f"cannot relay {message.producer_id!r}: {exc}"
+                ) from None
         consumer = self._subscribe(message.producer_id, paused=message.paused)
         await self.send({"type": "subscribed", "id": message.id, "consumer_id": consumer.id})
 

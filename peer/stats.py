@@ -86,6 +86,21 @@ class AdmissionPolicy:
             return f"egress would reach {self.egress_pps + extra_pps:.0f} packets/s"
         return None
 
+    def admit(self, extra_pps: float = 0.0) -> str | None:
+        """Like :meth:`refusal`, but an admitted consumer is counted at once (its capacity
+        is reserved), so concurrent joins between two measurements cannot overshoot the
+        limits. Call :meth:`release` when it closes; :meth:`update` resets to measurements."""
+        refusal = self.refusal(extra_pps)
+        if refusal is None:
+            self.consumers += 1
+            self.egress_pps += extra_pps
+        return refusal
+
+    def release(self, pps: float = 0.0) -> None:
+        """A consumer admitted with :meth:`admit` closed."""
+        self.consumers = max(0, self.consumers - 1)
+        self.egress_pps = max(0.0, self.egress_pps - pps)
+
     def headroom(self) -> float:
         """Fraction of capacity left, 0..1, the smallest over all limits."""
         return max(

@@ -83,9 +83,11 @@ async function join(ev) {
   const tokenReply = await fetch(`/dev/token?room=${encodeURIComponent(room)}&identity=${encodeURIComponent(name || "guest")}`);
   if (!tokenReply.ok) { setStatus("this node does not hand out dev tokens"); return; }
   const { token } = await tokenReply.json();
-  const joined = await joinFollowingRedirects(room, token, name);
+  const region = $("region").value || undefined;
+  const joined = await joinFollowingRedirects(room, token, name, region);
   for (const p of joined.participants) learnName(p);
-  setStatus(`joined ${room} as ${joined.participant_id}`);
+  const where = state.node === location.origin ? "this node" : `${state.node} (placed there)`;
+  setStatus(`joined ${room} as ${name || joined.identity} on ${where}`);
   $("join-button").disabled = true; $("leave-button").disabled = false;
   if ($("publish").checked) await publish();
 }
@@ -97,13 +99,13 @@ function wsUrlOf(httpUrl) {
 }
 
 // Join through this node; placement may redirect to another node (at most two hops).
-async function joinFollowingRedirects(room, token, name) {
+async function joinFollowingRedirects(room, token, name, region) {
   const tried = new Set([location.origin]);
   let base = location.origin;
   for (let hops = 0; ; hops++) {
     state.sig = new Signaling(wsUrlOf(base), onEvent);
     await state.sig.open();
-    const reply = await state.sig.request({ type: "join", room, token, name, hops });
+    const reply = await state.sig.request({ type: "join", room, token, name, region, hops });
     if (reply.type !== "redirect") { state.node = base; return reply; }
     state.sig.onEvent = () => {};
     state.sig.close();

@@ -75,7 +75,9 @@ async def start_overlay(count: int) -> tuple[list[NodeServer], list[Overlay]]:
     return servers, overlays
 
 
-async def join_page(browser: Browser, url: str, name: str, room: str) -> Page:
+async def join_page(
+    browser: Browser, url: str, name: str, room: str, region: str | None = None
+) -> Page:
     page = await browser.new_page(viewport={"width": 1000, "height": 700})
     if DEBUG:
         page.on(
@@ -87,6 +89,8 @@ async def join_page(browser: Browser, url: str, name: str, room: str) -> Page:
     await page.goto(url)
     await page.fill("#room", room)
     await page.fill("#name", name)
+    if region:
+        await page.fill("#region", region)
     await page.click("#join-button")
     await page.wait_for_function("window.cascade.published !== undefined", timeout=30000)
     return page
@@ -141,7 +145,14 @@ async def live_streams(pages: dict[str, Page], timeout: float, want: int) -> dic
             return live
 
 
-async def run(pages_n: int, gap: float, nodes_n: int, rejoin: bool, screenshot: str | None) -> dict:
+async def run(
+    pages_n: int,
+    gap: float,
+    nodes_n: int,
+    rejoin: bool,
+    screenshot: str | None,
+    region_hint: str | None = None,
+) -> dict:
     servers: list[NodeServer] = []
     overlays: list[Overlay] = []
     if nodes_n == 1:
@@ -160,7 +171,7 @@ async def run(pages_n: int, gap: float, nodes_n: int, rejoin: bool, screenshot: 
             for i in range(pages_n):
                 name = f"page{i + 1}"
                 url = servers[i % len(servers)].url
-                pages[name] = await join_page(browser, url, name, "demo")
+                pages[name] = await join_page(browser, url, name, "demo", region_hint)
                 await asyncio.sleep(gap)
             names = set(pages)
             expect = {n: names - {n} for n in names}
@@ -203,8 +214,11 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--rejoin", action="store_true")
     parser.add_argument("--screenshot")
+    parser.add_argument("--region-hint", help="region every page asks for (nodes are r0, r1, ...)")
     args = parser.parse_args()
-    result = asyncio.run(run(args.pages, args.gap, args.nodes, args.rejoin, args.screenshot))
+    result = asyncio.run(
+        run(args.pages, args.gap, args.nodes, args.rejoin, args.screenshot, args.region_hint)
+    )
     print(json.dumps(result))
     return 0
 

@@ -79,13 +79,21 @@ def test_four_pages_half_a_second_apart_all_decode_each_other_then_one_rejoins()
 
 
 def test_four_pages_two_seconds_apart_all_decode_each_other():
-    result = run_in_namespace("tests.peer.browser_pages", "--pages", "4", "--gap", "2")
+    result = run_in_namespace("tests.peer.browser_pages", "--pages", "4", "--gap", "2", timeout=300)
     assert result["missing"] == [], result
 
 
 def test_two_nodes_two_pages_each_all_decode_each_other():
     result = run_in_namespace(
-        "tests.peer.browser_pages", "--pages", "4", "--gap", "0.5", "--nodes", "2", "--rejoin"
+        "tests.peer.browser_pages",
+        "--pages",
+        "4",
+        "--gap",
+        "0.5",
+        "--nodes",
+        "2",
+        "--rejoin",
+        timeout=300,
     )
     # Every page decodes three other videos (two of them relayed from the other node),
     # before and after one page leaves and joins again.
@@ -93,3 +101,26 @@ def test_two_nodes_two_pages_each_all_decode_each_other():
     assert result["missing_after_rejoin"] == [], result
     assert set(result["live"].values()) == {3}, result
     assert set(result["live_after_rejoin"].values()) == {3}, result
+
+
+def test_page_on_one_node_is_redirected_to_the_rooms_node_and_decodes(tmp_path):
+    # Both pages ask for region r0; the second page is opened on the r1 node's demo page.
+    result = run_in_namespace(
+        "tests.peer.browser_pages",
+        "--pages",
+        "2",
+        "--gap",
+        "0.5",
+        "--nodes",
+        "2",
+        "--region-hint",
+        "r0",
+        "--screenshot",
+        str(tmp_path / "demo-page.png"),
+        timeout=200,
+    )
+    assert result["nodes_used"] == {
+        "page1": "http://127.0.0.1:8080",
+        "page2": "http://127.0.0.1:8080",
+    }, result
+    assert result["missing"] == [], result

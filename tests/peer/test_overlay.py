@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from dht import Directory, NodeIdentity
 from peer.client import CascadeClient
@@ -64,12 +66,23 @@ async def test_room_spanning_three_nodes_found_via_dht():
             await server.stop()
 
 
-async def test_participants_of_other_nodes_are_listed_and_their_joins_and_leaves_reported():
+@contextlib.asynccontextmanager
+async def eu_and_us() -> AsyncIterator[list[tuple[NodeServer, Overlay]]]:
+    """Two overlay nodes, eu and us, stopped on exit."""
     nodes: list[tuple[NodeServer, Overlay]] = []
-    clients: list[CascadeClient] = []
     try:
         nodes.append(await start_node("eu", []))
         nodes.append(await start_node("us", [nodes[0][1].directory.address]))
+        yield nodes
+    finally:
+        for server, overlay in reversed(nodes):
+            await overlay.stop()
+            await server.stop()
+
+
+async def test_participants_of_other_nodes_are_listed_and_their_joins_and_leaves_reported():
+    clients: list[CascadeClient] = []
+    async with eu_and_us() as nodes:
         (a, _), (b, _) = nodes
 
         async def client(node: NodeServer, identity: str) -> CascadeClient:
@@ -95,12 +108,40 @@ async def test_participants_of_other_nodes_are_listed_and_their_joins_and_leaves
         }
         await dave.close()
         await bob.wait_event("participant_left", participant_id=dave.participant_id, timeout=10)
-    finally:
         await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)
-        for server, overlay in reversed(nodes):
-            await overlay.stop()
-            await server.stop()
 
 
 def a_node_id(overlay: Overlay) -> str:
     return overlay.directory.node_id.hex()
+
+
+async def test_remote_producers_are_pulled_on_demand_for_explicit_subscribers():
+    clients: list[CascadeClient] = []
+    async with eu_and_us() as nodes:
+        (a, _), (b, _) = nodes
+        pub = CascadeClient(a.url)
+        clients.append(pub)
+        await pub.connect()
+        await pub.join("ondemand", token("ondemand", "alice"))
+        (video,) = await pub.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+        viewer = CascadeClient(b.url)
+        clients.append(viewer)
+        await viewer.connect()
+        for _ in range(50):
+            state = await viewer.join("ondemand", token("ondemand", "bob"), auto_subscribe=False)
+            if state["producers"]:
+                break
+            await viewer.leave()
+            await viewer.close()
+            viewer = CascadeClient(b.url)
+            clients.append(viewer)
+            await viewer.connect()
+            await asyncio.sleep(0.2)
+        listed = {p["producer_id"]: p for p in state["producers"]}
+        assert listed[video["producer_id"]]["remote"] is True
+        await asyncio.sleep(2.0)  # several directory syncs: nothing is relayed unasked
+        assert video["producer_id"] not in b.node.routers["ondemand"].producers
+        await viewer.subscribe(video["producer_id"])
+        (track,) = await viewer.wait_for_tracks(1, "video", timeout=20)
+        assert (track.width, track.height) == (160, 120)
+        await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)

@@ -8,9 +8,11 @@ import asyncio
 import aiohttp
 
 from dht import Directory, NodeIdentity
+from dht.directory import SOFTWARE_VERSION
 from peer.client import CascadeClient
 from peer.media import PatternVideoTrack
 from peer.overlay import Overlay
+from peer.placement import PlacementPolicy
 from peer.scaling import ScalePolicy
 from peer.server import NodeConfig, NodeServer
 from tests.conftest import SECRET, token
@@ -23,6 +25,7 @@ async def start(
     *,
     scale: ScalePolicy | None = None,
     webhook: str | None = None,
+    watermark: float = 0.30,
     **config: object,
 ) -> tuple[NodeServer, Overlay]:
     identity = NodeIdentity.generate()
@@ -39,7 +42,13 @@ async def start(
     await server.start()
     directory = Directory(identity, region, host="127.0.0.1", port=0, bootstrap=bootstrap, ttl=6.0)
     overlay = Overlay(
-        server, directory, interval=0.3, location=location, scale=scale, scale_webhook=webhook
+        server,
+        directory,
+        interval=0.3,
+        location=location,
+        scale=scale,
+        scale_webhook=webhook,
+        placement=PlacementPolicy(watermark=watermark, version=SOFTWARE_VERSION),
     )
     await overlay.start()
     return server, overlay
@@ -101,6 +110,50 @@ async def test_joins_are_redirected_to_the_room_node_of_the_clients_region():
         assert body["candidates"][0]["url"] == eu1.url
         assert body["candidates"][0]["reason"] == "room_in_region"
         assert {c["region"] for c in body["candidates"]} == {"eu", "us"}
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        for server, overlay in reversed(nodes):
+            await overlay.stop()
+            await server.stop()
+
+
+async def test_a_full_node_sends_the_next_participant_to_a_second_node_of_the_region():
+    # Watermark 80 % free and 10 consumers per node: two consumers fill a node.
+    nodes: list[tuple[NodeServer, Overlay]] = []
+    clients: list[CascadeClient] = []
+    try:
+        nodes.append(await start("eu", [], (48.9, 2.4), watermark=0.8, max_consumers=10))
+        seed = [nodes[0][1].directory.address]
+        nodes.append(await start("eu", seed, (50.1, 8.7), watermark=0.8, max_consumers=10))
+        (eu1, o1), (eu2, _) = nodes
+        await wait_for_nodes(o1, 2)
+
+        async def client(url: str, who: str) -> CascadeClient:
+            c = CascadeClient(url)
+            clients.append(c)
+            await c.connect()
+            await c.join("fill", token("fill", who), name=who)
+            return c
+
+        alice = await client(eu1.url, "alice")
+        await alice.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+        first_half = [alice]
+        for who in ("bob", "dan"):
+            viewer = await client(eu1.url, who)
+            await viewer.wait_for_tracks(1, "video", timeout=20)
+            first_half.append(viewer)
+        await asyncio.sleep(1.5)  # load is sampled once a second
+        carol = await client(eu1.url, "carol")
+        assert carol.url == eu2.url
+        assert carol.redirects[0]["reason"] == "open_in_region"
+        names = {p["name"] for p in carol.room_state["participants"]}
+        assert names == {"alice", "bob", "dan"}
+        await carol.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+        (track,) = await carol.wait_for_tracks(1, "video", timeout=20)
+        assert track.participant_id == alice.participant_id
+        for member in first_half:
+            others = await member.wait_for_tracks(1 if member is alice else 2, "video", timeout=20)
+            assert carol.participant_id in {t.participant_id for t in others}
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         for server, overlay in reversed(nodes):

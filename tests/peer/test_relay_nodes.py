@@ -80,9 +80,10 @@ async def test_ten_subscribers_on_b_decode_publisher_on_a_over_one_flow(two_node
             assert (t.width, t.height) == (320, 240)
         await asyncio.sleep(2.0)
         ten = await link_rate(4.0)
-        # Still one flow per producer: the link carries the same bytes for 10 subscribers as for 1.
+        # Still one flow per producer: the link carries the same bytes for 10 subscribers as for 1
+        # (ten flows would be 10x; the margin absorbs a publisher slowed by a loaded machine).
         assert set(link.producers) == set(flows)
-        assert abs(ten - one) / one < 0.05, (one, ten)
+        assert abs(ten - one) / one < 0.25, (one, ten)
         for c in clients[1:]:
             for t in c.tracks.values():
                 assert t.stats()["decode_errors"] == 0

@@ -23,7 +23,6 @@ from peer.rtp import (
     shared_extensions,
 )
 from peer.stats import AdmissionPolicy
-from peer.tokens import TokenError, issue_token, verify_token
 
 SECRET = "unit-secret-0123456789abcdef-0123456789"
 
@@ -179,23 +178,6 @@ def test_producer_fanout_keyframe_gate_and_nack():
     assert RtpPacket.parse(sent[-1]).payload == first.payload
     producer.close()
     assert consumer.closed and not router.consumers
-
-
-def test_tokens():
-    t = issue_token(SECRET, "room", "alice", ttl=60, publish=False, now=1000)
-    grant = verify_token(SECRET, t, "room", now=1010)
-    assert grant.identity == "alice" and not grant.can_publish and grant.can_subscribe
-    with pytest.raises(TokenError) as e:
-        verify_token(SECRET, t, "room", now=2000)
-    assert e.value.code == "token_expired"
-    with pytest.raises(TokenError) as e:
-        verify_token(SECRET, t, "other", now=1010)
-    assert e.value.code == "forbidden"
-    with pytest.raises(TokenError) as e:
-        verify_token("x" * 40, t, "room", now=1010)
-    assert e.value.code == "bad_token"
-    with pytest.raises(ValueError):
-        issue_token("short", "room", "a")
 
 
 def _video_router() -> tuple[Producer, list[float], list[bytes]]:
