@@ -9,7 +9,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import sys
 import time
 from typing import Any
 
@@ -171,8 +170,7 @@ class Overlay:
         await self.directory.start(announce=False)
         warning = exposure_warning(self.access.open_mode, self.listen_hosts())
         if warning is not None:
-            log.warning("%s", warning)
-            print(warning, file=sys.stderr, flush=True)
+            log.warning("%s", warning)  # the node's log goes to stderr at start
         await self.directory.announce_node(
             signaling_url=self.server.url,
             relay_address=relay_address,

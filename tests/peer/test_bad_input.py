@@ -226,7 +226,7 @@ async def test_room_name_with_trailing_newline_is_refused(call_in_progress, clie
     _, _, track, _ = call_in_progress
     c = await clients()
     reply = await raw_reply(
-        c, json.dumps({"type": "join", "room": "call\n", "token": token("call\n", "eve")})
+        c, json.dumps({"type": "join", "room": "call\n", "token": token("call", "eve")})
     )
     assert reply["code"] == "bad_message"
     frames = track.frames_decoded
