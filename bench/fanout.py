@@ -203,7 +203,8 @@ def publisher_tracks(bitrate: int) -> list[Any]:
 async def run_cascade(n: int, args: argparse.Namespace) -> CaseResult:
     result = CaseResult("cascade", n)
     port = 18080
-    env = {**os.environ, "CASCADE_API_SECRET": SECRET}
+    # The node listens off loopback: monitoring (if loaded) wants a token.
+    env = {"CASCADE_MONITOR_TOKEN": SECRET, **os.environ, "CASCADE_API_SECRET": SECRET}
     cmd = [
         *in_server_ns(),
         "taskset",

@@ -143,6 +143,16 @@ async def run(rooms: int, participants: int, publish_share: float, seed: int) ->
                 break
             await asyncio.sleep(0.1)
         elapsed = time.monotonic() - t_before
+        for j in subs:
+            if len(j.first_frames) < publishers_per_room:
+                tracks = [
+                    (t.kind, t.producer_id[-6:], t.frames_decoded) for t in j.client.tracks.values()
+                ]
+                print(
+                    f"missing: {j.room} sub on {j.client.url} (entry {j.entry}, hint {j.hint},"
+                    f" redirects {len(j.client.redirects)}): {tracks}",
+                    file=sys.stderr,
+                )
         views = {n.url: _get(f"{n.url}/overlay") for n in plan}
 
         # Where everyone ended up.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,9 @@ class DirectoryServer(Server):
         self._holders: dict[bytes, tuple[float, list[Node]]] = {}
         self.protocol: DirectoryProtocol | None
         self.family = socket.AF_INET
+        self.lookups = 0
+        # Called with each lookup's duration in seconds (set by monitoring).
+        self.lookup_timing: Callable[[float], None] = lambda seconds: None
 
     def _create_protocol(self) -> DirectoryProtocol:
         return DirectoryProtocol(
@@ -190,6 +194,8 @@ class DirectoryServer(Server):
         """Look ``key`` up on the closest peers (and locally); verify and merge the records."""
         if self.protocol is None:
             raise RuntimeError("not listening")
+        started = time.monotonic()
+        self.lookups += 1
         result = await self._crawl(key)
         wires = set(result.records)
         if not result.settled and self.contacts > 0:
@@ -208,6 +214,7 @@ class DirectoryServer(Server):
             except RecordRejected:
                 rejected += 1
         newest = merge_records(verified)
+        self.lookup_timing(time.monotonic() - started)
         return Lookup(list(newest.values()), len(result.holders), rejected)
 
     async def put_record(self, key: bytes, wire: bytes) -> int:

@@ -1,4 +1,5 @@
-"""``cascade`` command line: ``node``, ``token``, ``keygen``, ``pubkey`` and ``bench``.
+"""``cascade`` command line: ``node``, ``token``, ``keygen``, ``pubkey`` and ``bench``, plus
+the commands of extensions (see :func:`load_extensions`).
 
 Every error is one line on stderr (``cascade <command>: <what to do>``) and a non-zero exit
 status: 2 for bad usage or configuration, 1 when something failed at run time (a port in use).
@@ -17,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -46,6 +48,8 @@ BENCHMARKS = {
     "dht": "directory lookups and churn on a local DHT",
 }
 NEEDS_ROOT = {"fanout"}
+EXTENSIONS_GROUP = "cascade.extensions"
+EXTENSIONS_ENV = "CASCADE_EXTENSIONS"
 
 
 class CliError(Exception):
@@ -61,6 +65,38 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise CliError(f"{message} (see {self.prog} --help)")
+
+
+# -- extensions ------------------------------------------------------------------------
+
+
+def load_extensions() -> list[Any]:
+    """Extensions of the ``cascade.extensions`` entry-point group (and ``module:attr`` names
+    in ``$CASCADE_EXTENSIONS``, comma-separated; ``none`` loads none). Each may define any of
+    ``add_commands(subparsers)`` (subcommands set ``run=callable(args) -> int``),
+    ``add_node_arguments(parser)`` and ``setup_node(args, server, directory) -> str | None``
+    (called before the node starts; a string refuses to start with that message)."""
+    spec_env = os.environ.get(EXTENSIONS_ENV, "").strip()
+    if spec_env == "none":
+        return []
+    found: dict[str, Any] = {ep.value: ep for ep in entry_points(group=EXTENSIONS_GROUP)}
+    for spec in filter(None, (s.strip() for s in spec_env.split(","))):
+        found.setdefault(spec, None)
+    loaded = []
+    for value, ep in found.items():
+        try:
+            if ep is not None:
+                loaded.append(ep.load())
+            else:
+                module, _, attr = value.partition(":")
+                loaded.append(getattr(importlib.import_module(module), attr or "extension"))
+        except Exception as exc:
+            print(f"cascade: extension {value} not loaded: {exc!r}", file=sys.stderr)
+    return loaded
+
+
+def _hooks(extensions: list[Any], name: str) -> list[Any]:
+    return [getattr(e, name) for e in extensions if hasattr(e, name)]
 
 
 # -- secrets and keys ------------------------------------------------------------------
@@ -213,11 +249,15 @@ def bench_main(name: str, rest: list[str]) -> int:
     return int(module.main(rest) or 0)
 
 
-def _parser() -> _Parser:
+def _parser(extensions: list[Any]) -> _Parser:
     parser = _Parser(prog="cascade", description="Cascade: a decentralized SFU overlay")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     node = sub.add_parser("node", help="run a Cascade node")
     add_options(node, NODE_OPTIONS)
+    for add_arguments in _hooks(extensions, "add_node_arguments"):
+        add_arguments(node)
+    for add_commands in _hooks(extensions, "add_commands"):
+        add_commands(sub)
     _token_parser(sub)
     sub.add_parser("keygen", help="create a key file (cascade keygen --help)", add_help=False)
     pub = sub.add_parser("pubkey", help="print the public key of a key file")
@@ -237,12 +277,14 @@ def _parser() -> _Parser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extensions: list[Any] | None = None) -> int:
     """Entry point of the ``cascade`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
+    if extensions is None:
+        extensions = load_extensions()
     try:
-        args, rest = _parser().parse_known_args(argv)
+        args, rest = _parser(extensions).parse_known_args(argv)
         if args.command == "keygen":
             from dht.cli import keygen_main
 
@@ -255,11 +297,13 @@ def main(argv: list[str] | None = None) -> int:
             return demo_main(rest)
         if rest:
             raise CliError(f"unrecognized arguments: {' '.join(rest)}")
+        if getattr(args, "run", None) is not None:  # an extension's command
+            return int(args.run(args))
         if args.command == "token":
             return token_main(args)
         if args.command == "pubkey":
             return pubkey_main(args)
-        return run_node(resolve(args))
+        return run_node(resolve(args), extensions)
     except CliError as exc:
         known = command in ("node", "token", "pubkey", "bench")
         print(f"cascade {command}: {exc}" if known else f"cascade: {exc}", file=sys.stderr)
@@ -304,7 +348,7 @@ def _fleet(args: argparse.Namespace, identity: NodeIdentity) -> tuple[bytes, byt
     return certificate, operator
 
 
-def run_node(args: argparse.Namespace) -> int:
+def run_node(args: argparse.Namespace, extensions: list[Any] | None = None) -> int:
     """Check every setting, then run a node until SIGINT/SIGTERM."""
     from peer.server import NodeConfig
 
@@ -389,8 +433,16 @@ def run_node(args: argparse.Namespace) -> int:
         raise CliError("--location and --scale-webhook need the overlay (--dht-port)")
     if args.scale_webhook and not args.scale_webhook.startswith(("http://", "https://")):
         raise CliError(f"--scale-webhook must be an http(s) URL, not {args.scale_webhook!r}")
+    setup = [(hook, args) for hook in _hooks(extensions or [], "setup_node")]
     return asyncio.run(
-        _serve(config, directory, plan, location=args.location, webhook=args.scale_webhook)
+        _serve(
+            config,
+            directory,
+            plan,
+            location=args.location,
+            webhook=args.scale_webhook,
+            setup=setup,
+        )
     )
 
 
@@ -401,6 +453,7 @@ async def _serve(
     *,
     location: tuple[float, float] | None = None,
     webhook: str | None = None,
+    setup: list[tuple[Any, argparse.Namespace]] | None = None,
 ) -> int:
     from peer.overlay import Overlay
     from peer.server import NodeServer
@@ -411,6 +464,10 @@ async def _serve(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     server = NodeServer(config)
+    for setup_node, args in setup or []:  # extensions mount themselves before the start
+        refusal = setup_node(args, server, directory)
+        if refusal:
+            raise CliError(refusal)
     try:
         await server.start()
     except OSError as exc:

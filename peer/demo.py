@@ -179,8 +179,8 @@ def run(plan: Sequence[DemoNode], *, start_timeout: float = 60.0) -> int:
             print(f"  {node.name:5} region {node.region:3} demo page {node.url}/", flush=True)
         first = plan[0].url
         print(f"  overlay as JSON: {first}/overlay", flush=True)
-        if _has(first, "/dashboard"):
-            print(f"  dashboard: {first}/dashboard", flush=True)
+        if _has(first, "/dashboard/"):
+            print(f"  dashboard: {first}/dashboard/", flush=True)
         print("READY", flush=True)
         while not stopping:
             if any(p.poll() is not None for p in procs):

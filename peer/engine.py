@@ -65,6 +65,8 @@ def _new_id(prefix: str) -> str:
 
 
 Sink = Callable[[bytes], None]
+# One forwarded packet in this many is timed (arrival to last sendto) for Node.timing.
+FORWARD_TIMING_EVERY = 64
 
 
 class Producer:
@@ -103,6 +105,7 @@ class Producer:
         self.origin = "local"
         # Set for relayed producers: asks upstream for packets this cache does not hold.
         self.fetch_missing: Callable[[list[int]], None] | None = None
+        self._timing_countdown = FORWARD_TIMING_EVERY
 
     def on_close(self, listener: Callable[[Producer], None]) -> None:
         """Call ``listener`` once when this producer closes."""
@@ -145,6 +148,10 @@ class Producer:
             if ext is None:
                 ext = shared[layout] = shared_extensions(layout, abs_time, audio_level)
             consumer.forward(packet, ext, now)
+        self._timing_countdown -= 1
+        if not self._timing_countdown:
+            self._timing_countdown = FORWARD_TIMING_EVERY
+            self.router.node.timing("forward", time.time() - now)
 
     def request_keyframe(self, now: float | None = None) -> None:
         """Ask the publisher for a keyframe, rate-limited."""
@@ -221,6 +228,7 @@ class Consumer:
         self.sink: Sink | None = None
         self._gated = True
         self._close_listeners: list[Callable[[Consumer], None]] = []
+        self._created_at = time.time()  # until the first packet is forwarded
 
     def on_close(self, listener: Callable[[Consumer], None]) -> None:
         """Call ``listener`` once when this consumer closes."""
@@ -265,6 +273,9 @@ class Consumer:
     def _update_gate(self) -> None:
         # One flag on the hot path instead of three checks.
         self._gated = self.sink is None or self.paused or self.waiting_keyframe
+        if not self._gated and self._created_at:  # forwarding starts with the next packet
+            self.producer.router.node.timing("first_packet", time.time() - self._created_at)
+            self._created_at = 0.0
 
     def _pass_gate(self, packet: CachedPacket) -> bool:
         if self.sink is None or self.paused:
@@ -400,6 +411,7 @@ class Router:
             raise SfuError("unknown_producer", f"no producer {producer_id!r} in this room")
         refusal = self.node.admission.admit(producer.stats.packet_rate)
         if refusal is not None:
+            self.node.consumers_refused += 1
             raise SfuError("overloaded", f"node refuses new consumers: {refusal}")
         consumer = Consumer(producer, subscriber_id, paused=paused)
         producer.consumers.append(consumer)
@@ -433,6 +445,9 @@ class Node:
     def __init__(self, admission: AdmissionPolicy | None = None) -> None:
         self.routers: dict[str, Router] = {}
         self.admission = admission or AdmissionPolicy()
+        self.consumers_refused = 0
+        # Receives sampled timings ("forward", "first_packet") in seconds; set by monitoring.
+        self.timing: Callable[[str, float], None] = lambda name, seconds: None
 
     def router(self, room: str) -> Router:
         """The room's router, created on first use."""

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,11 @@ class NodeServer:
         self._sockets: set[SignalingSocket] = set()
         self._background: set[asyncio.Future[Any]] = set()
         self._http_server: asyncio.AbstractServer | None = None
+        self.join_outcomes: Counter[str] = Counter()
+        # Extension points (e.g. monitoring): called with the app before it starts, and
+        # extra top-level sections of stats().
+        self.app_setup: list[Callable[[web.Application], None]] = []
+        self.stats_sections: dict[str, Callable[[], object]] = {}
         self._process = psutil.Process()
         self._ticker: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
@@ -233,6 +239,8 @@ class NodeServer:
         if self.config.dev and self.api_secret:
             app.router.add_get("/dev/token", self.dev_token)
         app.router.add_static("/static", STATIC)
+        for setup in self.app_setup:
+            setup(app)
         return app
 
     async def index(self, request: web.Request) -> web.StreamResponse:
@@ -311,6 +319,7 @@ class NodeServer:
             "limits": self.limit_counters(),
             "process": self.process_stats(),
             "rooms": rooms,
+            **{name: section() for name, section in self.stats_sections.items()},
         }
 
     def process_stats(self) -> dict[str, int]:

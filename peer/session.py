@@ -180,7 +180,11 @@ class ParticipantSession:
     async def _join(self, message: Join) -> None:
         if self.router is not None:
             raise ProtocolError("already_joined", "this connection already joined a room")
-        grant = self.server.tokens.verify(message.token, message.room)
+        try:
+            grant = self.server.tokens.verify(message.token, message.room)
+        except TokenError as exc:
+            self.server.join_outcomes[exc.code] += 1
+            raise
         if message.hops < MAX_REDIRECTS:
             placement = await self.server.place(message.room, message.region)
             best = placement.best if placement is not None else None
@@ -195,7 +199,9 @@ class ParticipantSession:
                         "reason": best.reason.value,
                     }
                 )
+                self.server.join_outcomes["redirected"] += 1
                 return
+        self.server.join_outcomes["ok"] += 1
         self.grant = grant
         self.name = message.name or self.grant.identity
         self.auto_subscribe = message.auto_subscribe

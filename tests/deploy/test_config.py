@@ -6,9 +6,16 @@ import argparse
 
 import pytest
 
-from peer.config import NODE_OPTIONS, ConfigError, add_options, read_config_file, resolve
+from peer.config import (
+    NODE_OPTIONS,
+    ConfigError,
+    add_options,
+    parse_location,
+    read_config_file,
+    resolve,
+)
 
-SAMPLE = {str: '"x"', int: "7", float: "0.5"}
+SAMPLE = {str: '"x"', int: "7", float: "0.5", parse_location: '"48.86,2.35"'}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -78,3 +85,15 @@ def test_bad_files(tmp_path, file, message):
     path.write_text(file)
     with pytest.raises(ConfigError, match=message):
         read_config_file(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [("48.86,2.35", (48.86, 2.35)), ("-33.9,151.2", (-33.9, 151.2)), ("91,0", None), ("x", None)],
+)
+def test_location_option(text, ok):
+    if ok is None:
+        with pytest.raises(ValueError):
+            parse_location(text)
+    else:
+        assert parse_location(text) == ok

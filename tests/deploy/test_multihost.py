@@ -82,9 +82,11 @@ def lan(count: int):
 
 async def start(ns: str, *argv: str, ready: str, log: Path) -> asyncio.subprocess.Process:
     """Run ``python ARGV`` in namespace ``ns`` from this checkout; wait for ``ready``."""
+    # nodes bind 0.0.0.0: monitoring (when loaded) wants a token for /metrics and /stats
+    env = {"CASCADE_MONITOR_TOKEN": "multihost-monitoring-token", **os.environ}
     proc = await asyncio.create_subprocess_exec(
         "ip", "netns", "exec", ns, sys.executable, *argv,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=log.open("w"),
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=log.open("w"),
     )  # fmt: skip
     assert proc.stdout is not None
 
