@@ -22,6 +22,7 @@ from dht.records import (
     Member,
     NodeRecord,
     Producer,
+    RecordKind,
     RoomEntry,
     SequenceCounter,
     SignedRecord,
@@ -301,6 +302,34 @@ class Directory:
             if isinstance(record.body, NodeRecord) and record.body.node_id == node_id:
                 return record.body
         return None
+
+    async def node_entry(self, node_id: bytes) -> tuple[NodeRecord, float] | None:
+        """The current record of one node and when it expires, if it is alive."""
+        entry, _ = await self.node_state(node_id)
+        return entry
+
+    async def node_state(self, node_id: bytes) -> tuple[tuple[NodeRecord, float] | None, bool]:
+        """(live record and its expiry, or None; whether the node withdrew its record).
+
+        Withdrawn means the newest record found is the node's tombstone: unlike an empty
+        answer (which a failed lookup also gives), it says for sure the node left.
+        """
+        lookup = await self.server.get_records(node_key(node_id))
+        now = self.clock()
+        withdrawn = False
+        for record in lookup.records:
+            if record.node_id != node_id:
+                continue
+            if record.kind is RecordKind.TOMBSTONE:
+                withdrawn = True
+            elif record.is_live(now) and isinstance(record.body, NodeRecord):
+                return (record.body, record.expires_at), False
+        return None, withdrawn
+
+    async def node_entries(self) -> list[tuple[NodeRecord, float]]:
+        """Records of all live nodes (global key), each with its expiry time."""
+        records = await self._live(REGIONS_KEY)
+        return [(r.body, r.expires_at) for r in records if isinstance(r.body, NodeRecord)]
 
     async def region_nodes(self, region: str) -> list[NodeRecord]:
         """Records of the live nodes of ``region``."""

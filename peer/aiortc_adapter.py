@@ -18,17 +18,34 @@ What we rely on, and why:
 - ``aioice.ice.Connection.gather_candidates`` and its ``_local_candidates``: host
   candidates announce a configured address instead of the bound one (a node binding
   0.0.0.0 or behind 1:1 NAT), like mediasoup's announced IP.
+- ``aioice.ice.Connection.gather_candidates`` and its ``_protocols`` /
+  ``_closing``: gathering runs shielded from cancellation (uvloop's
+  ``create_datagram_endpoint`` leaks the socket it was binding when cancelled),
+  and sockets it opens after the connection started closing are closed when it
+  ends (``close()`` only closes the sockets gathered so far). Without this, a
+  participant leaving while the node gathers for its offer leaks UDP sockets.
+- ``aioice.ice.StunProtocol.connection_lost``: closes our dup of the ICE socket
+  (see :func:`_send_socket`) when the ICE socket closes, instead of whenever the
+  garbage collector gets to the protocol.
 - ``aioice.ice.Connection._query_consent_task`` and ``RTCIceTransport.__start``: a
   connection closed while its ICE checks were completing starts consent checks after
   ``close()`` (aioice 0.13); :func:`close_peer_connection` waits for that and stops them.
-- ``aioice.ice.Connection.data_received``: empty datagrams are dropped (aiortc
-  1.16 crashes its DTLS loop on one).
+- ``RTCDtlsTransport._recv_next``: one call handles one received datagram; its
+  loop (``__run``) ends on any exception but ``pylibsrtp.Error``, so an empty
+  datagram (``data[0]``), an oversized RTP-range one (pylibsrtp's ``ValueError``)
+  or any other surprise from a stranger would end the transport for good. The
+  guard makes every exception but ``ConnectionError`` (the transport closed) and
+  cancellation drop that one datagram; :data:`dropped_datagrams` counts them.
+- ``aioice.ice.StunProtocol.datagram_received``: STUN parsing raises more than
+  the ``ValueError`` it catches (e.g. ``struct.error`` on a truncated attribute);
+  on uvloop an exception there closes the ICE socket. Guarded the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -46,6 +63,7 @@ from aiortc import (
     RTCRtpSender,
     RTCRtpTransceiver,
 )
+from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtp import RtcpRrPacket, RtcpSenderInfo, RtcpSrPacket, RtpPacket
 from pylibsrtp._binding import ffi as _srtp_ffi
@@ -53,19 +71,86 @@ from pylibsrtp._binding import lib as _srtp_lib
 
 from peer.rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, OutboundParams
 
+log = logging.getLogger("cascade.rtc")
 _ORIGINAL_GET_HOST_ADDRESSES = aioice.ice.get_host_addresses
-_ORIGINAL_DATA_RECEIVED = aioice.ice.Connection.data_received
+_ORIGINAL_RECV_NEXT = RTCDtlsTransport._recv_next
 
 
-def _guarded_data_received(self: aioice.ice.Connection, data: bytes, component: int) -> None:
-    # aiortc's DTLS loop indexes data[0]: one empty UDP datagram from anyone would
-    # kill the transport (and the participant's media). Drop those here.
-    if data:
-        _ORIGINAL_DATA_RECEIVED(self, data, component)
+class DroppedDatagrams:
+    """Datagrams whose handling raised inside aiortc's receive loop and were dropped."""
+
+    __slots__ = ("count", "last_error")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last_error = ""
 
 
-aioice.ice.Connection.data_received = _guarded_data_received  # type: ignore[method-assign]
+dropped_datagrams = DroppedDatagrams()
+
+
+async def _guarded_recv_next(self: RTCDtlsTransport) -> None:
+    # Receives and handles one datagram. Whatever a datagram does to the DTLS, SRTP,
+    # RTP/RTCP parsing or our RTCP hooks, it must not end the loop that carries every
+    # later packet of this transport: only a closed transport (ConnectionError) or a
+    # cancellation may do that.
+    try:
+        await _ORIGINAL_RECV_NEXT(self)
+    except ConnectionError:
+        raise
+    except Exception as exc:
+        _drop(exc)
+
+
+def _drop(exc: Exception) -> None:
+    dropped_datagrams.count += 1
+    dropped_datagrams.last_error = f"{type(exc).__name__}: {exc}"[:200]
+    log.debug("dropped a datagram: %r", exc)
+
+
+_ORIGINAL_STUN_DATAGRAM_RECEIVED = aioice.ice.StunProtocol.datagram_received
+
+
+def _guarded_stun_datagram_received(
+    self: aioice.ice.StunProtocol, data: bytes | str, addr: tuple[Any, ...]
+) -> None:
+    try:
+        _ORIGINAL_STUN_DATAGRAM_RECEIVED(self, data, addr)
+    except Exception as exc:
+        _drop(exc)
+
+
 _ORIGINAL_GATHER_CANDIDATES = aioice.ice.Connection.gather_candidates
+_ORIGINAL_STUN_CONNECTION_LOST = aioice.ice.StunProtocol.connection_lost
+
+
+def _stun_connection_lost(self: aioice.ice.StunProtocol, exc: Exception | None) -> None:
+    dup = _dup_sockets.pop(self, None)
+    if dup is not None:
+        dup.close()
+    _ORIGINAL_STUN_CONNECTION_LOST(self, exc)
+
+
+async def _gather_candidates_without_leaks(self: aioice.ice.Connection) -> None:
+    gathering = asyncio.ensure_future(_announcing_gather_candidates(self))
+    gathering.add_done_callback(lambda task: _close_if_closing(self, task))
+    await asyncio.shield(gathering)
+
+
+def _close_if_closing(conn: aioice.ice.Connection, gathering: asyncio.Future[None]) -> None:
+    if not gathering.cancelled():
+        gathering.exception()  # retrieved: the awaiting caller may be gone
+    if getattr(conn, "_closing", False):
+        for protocol in conn._protocols:
+            if protocol.transport is not None:
+                protocol.transport.close()
+        conn._protocols.clear()
+
+
+RTCDtlsTransport._recv_next = _guarded_recv_next  # type: ignore[method-assign]
+aioice.ice.Connection.gather_candidates = _gather_candidates_without_leaks  # type: ignore[method-assign]
+aioice.ice.StunProtocol.connection_lost = _stun_connection_lost  # type: ignore[method-assign]
+aioice.ice.StunProtocol.datagram_received = _guarded_stun_datagram_received  # type: ignore[method-assign]
 _ice_addresses: list[str] | None = None
 _ice_announce: str | None = None
 _background: set[asyncio.Future[None]] = set()
@@ -86,9 +171,6 @@ def set_ice_addresses(addresses: list[str] | None, announce: str | None = None) 
         aioice.ice.get_host_addresses = _ORIGINAL_GET_HOST_ADDRESSES
     else:
         aioice.ice.get_host_addresses = _configured_host_addresses
-    aioice.ice.Connection.gather_candidates = (  # type: ignore[method-assign]
-        _ORIGINAL_GATHER_CANDIDATES if announce is None else _announcing_gather_candidates
-    )
 
 
 async def _announcing_gather_candidates(self: aioice.ice.Connection) -> None:
@@ -213,6 +295,13 @@ def receiver_loss(receiver: RTCRtpReceiver) -> tuple[int, int, float]:
         lost += max(0, stream.packets_lost)
         jitter = max(jitter, stream.jitter)
     return received, lost, jitter
+
+
+def remote_media_ssrcs(receiver: RTCRtpReceiver) -> list[int]:
+    """SSRCs (not RTX) an ordinary, untapped receiver has received media on."""
+    streams = getattr(receiver, "_RTCRtpReceiver__remote_streams", {})
+    rtx = set(getattr(receiver, "_RTCRtpReceiver__rtx_ssrc", {}))
+    return [ssrc for ssrc in streams if ssrc not in rtx]
 
 
 def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
@@ -529,7 +618,7 @@ class RtpCounter:
 
         def data_received(data: bytes, component: int) -> None:
             srtp = dtls._rx_srtp
-            if srtp is None or not 127 < data[0] < 192 or 191 < data[1] < 224:
+            if srtp is None or len(data) < 12 or not 127 < data[0] < 192 or 191 < data[1] < 224:
                 original(data, component)
                 return
             try:

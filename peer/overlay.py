@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from dht import Producer as DirectoryProducer
 from dht.cli import split_host_port
 from dht.directory import SOFTWARE_VERSION
 from peer.placement import NodeView, Placement, PlacementPolicy, RoomHost, place
+from peer.relay_access import RelayAccess
 from peer.scaling import (
     RegionCapacity,
     ScalePolicy,
@@ -51,9 +53,11 @@ def announced_relay_address(announce: str, bound_host: str, bound_port: int) -> 
 class Overlay:
     """Keeps a node's directory records current and pulls remote producers of shared rooms.
 
-    Relay links are authorised against the directory: a peer may connect only if its
-    Ed25519 key is the relay key of a live node record (signed by that same key, and in
-    fleet mode certified by the operator).
+    Relay links are authorised against the directory, continuously: a peer may connect
+    only while its Ed25519 key is the relay key of a live node record (signed by that same
+    key, and in fleet mode certified by the operator); when the record is withdrawn or
+    expires, its links are closed and its flows end. In open mode a peer may pull only
+    producers of rooms it announces participants in (see :mod:`peer.relay_access`).
     """
 
     def __init__(
@@ -83,11 +87,16 @@ class Overlay:
         self._leading: set[str] = set()
         self._outbox_changed = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
-        self.known_keys: set[bytes] = set()
+        self.access = RelayAccess(
+            server.config.relay_peers,
+            open_mode=directory.policy.operator_key is None,
+            host_lifetime=directory.ttl,
+        )
         self._announced: dict[str, tuple[object, ...]] = {}
         # room -> participants of the room on other nodes: id -> (name, node id hex)
         self._remote_members: dict[str, dict[str, tuple[str, str]]] = {}
         self._refreshing: set[str] = set()
+        self._checking_hosts: set[str] = set()
         # room -> the room's entries as last read from the directory
         self._room_entries: dict[str, list[RoomEntry]] = {}
         self._nodes: dict[bytes, NodeRecord] = {}
@@ -95,9 +104,52 @@ class Overlay:
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    @property
+    def known_keys(self) -> set[bytes]:
+        """Relay keys of the live nodes currently allowed to connect."""
+        now = self.directory.clock()
+        return {key for key, _ in self.access.tracked() if self.access.allowed(key, now)}
+
     def authorize(self, key: bytes) -> bool:
         """Relay admission: the key belongs to a live node in the directory."""
-        return key in self.known_keys or key in self.server.config.relay_peers
+        return self.access.allowed(key, self.directory.clock())
+
+    def may_pull(self, key: bytes, room: str) -> bool:
+        """Whether the node of ``key`` may pull producers of ``room`` from this node."""
+        now = self.directory.clock()
+        if self.access.may_pull(key, room, now):
+            return True
+        if self.access.allowed(key, now):
+            # A node that just announced the room may be newer than our view of its hosts:
+            # look again, so that its retry is decided on the current directory.
+            self._refresh_room_hosts(room)
+        return False
+
+    def _refresh_room_hosts(self, room: str) -> None:
+        if room in self._checking_hosts:
+            return
+        self._checking_hosts.add(room)
+
+        async def refresh() -> None:
+            try:
+                entries = await self.directory.room_hosts(room)
+                hosts = (e.node_id for e in entries if e.participants > 0)
+                self.access.room_hosts(room, hosts, self.directory.clock())
+            except Exception:
+                log.exception("looking up the hosts of room %s failed", room)
+            finally:
+                self._checking_hosts.discard(room)
+
+        task = asyncio.ensure_future(refresh())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def listen_hosts(self) -> list[str]:
+        """Addresses this node listens on: signaling, DHT and relay."""
+        hosts = [self.server.config.host, self.directory.address[0]]
+        if self.server.relay is not None:
+            hosts.append(self.server.relay.address[0])
+        return hosts
 
     async def start(self) -> None:
         """Join the DHT, publish the node record and start syncing."""
@@ -107,6 +159,7 @@ class Overlay:
             host, port = relay.address
             relay_address = announced_relay_address(self.server.config.relay_announce, host, port)
         self.server.relay_authorizer = self.authorize
+        self.server.relay_room_policy = self.may_pull
         self.server.placer = self.place
         self.server.overlay_view = self.describe
         self.server.remote_participants = self.remote_participants
@@ -117,6 +170,9 @@ class Overlay:
         if self.location is not None:
             self.directory.update_node(location=self.location)
         await self.directory.start(announce=False)
+        warning = exposure_warning(self.access.open_mode, self.listen_hosts())
+        if warning is not None:
+            log.warning("%s", warning)  # the node's log goes to stderr at start
         await self.directory.announce_node(
             signaling_url=self.server.url,
             relay_address=relay_address,
@@ -174,20 +230,44 @@ class Overlay:
             if hosted is None or not hosted.participants:
                 del self._announced[room]
                 self._remote_members.pop(room, None)
+                self.access.forget_room(room)
                 self._room_entries.pop(room, None)
                 await self.directory.withdraw_room(room)
         seen = time.time()
         live: dict[bytes, tuple[NodeRecord, float]] = {}
-        for record in await self.directory.nodes():
+        listed: set[bytes] = set()
+        for record, expires_at in await self.directory.node_entries():
             live[record.node_id] = (record, seen)
             self._nodes[record.node_id] = record
             if record.relay_key:
-                self.known_keys.add(record.relay_key)
+                listed.add(record.relay_key)
+                self.access.seen(record.relay_key, record.node_id, expires_at)
         self._live = live
+        await self._revoke_gone(listed)
         self._update_signal(seen)
         for room, router in list(routers.items()):
             if router.participants:
                 await self._pull_room(room)
+
+    async def _revoke_gone(self, listed: set[bytes]) -> None:
+        """Revoke relay access of keys whose node record was withdrawn or expired."""
+        for key, node_id in self.access.tracked():
+            if key in listed:
+                continue
+            # Not in the global listing (a lookup can be partial): ask for that node. Only
+            # its tombstone revokes at once; otherwise the grant lasts until the record's
+            # expiry (a failed lookup on a loaded node must not cut a live peer off).
+            entry, withdrawn = await self.directory.node_state(node_id)
+            if withdrawn or (entry is not None and entry[0].relay_key != key):
+                self.access.missing(key)
+                self._nodes.pop(node_id, None)
+            elif entry is not None:
+                self.access.seen(key, node_id, entry[1])
+        relay = self.server.relay
+        for key in self.access.revoke_due(self.directory.clock()):
+            log.info("relay access revoked for %s (record withdrawn or expired)", key.hex()[:16])
+            if relay is not None:
+                relay.revoke(key)
 
     async def _announce_room(self, room: str) -> None:
         router = self.server.node.routers.get(room)
@@ -437,6 +517,8 @@ class Overlay:
         entries = await self.directory.room_hosts(room)
         self._room_entries[room] = entries
         self._update_members(room, entries)
+        hosts = (e.node_id for e in entries if e.participants > 0)
+        self.access.room_hosts(room, hosts, self.directory.clock())
         if not any(
             s.grant is not None and s.grant.can_subscribe and s.auto_subscribe
             for s in self.server.room_sessions(room)
@@ -445,11 +527,17 @@ class Overlay:
         for entry in entries:
             if entry.node_id == self.directory.node_id:
                 continue
-            record = self._nodes.get(entry.node_id) or await self.directory.node(entry.node_id)
+            record = self._nodes.get(entry.node_id)
+            if record is None:
+                found = await self.directory.node_entry(entry.node_id)
+                if found is not None and found[0].relay_key:
+                    record = found[0]
+                    self.access.seen(record.relay_key, record.node_id, found[1])
             if record is None or not record.relay_address or not record.relay_key:
                 continue
+            if not self.authorize(record.relay_key):
+                continue
             self._nodes[entry.node_id] = record
-            self.known_keys.add(record.relay_key)
             for producer in entry.producers:
                 key = (room, producer.id)
                 if producer.id in router.producers or key in self._pulling:
@@ -482,3 +570,25 @@ def _view(record: NodeRecord, expires_at: float) -> NodeView:
         version=record.version,
         expires_at=expires_at,
     )
+
+
+def exposure_warning(open_mode: bool, hosts: list[str]) -> str | None:
+    """The start-up warning for a node in open mode listening beyond loopback, or None."""
+    exposed = sorted({h for h in hosts if not _is_loopback(h)})
+    if not open_mode or not exposed:
+        return None
+    return (
+        f"WARNING: open mode, listening on non-loopback addresses ({', '.join(exposed)}): "
+        "anyone who reaches the DHT port can publish a node record, open relay links to this "
+        "node and pull the producers of any room it announces participants in. On a shared "
+        "network use fleet mode (operator-certified node keys); see docs/security.md."
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "" (every interface), host names
+        return False

@@ -14,23 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from peer import aiortc_adapter as rtc
+from peer.edge_guard import HeadDeadline, SignalingSocket
 from peer.engine import Node, Producer
+from peer.limits import ConnectionCounts, EdgeCounters, EdgeLimits, TokenBuckets
 from peer.placement import Placement
 from peer.relay_bridge import ProducerRelaySource, bridge_remote_producer
 from peer.session import ParticipantSession
-from peer.signaling import ProtocolError, decode_client_message, encode
+from peer.signaling import Join, ProtocolError, decode_client_message, encode, error_message
 from peer.stats import AdmissionPolicy
 from peer.tokens import TokenError, TokenVerifier, issue_token
 from relay import RelayConfig, RelayEndpoint
 
 log = logging.getLogger("cascade.server")
 STATIC = Path(__file__).parent / "static"
-# aiohttp's own hard limit; messages between our limit and this get a `too_large` reply.
-WS_HARD_LIMIT = 1024 * 1024
 
 
 @dataclass
@@ -62,6 +62,8 @@ class NodeConfig:
     relay_announce: str = ""
     # Raw Ed25519 public keys of peer nodes allowed to pull producers from this one.
     relay_peers: set[bytes] = field(default_factory=set)
+    # Connection, message, timeout and rate limits of the HTTP/WebSocket edge (docs/limits.md).
+    limits: EdgeLimits = field(default_factory=EdgeLimits)
 
 
 class NodeServer:
@@ -83,7 +85,20 @@ class NodeServer:
             )
         )
         self.sessions: dict[str, list[ParticipantSession]] = {}
-        self.bad_messages = 0
+        self.limits = config.limits
+        self.counters = EdgeCounters()
+        self._ws_counts = ConnectionCounts(
+            self.limits.max_ws_connections, self.limits.max_ws_connections_per_ip
+        )
+        self._join_buckets = TokenBuckets(
+            self.limits.join_rate,
+            self.limits.join_burst,
+            self.limits.bucket_idle,
+            self.limits.max_buckets,
+        )
+        self._sockets: set[SignalingSocket] = set()
+        self._background: set[asyncio.Future[Any]] = set()
+        self._http_server: asyncio.AbstractServer | None = None
         self.join_outcomes: Counter[str] = Counter()
         # Extension points (e.g. monitoring): called with the app before it starts, and
         # extra top-level sections of stats().
@@ -96,6 +111,8 @@ class NodeServer:
         self.relay: RelayEndpoint | None = None
         self._relay_sources: dict[str, ProducerRelaySource] = {}
         self.relay_authorizer: Callable[[bytes], bool] = lambda key: key in config.relay_peers
+        # (peer key, room) -> may that peer pull the room's producers (the overlay sets it).
+        self.relay_room_policy: Callable[[bytes, str], bool] = lambda key, room: True
         # Set by the overlay: ranks the nodes a room's new participant should join.
         self.placer: Callable[[str, str | None], Awaitable[Placement]] | None = None
         self.node_key = ""
@@ -127,6 +144,12 @@ class NodeServer:
                 producer.on_close(self._forget_relay_source)
                 return source
         return None
+
+    def _relay_may_subscribe(self, peer_key: bytes, producer_id: str) -> bool:
+        for room, router in self.node.routers.items():
+            if producer_id in router.producers:
+                return self.relay_room_policy(peer_key, room)
+        return True  # unknown: the lookup answers NOT_FOUND
 
     def _forget_relay_source(self, producer: Producer) -> None:
         self._relay_sources.pop(producer.id, None)
@@ -206,6 +229,7 @@ class NodeServer:
     def app(self) -> web.Application:
         """The aiohttp application of this node."""
         app = web.Application()
+        app.on_response_prepare.append(_one_request_per_connection)
         app.router.add_get("/ws", self.websocket)
         app.router.add_get("/stats", self.stats_handler)
         app.router.add_get("/healthz", self.health)
@@ -290,14 +314,75 @@ class NodeServer:
             "codec_instances": sum(
                 s.codec_instances() for members in self.sessions.values() for s in members
             ),
-            "bad_messages": self.bad_messages,
+            "bad_messages": self.counters.bad_messages,
+            "datagrams_dropped": rtc.dropped_datagrams.count,
+            "limits": self.limit_counters(),
+            "process": self.process_stats(),
             "rooms": rooms,
             **{name: section() for name, section in self.stats_sections.items()},
         }
 
+    def process_stats(self) -> dict[str, int]:
+        """Resident memory, open file descriptors and asyncio tasks of the node process."""
+        with self._process.oneshot():
+            rss = self._process.memory_info().rss
+            fds = self._process.num_fds()
+        return {"rss_bytes": rss, "fds": fds, "asyncio_tasks": len(asyncio.all_tasks())}
+
+    @property
+    def bad_messages(self) -> int:
+        """Client messages refused as malformed (any error code of the decoder)."""
+        return self.counters.bad_messages
+
+    def limit_counters(self) -> dict[str, int]:
+        """What each limit of docs/limits.md refused so far."""
+        self.counters.datagrams_dropped = rtc.dropped_datagrams.count
+        counters = self.counters.as_dict()
+        if self.relay is not None:
+            relay = self.relay.admission.counters.as_dict()
+            counters.update({f"relay_{k}": v for k, v in relay.items()})
+            counters["relay_pending"] = self.relay.admission.pending
+        return counters
+
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=WS_HARD_LIMIT)
+        source = request.remote or "?"
+        refused = self._ws_counts.admit(source)
+        if refused == "total":
+            self.counters.ws_refused_total_limit += 1
+            return web.json_response(
+                error_message("overloaded", "too many connections"), status=503
+            )
+        if refused == "per_source":
+            self.counters.ws_refused_per_ip_limit += 1
+            return web.json_response(
+                error_message("too_many_connections", "too many connections from your address"),
+                status=429,
+            )
+        try:
+            return await self._signaling(request, source)
+        finally:
+            self._ws_counts.release(source)
+
+    def _count_refused(self, reason: str) -> None:
+        if reason == "too_large":
+            self.counters.messages_too_large += 1
+            self.counters.bad_messages += 1
+        elif reason == "unmasked":
+            self.counters.unmasked_frames += 1
+            self.counters.bad_messages += 1
+
+    async def _signaling(self, request: web.Request, source: str) -> web.StreamResponse:
+        limit = self.limits.max_message_bytes
+        ws = SignalingSocket(
+            heartbeat=20.0,
+            max_message_bytes=limit,
+            too_large=lambda: encode(
+                error_message("too_large", f"message over the {limit}-byte limit")
+            ),
+            on_refused=self._count_refused,
+        )
         await ws.prepare(request)
+        self._sockets.add(ws)
 
         async def send(message: dict[str, object]) -> None:
             if not ws.closed:
@@ -310,15 +395,21 @@ class NodeServer:
                     try:
                         message = decode_client_message(msg.data)
                     except ProtocolError as exc:
-                        self.bad_messages += 1
-                        reply: dict[str, object] = {
-                            "type": "error",
-                            "code": exc.code,
-                            "message": exc.message,
-                        }
-                        if exc.request_id is not None:
-                            reply["id"] = exc.request_id
-                        await send(reply)
+                        self.counters.bad_messages += 1
+                        await send(error_message(exc.code, exc.message, exc.request_id))
+                        continue
+                    except Exception as exc:  # a decoder bug must not drop the participant
+                        log.exception("decoding a client message failed")
+                        self.counters.bad_messages += 1
+                        await send(error_message("bad_message", f"unreadable message: {exc}"))
+                        continue
+                    if isinstance(message, Join) and not self._join_buckets.allow(
+                        source, time.monotonic()
+                    ):
+                        self.counters.joins_rate_limited += 1
+                        await send(
+                            error_message("rate_limited", "too many joins; retry later", message.id)
+                        )
                         continue
                     await session.handle(message)
                     if session._closed:
@@ -326,10 +417,23 @@ class NodeServer:
                 elif msg.type == WSMsgType.ERROR:
                     break
         finally:
+            self._sockets.discard(ws)
             await session.close()
             with contextlib.suppress(Exception):
                 await ws.close()
         return ws
+
+    def _close_stalled_messages(self, now: float) -> None:
+        timeout = self.limits.ws_message_timeout
+        for ws in list(self._sockets):
+            if ws.frame_check.stalled(now, timeout) and not ws.closed:
+                self.counters.ws_message_timeouts += 1
+                self._sockets.discard(ws)
+                task = asyncio.ensure_future(
+                    ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"message_timeout")
+                )
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -342,6 +446,8 @@ class NodeServer:
             self.node.tick(now)
             if time.monotonic() - last_cpu >= 1.0:
                 last_cpu = time.monotonic()
+                self._close_stalled_messages(last_cpu)
+                self._join_buckets.expire(last_cpu)
                 totals = self.node.totals()
                 self.node.admission.update(
                     self._process.cpu_percent(None) / 100.0,
@@ -351,10 +457,25 @@ class NodeServer:
 
     async def start(self) -> None:
         """Start serving on the configured host and port."""
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        # Bodies are never read by our routes; an unread one is discarded for at most
+        # lingering_time before the connection closes.
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, lingering_time=self.limits.http_header_timeout
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
-        await site.start()
+        http = self._runner.server
+        assert http is not None
+
+        def head_timed_out() -> None:
+            self.counters.http_header_timeouts += 1
+
+        timeout = self.limits.http_header_timeout
+        self._http_server = await asyncio.get_running_loop().create_server(
+            lambda: HeadDeadline(http(), timeout, head_timed_out),
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+        )
         self._ticker = asyncio.ensure_future(self._tick())
         if self.config.relay_port is not None:
             self.relay = RelayEndpoint(
@@ -363,10 +484,10 @@ class NodeServer:
                 authorize=lambda key: self.relay_authorizer(key),
                 config=RelayConfig(host=self.config.relay_host, port=self.config.relay_port),
             )
+            self.relay.may_subscribe = self._relay_may_subscribe
             await self.relay.start()
         if self.config.port == 0:
-            server: Any = site._server
-            self.config.port = server.sockets[0].getsockname()[1]
+            self.config.port = self._http_server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         """Close every session and stop serving."""
@@ -377,6 +498,8 @@ class NodeServer:
                 await session.close()
         if self.relay is not None:
             await self.relay.close()
+        if self._http_server is not None:
+            self._http_server.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -386,6 +509,12 @@ class NodeServer:
         if self.config.public_url:
             return self.config.public_url
         return f"http://{self.config.host}:{self.config.port}"
+
+
+async def _one_request_per_connection(request: web.Request, response: web.StreamResponse) -> None:
+    # One request per HTTP connection: the head deadline then covers every request.
+    if not isinstance(response, web.WebSocketResponse):
+        response.force_close()
 
 
 async def _no_remote_participants(room: str) -> list[dict[str, object]]:

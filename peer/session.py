@@ -268,6 +268,7 @@ class ParticipantSession:
         assert self.router is not None and self.grant is not None
         if not self.grant.can_publish:
             raise ProtocolError("forbidden", "token does not grant publish")
+        fresh = self.publish_pc is None
         if self.publish_pc is None:
             self.publish_pc = RTCPeerConnection(rtc.rtc_configuration())
             self._watch_connection(self.publish_pc, "publish")
@@ -277,6 +278,8 @@ class ParticipantSession:
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
         except Exception as exc:
+            if fresh:
+                await self._drop_publish_pc(pc)
             raise ProtocolError("bad_sdp", f"offer rejected: {exc}") from None
         known = {t.mid for t in self._ptx.values()}
         created = []
@@ -291,6 +294,11 @@ class ParticipantSession:
                 continue
             producer = self._create_producer(transceiver, codec)
             created.append({**producer.describe(), "mid": transceiver.mid})
+        if not created and fresh:
+            # A first offer with nothing we can receive (garbage, or no sendonly media)
+            # is refused rather than answered with zero producers.
+            await self._drop_publish_pc(pc)
+            raise ProtocolError("bad_sdp", "offer has no media section the node can receive")
         await self.send(
             {
                 "type": "published",
@@ -302,6 +310,12 @@ class ParticipantSession:
         for desc in created:
             producer = self.router.producers[str(desc["producer_id"])]
             self.server.announce_producer(self.router.room, producer)
+
+    async def _drop_publish_pc(self, pc: RTCPeerConnection) -> None:
+        if self.publish_pc is pc:
+            self.publish_pc = None
+        with contextlib.suppress(Exception):
+            await pc.close()
 
     def _create_producer(self, transceiver: RTCRtpTransceiver, codec: Any) -> Producer:
         assert self.router is not None

@@ -14,7 +14,8 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_SDP_BYTES = 48 * 1024
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-RoomName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[\w.\-]+$")]
+# \Z, not $: "$" also matches before a trailing newline.
+RoomName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"\A[\w.\-]+\Z")]
 RequestId = (
     Annotated[int, msgspec.Meta(ge=0, le=2**53)] | Annotated[str, msgspec.Meta(max_length=64)]
 )
@@ -141,17 +142,21 @@ def decode_client_message(raw: str | bytes) -> ClientMessage:
         raise ProtocolError("too_large", f"message is {size} bytes, limit {MAX_MESSAGE_BYTES}")
     try:
         return _decoder.decode(raw)
+    except RecursionError:
+        raise ProtocolError("bad_message", "JSON nested too deeply") from None
     except msgspec.ValidationError as exc:
         request_id = None
         try:
             loose = msgspec.json.decode(raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             loose = None
         if isinstance(loose, dict):
             request_id = loose.get("id") if isinstance(loose.get("id"), (int, str)) else None
             kind = loose.get("type")
             if kind is None:
                 raise ProtocolError("bad_message", "missing 'type'", request_id) from None
+            if not isinstance(kind, str):
+                raise ProtocolError("bad_message", "'type' must be a string", request_id) from None
             if kind not in KNOWN_TYPES:
                 raise ProtocolError(
                     "unknown_type", f"unknown message type {kind!r}", request_id

@@ -20,17 +20,20 @@ import random
 import ssl
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
-from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import auth
+from .admission import AdmissionLimits, PendingAdmission
 from .flows import LIVE, KeyframeLimiter, NackTracker, OriginFlowStats, RemoteProducer, call_each
 from .protocol import (
     ALPN,
@@ -86,8 +89,8 @@ class RelayConfig:
     heartbeat_interval: float = 0.5
     #: No control traffic for this long = dead link (connection closed, listeners told).
     dead_after: float = 2.5
-    #: Time allowed from first packet to AUTH_OK.
-    auth_timeout: float = 5.0
+    #: Unauthenticated connections: limits, rates and the handshake/auth deadlines.
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
     connect_timeout: float = 5.0
     #: Flow kept open this long after the last local listener left.
     linger: float = 2.0
@@ -178,6 +181,7 @@ class _Conn(QuicConnectionProtocol):
         self.rtt: float | None = None
         self.last_rx = self._loop.time()
         self.started = self._loop.time()
+        self.handshake_done = False
         self.dead_event = asyncio.Event()
         #: set once authenticated or dead
         self.settled = asyncio.Event()
@@ -250,6 +254,7 @@ class _Conn(QuicConnectionProtocol):
         elif isinstance(event, events.StreamDataReceived):
             self._on_stream(event)
         elif isinstance(event, events.HandshakeCompleted):
+            self.handshake_done = True
             self.on_handshake(event)
         elif isinstance(event, events.ConnectionTerminated):
             self.terminate(event.error_code, event.reason_phrase or "connection closed", False)
@@ -303,8 +308,9 @@ class _Conn(QuicConnectionProtocol):
             return
         now = self._loop.time()
         if not self.authed:
-            if now - self.started > self.cfg.auth_timeout:
-                self.abort(ErrorCode.TIMEOUT, "authentication timed out")
+            expired = self.pending_expired(now)
+            if expired is not None:
+                self.abort(ErrorCode.TIMEOUT, f"{expired} timed out")
                 return
         elif now - self.last_rx > self.cfg.dead_after:
             self.counters.heartbeat_timeouts += 1
@@ -320,7 +326,9 @@ class _Conn(QuicConnectionProtocol):
         """Close the connection with an application error and tear down at once."""
         if self.dead:
             return
-        log.info("relay: closing connection to %s: %s (%d)", self._peer_name(), reason, code)
+        # Strangers that never authenticated are counted, not logged one by one.
+        level = logging.INFO if self.authed or self.peer_key else logging.DEBUG
+        log.log(level, "relay: closing connection to %s: %s (%d)", self._peer_name(), reason, code)
         self.close(error_code=code, reason_phrase=reason)
         self.terminate(code, reason, True)
 
@@ -347,6 +355,11 @@ class _Conn(QuicConnectionProtocol):
         return self.peer_key.hex()[:16] if self.peer_key else "?"
 
     # -- role hooks -------------------------------------------------------------------
+
+    def pending_expired(self, now: float) -> str | None:
+        """Why this not yet authenticated connection is out of time, if it is."""
+        limit = self.cfg.admission.auth_timeout
+        return "authentication" if now - self.started > limit else None
 
     def on_handshake(self, event: events.HandshakeCompleted) -> None:
         """TLS handshake completed."""
@@ -401,8 +414,20 @@ class _ServerConn(_Conn):
         self._next_flow = 1
         self._client_nonce = b""
         self._server_nonce = b""
+        #: source address, counted by admission until authenticated or closed
+        self.source: str | None = endpoint._admitting_source
+        endpoint._admitting_source = None
         endpoint.counters.connections_accepted += 1
         endpoint._sessions.add(self)
+
+    def pending_expired(self, now: float) -> str | None:
+        expired = self.endpoint.admission.expired(self.started, self.handshake_done, now)
+        return None if expired is None else f"{expired}"
+
+    def _settle(self) -> None:
+        if self.source is not None:
+            self.endpoint.admission.settle(self.source)
+            self.source = None
 
     def on_message(self, msg: ControlMessage) -> None:
         if not self.authed:
@@ -450,6 +475,7 @@ class _ServerConn(_Conn):
                 allowed = False
             if not allowed:
                 ep.counters.auth_refused += 1
+                ep.admission.counters.refused_unauthorized += 1
                 self.abort(ErrorCode.UNAUTHORIZED, "node key not authorized")
                 return
             self._client_nonce = msg.nonce
@@ -468,6 +494,7 @@ class _ServerConn(_Conn):
                 self.abort(ErrorCode.AUTH_FAILED, "client signature invalid")
                 return
             self.authed = True
+            self._settle()
             self.last_rx = self._loop.time()
             self.send_msg(AuthOk())
             # a reconnecting peer supersedes its previous (probably dead) connection, so
@@ -482,6 +509,18 @@ class _ServerConn(_Conn):
     def _on_subscribe(self, msg: Subscribe) -> None:
         flow = self.by_producer.get(msg.producer_id)
         if flow is None:
+            try:
+                permitted = self.peer_key is not None and self.endpoint.may_subscribe(
+                    self.peer_key, msg.producer_id
+                )
+            except Exception:
+                log.exception("relay: may_subscribe callback failed")
+                permitted = False
+            if not permitted:
+                self.send_msg(
+                    ErrorMsg(msg.request_id, ErrorCode.UNAUTHORIZED, "not allowed to pull this")
+                )
+                return
             if len(self.flows) >= self.cfg.max_flows_per_connection:
                 self.send_msg(ErrorMsg(msg.request_id, ErrorCode.TOO_MANY_FLOWS, "too many flows"))
                 return
@@ -577,6 +616,7 @@ class _ServerConn(_Conn):
             flow.rtcp_listener = None
 
     def on_dead(self, code: int, reason: str, local: bool) -> None:
+        self._settle()
         for flow in list(self.flows.values()):
             self._drop_flow(flow)
         self.endpoint._sessions.discard(self)
@@ -1121,6 +1161,42 @@ class RelayLink:
         return f"<RelayLink {self.peer_key.hex()[:16]} {self.host}:{self.port} {self.state}>"
 
 
+class _AdmittingServer(QuicServer):
+    """aioquic's server, asking :class:`~relay.admission.PendingAdmission` before an
+    Initial packet from a new source creates a connection (refused ones are dropped
+    silently, costing one header parse). Uses aioquic 1.7's ``QuicServer._protocols``."""
+
+    def __init__(self, endpoint: RelayEndpoint, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._endpoint = endpoint
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        data = cast(bytes, data)
+        try:
+            header = pull_quic_header(
+                Buffer(data=data), host_cid_length=self._configuration.connection_id_length
+            )
+        except ValueError:
+            return
+        if (
+            header.packet_type == QuicPacketType.INITIAL
+            and len(data) >= 1200
+            and header.destination_cid not in self._protocols
+        ):
+            source = str(addr[0])
+            if not self._endpoint.admission.admit(source, self._loop.time()):
+                return
+            self._endpoint._admitting_source = source
+            try:
+                super().datagram_received(data, addr)
+            finally:
+                if self._endpoint._admitting_source is not None:  # no connection was made
+                    self._endpoint._admitting_source = None
+                    self._endpoint.admission.settle(source)
+            return
+        super().datagram_received(data, addr)
+
+
 class RelayEndpoint:
     """The relay endpoint of one node.
 
@@ -1141,12 +1217,18 @@ class RelayEndpoint:
         self.public_key = auth.public_key_bytes(private_key)
         self.lookup = lookup
         self.authorize: Callable[[bytes], bool] = authorize or (lambda key: False)
+        #: ``may_subscribe(peer_key, producer_id)``: whether an authenticated peer may pull
+        #: that producer (default: any producer ``lookup`` finds).
+        self.may_subscribe: Callable[[bytes, str], bool] = lambda key, producer_id: True
         self.config = config or RelayConfig()
         self.counters = RelayCounters()
+        self.admission = PendingAdmission(self.config.admission)
+        self._admitting_source: str | None = None
         self.certificate = auth.make_certificate(private_key)
         self._server: QuicServer | None = None
         self._sessions: set[_ServerConn] = set()
         self._links: dict[bytes, RelayLink] = {}
+        self._closing: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         """Start the QUIC server on ``config.host:config.port``."""
@@ -1164,7 +1246,12 @@ class RelayEndpoint:
         def create(quic: QuicConnection, **kw: Any) -> _ServerConn:
             return _ServerConn(quic, self, **kw)
 
-        self._server = await serve(cfg.host, cfg.port, configuration=qc, create_protocol=create)
+        loop = asyncio.get_running_loop()
+        _, server = await loop.create_datagram_endpoint(
+            lambda: _AdmittingServer(self, configuration=qc, create_protocol=create),
+            local_addr=(cfg.host, cfg.port),
+        )
+        self._server = server
 
     @property
     def address(self) -> tuple[str, int]:
@@ -1173,6 +1260,19 @@ class RelayEndpoint:
             raise RelayError("endpoint not started")
         host, port = self._server._transport.get_extra_info("sockname")[:2]
         return host, port
+
+    def revoke(self, peer_key: bytes) -> None:
+        """``peer_key`` is no longer authorized: close its inbound connections (ending the
+        flows served on them) and the link to it (ending the flows pulled from it)."""
+        self.admission.counters.revoked += 1
+        for session in list(self._sessions):
+            if session.peer_key == peer_key:
+                session.abort(ErrorCode.UNAUTHORIZED, "node key no longer in the directory")
+        link = self._links.get(peer_key)
+        if link is not None:
+            task = asyncio.ensure_future(link.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def link(self, peer_key: bytes, host: str, port: int) -> RelayLink:
         """The :class:`RelayLink` to ``peer_key`` at ``host:port`` (created on first call)."""

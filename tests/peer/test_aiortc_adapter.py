@@ -72,3 +72,54 @@ async def test_tap_forwards_packets_without_decoding_and_sink_sends():
     assert lost == 0
     await pub.close()
     await node.close()
+
+
+async def test_no_datagram_ends_the_receive_loop():
+    """Every hostile datagram class straight at a connected transport: media keeps arriving."""
+    from bench.hostile import hostile_datagrams, send_datagrams
+
+    rtc.set_ice_addresses(["127.0.0.1"])
+    got: list[int] = []
+    pub = RTCPeerConnection(rtc.rtc_configuration())
+    pub.addTransceiver(PatternVideoTrack(160, 120), direction="sendonly")
+    node = RTCPeerConnection(rtc.rtc_configuration())
+
+    @node.on("track")
+    def on_track(remote):
+        for tr in node.getTransceivers():
+            if tr.receiver.track is remote:
+                rtc.tap_receiver(tr.receiver, lambda s, ts, m, p, lvl: got.append(s))
+
+    await pub.setLocalDescription(await pub.createOffer())
+    await node.setRemoteDescription(pub.localDescription)
+    await node.setLocalDescription(await node.createAnswer())
+    await pub.setRemoteDescription(node.localDescription)
+    for _ in range(300):
+        if len(got) > 10:
+            break
+        await asyncio.sleep(0.02)
+    assert len(got) > 10
+    targets = rtc.local_candidate_ports(node) + rtc.local_candidate_ports(pub)
+    dropped = rtc.dropped_datagrams.count
+    # The one datagram of issue 7 first, then the whole generator in small bursts.
+    send_datagrams(targets, [b"\x80" + b"\x00" * 1500, b""])
+    batch: list[bytes] = []
+    for data in hostile_datagrams():
+        batch.append(data)
+        if len(batch) == 40:
+            send_datagrams(targets, batch)
+            batch.clear()
+            await asyncio.sleep(0.005)
+    send_datagrams(targets, batch)
+    await asyncio.sleep(0.3)
+    before = len(got)
+    for _ in range(300):
+        if len(got) > before + 20:
+            break
+        await asyncio.sleep(0.02)
+    assert len(got) > before + 20
+    for pc in (pub, node):
+        assert all(dtls.state == "connected" for _, dtls in rtc._ice_connections(pc))
+    assert rtc.dropped_datagrams.count > dropped  # the guard did catch something
+    await pub.close()
+    await node.close()

@@ -12,8 +12,10 @@ import pytest
 
 from peer.client import CascadeClient, CascadeError
 from peer.media import PatternVideoTrack
+from peer.signaling import MAX_MESSAGE_BYTES
 from peer.tokens import issue_token
 from tests.conftest import SECRET, ClientFactory, token
+from tests.peer.raw_ws import RawWebSocket
 
 VALID_OFFER_LIKE = (
     "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
@@ -51,7 +53,12 @@ RAW_CASES = [
     ('{"type": "join", "room": "../etc", "token": "t"}', "bad_message"),
     ('{"type": "subscribe"}', "bad_message"),
     ('{"type": "publish", "sdp": 5}', "bad_message"),
-    (json.dumps({"type": "ping", "pad": "x" * 70_000}), "too_large"),
+    ('{"type": ["join"]}', "bad_message"),
+    ('{"type": {"join": 1}}', "bad_message"),
+    ('{"type": "ping", "id": ' + "[" * 1000 + "]" * 1000 + "}", "bad_message"),
+    ('{"type": ' + "[" * 1000 + "]" * 1000 + "}", "bad_message"),
+    ("[" * 1000 + "]" * 1000, "bad_message"),
+    ('{"type": "join", "room": "call\\n", "token": "t"}', "bad_message"),
     ('{"type": "publish", "sdp": "' + "v=0 " * 10 + '"}', "not_joined"),
 ]
 
@@ -110,6 +117,10 @@ async def test_unknown_ids_and_bad_sdp(call_in_progress, clients):
     await expect_error(c.unpublish(producer_id), "unknown_producer")  # not mine
     await expect_error(pub.subscribe(producer_id), "bad_request")  # my own
     await expect_error(c.request({"type": "publish", "sdp": VALID_OFFER_LIKE}), "bad_sdp")
+    garbage = await clients("call", "mallory2", auto_subscribe=False)
+    await expect_error(garbage.request({"type": "publish", "sdp": "garbage " * 8}), "bad_sdp")
+    # ... and the same participant can still publish for real afterwards.
+    assert len(await garbage.publish([PatternVideoTrack(160, 120)])) == 1
     await expect_error(c.request({"type": "answer", "sdp": VALID_OFFER_LIKE}), "unexpected_answer")
     await c.subscribe(producer_id)
     await expect_error(c.subscribe(producer_id), "already_subscribed")
@@ -126,12 +137,99 @@ async def test_binary_and_oversized_frames(node, call_in_progress):
             await ws.send_bytes(b"\xff\xfe\x00garbage")
             reply = json.loads((await ws.receive(timeout=5)).data)
             assert reply["code"] == "bad_json"
-        async with http.ws_connect(node.url.replace("http", "ws") + "/ws") as ws:
-            await ws.send_str("x" * (2 * 1024 * 1024))
-            msg = await ws.receive(timeout=5)
-            # Beyond the hard limit the node closes that socket with 1009 (message too big).
-            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-            assert ws.close_code == 1009
+        for size in (MAX_MESSAGE_BYTES + 1, 2 * 1024 * 1024):
+            async with http.ws_connect(node.url.replace("http", "ws") + "/ws") as ws:
+                await ws.send_str(json.dumps({"type": "ping", "pad": "x" * size}))
+                reply = json.loads((await ws.receive(timeout=5)).data)
+                assert reply["code"] == "too_large"
+                msg = await ws.receive(timeout=5)
+                # Then the node closes that socket with 1009 (message too big).
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                assert ws.close_code == 1009
+    await asyncio.sleep(0.3)
+    assert track.frames_decoded > frames
+    assert node.stats()["limits"]["messages_too_large"] == 2
+
+
+async def test_message_of_exactly_the_limit_is_accepted(call_in_progress):
+    pub, _, track, _ = call_in_progress
+    text = '{"type": "ping", "id": 7' + " " * MAX_MESSAGE_BYTES
+    text = text[: MAX_MESSAGE_BYTES - 1] + "}"
+    assert len(text.encode()) == MAX_MESSAGE_BYTES
+    before = len(pub.events)
+    await pub.send_raw(text)
+    for _ in range(200):
+        if any(e.get("type") == "pong" and e.get("id") == 7 for e in pub.events[before:]):
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("no pong to a message of exactly the limit")
+    frames = track.frames_decoded
+    await asyncio.sleep(0.3)
+    assert track.frames_decoded > frames
+
+
+async def test_oversized_frame_refused_from_its_header(node, call_in_progress):
+    """A frame declaring 100 MB is refused before its payload arrives (nothing buffered)."""
+    _, _, track, _ = call_in_progress
+    raw = await RawWebSocket.connect(node.config.host, node.config.port)
+    header = RawWebSocket.frame(b"", length=100_000_000)
+    raw.writer.write(header + b"{" * 1000)
+    opcode, payload = await raw.receive()
+    assert opcode == 1 and json.loads(payload)["code"] == "too_large"
+    assert await raw.close_code() == 1009
+    raw.close()
+    frames = track.frames_decoded
+    await asyncio.sleep(0.3)
+    assert track.frames_decoded > frames
+
+
+async def test_unmasked_client_frames_are_refused(node, call_in_progress):
+    _, _, track, _ = call_in_progress
+    raw = await RawWebSocket.connect(node.config.host, node.config.port)
+    await raw.send_text('{"type": "ping", "id": 1}')  # masked: answered
+    _, payload = await raw.receive()
+    assert json.loads(payload)["type"] == "pong"
+    await raw.send_text('{"type": "ping", "id": 2}', masked=False)
+    assert await raw.close_code() == 1002  # protocol error
+    raw.close()
+    assert node.stats()["limits"]["unmasked_frames"] == 1
+    frames = track.frames_decoded
+    await asyncio.sleep(0.3)
+    assert track.frames_decoded > frames
+
+
+CRASH_SHAPES = [
+    '{"type": ["join"]}',
+    '{"type": {"join": "call"}}',
+    '{"type": "ping", "id": ' + "[" * 1000 + "]" * 1000 + "}",
+    "[" * 1200 + "]" * 1200,
+]
+
+
+async def test_crash_shapes_from_a_joined_participant(node, call_in_progress):
+    """Issue 7.2: a joined participant sending these stays in the room, its media flowing."""
+    _, sub, track, _ = call_in_progress
+    before = node.stats()["bad_messages"]
+    for text in CRASH_SHAPES:
+        reply = await raw_reply(sub, text)
+        assert reply["code"] == "bad_message"
+    assert node.stats()["bad_messages"] == before + len(CRASH_SHAPES)
+    assert sub.participant_id in {s.participant_id for s in node.sessions["call"]}
+    assert (await sub.ping())["type"] == "pong"
+    frames = track.frames_decoded
+    await asyncio.sleep(0.3)
+    assert track.frames_decoded > frames
+
+
+async def test_room_name_with_trailing_newline_is_refused(call_in_progress, clients):
+    _, _, track, _ = call_in_progress
+    c = await clients()
+    reply = await raw_reply(
+        c, json.dumps({"type": "join", "room": "call\n", "token": token("call", "eve")})
+    )
+    assert reply["code"] == "bad_message"
+    frames = track.frames_decoded
     await asyncio.sleep(0.3)
     assert track.frames_decoded > frames
 
@@ -168,3 +266,69 @@ async def test_garbage_udp_on_media_ports(node, call_in_progress):
     assert track.frames_decoded > frames + 10
     assert track.stats()["decode_errors"] == 0
     assert (await pub.ping())["type"] == "pong"
+
+
+def _session_of(node, room: str, participant_id: str):
+    return next(s for s in node.sessions[room] if s.participant_id == participant_id)
+
+
+async def _grows(read, by: int = 1, timeout: float = 15.0) -> bool:
+    start = read()
+    for _ in range(int(timeout / 0.05)):
+        if read() >= start + by:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_hostile_datagrams_on_ice_ports_never_stop_the_call(node, clients: ClientFactory):
+    """Issue 7.1: every datagram class at the publisher's and a subscriber's ICE ports on
+    the node; both subscribers keep decoding and the attacked subscriber's RTCP (NACK,
+    PLI) still reaches the node."""
+    from bench.hostile import hostile_datagrams, send_datagrams
+    from peer import aiortc_adapter as rtc
+
+    pub = await clients("call", "alice")
+    await pub.publish([PatternVideoTrack(160, 120)])
+    subs = [await clients("call", f"viewer{i}") for i in range(2)]
+    tracks = [(await s.wait_for_tracks(1, "video"))[0] for s in subs]
+    publisher_pc = _session_of(node, "call", pub.participant_id).publish_pc
+    victim = _session_of(node, "call", subs[0].participant_id)
+    targets = rtc.local_candidate_ports(publisher_pc) + rtc.local_candidate_ports(
+        victim.subscribe_pc
+    )
+    assert len(targets) >= 2
+
+    send_datagrams(targets, [b"\x80" + b"\x00" * 1500])  # the reproduction of issue 7.1
+    batch: list[bytes] = []
+    for data in hostile_datagrams():
+        batch.append(data)
+        if len(batch) == 40:
+            send_datagrams(targets, batch)
+            batch.clear()
+            await asyncio.sleep(0.005)
+    send_datagrams(targets, batch)
+
+    for track in tracks:
+        assert await _grows(lambda t=track: t.frames_decoded, by=20)
+        assert track.stats()["decode_errors"] == 0
+    (consumer,) = [s.consumer for s in victim.subscriptions.values()]
+    # PLI from the attacked subscriber reaches its consumer on the node.
+    receiver = tracks[0].receiver
+    ssrc = rtc.remote_media_ssrcs(receiver)[0]
+    rtc.send_pli(receiver, ssrc)
+    assert await _grows(lambda: consumer.stats.plis)
+    # So do NACKs: drop one RTP packet in 20 at the subscriber for a moment.
+    count = 0
+
+    def keep(data: bytes) -> bool:
+        nonlocal count
+        if len(data) > 12 and 127 < data[0] < 192 and not 191 < data[1] < 224:
+            count += 1
+            return count % 20 != 0
+        return True
+
+    rtc.set_receive_filter(subs[0]._subscribe_pc, keep)
+    assert await _grows(lambda: consumer.stats.nacks)
+    assert (await pub.ping())["type"] == "pong"
+    assert node.stats()["datagrams_dropped"] > 0
