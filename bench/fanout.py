@@ -519,8 +519,9 @@ def in_server_ns() -> list[str]:
     return ["ip", "netns", "exec", os.environ["CASCADE_BENCH_SERVER_NS"]]
 
 
-def in_namespace(argv: list[str]) -> int:
-    """Re-run this script in a load namespace, with the servers' namespace across a veth."""
+def in_namespace(argv: list[str], module: str = "bench.fanout") -> int:
+    """Re-run ``module`` with ``--in-netns`` in a load namespace, with the servers'
+    namespace across a veth."""
     tag = uuid.uuid4().hex[:6]
     srv, load = f"cascade-srv-{tag}", f"cascade-load-{tag}"
 
@@ -558,7 +559,7 @@ def in_namespace(argv: list[str]) -> int:
                 load,
                 sys.executable,
                 "-m",
-                "bench.fanout",
+                module,
                 "--in-netns",
                 *argv,
             ],

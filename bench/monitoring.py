@@ -396,63 +396,6 @@ async def bench_fanout(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _in_namespace_as(argv: list[str]) -> int:
-    import uuid
-
-    from bench import fanout
-
-    tag = uuid.uuid4().hex[:6]
-    srv, load = f"cascade-srv-{tag}", f"cascade-load-{tag}"
-
-    def run(*cmd: str) -> None:
-        subprocess.run(list(cmd), check=True)
-
-    try:
-        run("ip", "netns", "add", srv)
-        run("ip", "netns", "add", load)
-        run(
-            "ip",
-            "link",
-            "add",
-            f"cs{tag}",
-            "netns",
-            srv,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            f"cl{tag}",
-            "netns",
-            load,
-        )
-        for ns, dev, ip in (
-            (srv, f"cs{tag}", fanout.SERVER_IP),
-            (load, f"cl{tag}", fanout.LOAD_IP),
-        ):
-            run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-            run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ip}/30", "dev", dev)
-            run("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
-        env = {**os.environ, "CASCADE_BENCH_SERVER_NS": srv}
-        return subprocess.call(
-            [
-                "ip",
-                "netns",
-                "exec",
-                load,
-                sys.executable,
-                "-m",
-                "bench.monitoring",
-                "--in-netns",
-                *argv,
-            ],
-            cwd=ROOT,
-            env=env,
-        )
-    finally:
-        subprocess.run(["ip", "netns", "delete", srv], check=False)
-        subprocess.run(["ip", "netns", "delete", load], check=False)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
@@ -493,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     if "fanout" in parts:
         import tempfile
 
+        from bench import fanout
+
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
             path = tmp.name
         child = [
@@ -500,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             "--warmup", str(args.warmup), "--rounds", str(args.rounds),
             "--bitrate", str(args.bitrate),
         ]  # fmt: skip
-        rc = _in_namespace_as([*child, "--fanout-json", path])
+        rc = fanout.in_namespace([*child, "--fanout-json", path], module="bench.monitoring")
         if rc == 0:
             report["fanout"] = json.loads(Path(path).read_text())
             report["fanout"].pop("runs", None)

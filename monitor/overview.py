@@ -12,22 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitor.history import HistoryRing
+from monitor.history import HISTORY_FIELDS, HistoryRing
 
-SERIES_FIELDS = (
-    "time",
-    "cpu",
-    "headroom",
-    "rss",
-    "ingress_pps",
-    "egress_pps",
-    "ingress_bps",
-    "egress_bps",
-    "rooms",
-    "participants",
-    "producers",
-    "consumers",
-)
+SERIES_FIELDS = HISTORY_FIELDS
 STREAM_SORT_KEYS = (
     "bitrate",
     "packets",
