@@ -7,14 +7,14 @@ import contextlib
 
 import pytest
 
-from dht import Directory, NodeIdentity
 from peer.client import CascadeClient
 from peer.media import PatternVideoTrack
 from peer.overlay import Overlay, exposure_warning
 from peer.relay_access import RelayAccess
-from peer.server import NodeConfig, NodeServer
+from peer.server import NodeServer
 from relay import ErrorCode, RelayError, RelayRefused
-from tests.conftest import SECRET, token
+from tests.conftest import token
+from tests.peer.test_overlay import start_node
 
 
 def test_access_follows_records_and_rooms() -> None:
@@ -51,20 +51,6 @@ def test_open_mode_warns_beyond_loopback() -> None:
     warning = exposure_warning(True, ["127.0.0.1", "0.0.0.0", "192.0.2.10"])
     assert warning is not None and "0.0.0.0" in warning and "192.0.2.10" in warning
     assert "fleet mode" in warning and "docs/security.md" in warning
-
-
-async def start_node(region: str, bootstrap: list[tuple[str, int]]) -> tuple[NodeServer, Overlay]:
-    identity = NodeIdentity.generate()
-    server = NodeServer(
-        NodeConfig(
-            port=0, api_secret=SECRET, max_cpu=100.0, relay_port=0, identity=identity.private_key
-        )
-    )
-    await server.start()
-    directory = Directory(identity, region, host="127.0.0.1", port=0, bootstrap=bootstrap, ttl=6.0)
-    overlay = Overlay(server, directory, interval=0.5)
-    await overlay.start()
-    return server, overlay
 
 
 async def wait_for(pred, timeout: float = 20.0) -> bool:
