@@ -44,7 +44,7 @@ def start_node(secret: str, cpu: str) -> tuple[subprocess.Popen[bytes], str]:
     """One ``cascade node`` pinned to ``cpu``, admission by CPU off."""
     port = 18580
     cmd = ["taskset", "-c", cpu, sys.executable, "-m", "peer.cli", "node", "--port", str(port)]
-    cmd += ["--max-cpu", "100", "--log-level", "WARNING"]
+    cmd += ["--max-cpu", "100", "--ws-per-ip", "0", "--join-rate", "0", "--log-level", "WARNING"]
     env = {**os.environ, "CASCADE_API_SECRET": secret}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -66,7 +66,10 @@ def start_demo(secret: str, cpu: str) -> tuple[list[subprocess.Popen[bytes]], li
     """``cascade demo``'s overlay (eu, eu, us, ap), admission by CPU off, pinned to ``cpu``."""
     from peer.demo import demo_plan, start_nodes
 
-    plan = [replace(n, extra=("--max-cpu", "100")) for n in demo_plan(18580, 18680)]
+    plan = [
+        replace(n, extra=("--max-cpu", "100", "--ws-per-ip", "0", "--join-rate", "0"))
+        for n in demo_plan(18580, 18680)
+    ]
     procs = start_nodes(plan, {**os.environ, "CASCADE_API_SECRET": secret})
     for proc in procs:
         os.sched_setaffinity(proc.pid, {int(cpu)})

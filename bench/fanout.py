@@ -226,6 +226,10 @@ async def run_cascade(n: int, args: argparse.Namespace) -> CaseResult:
         "2.0",
         "--max-egress-pps",
         "10000000",
+        "--ws-per-ip",
+        "0",
+        "--join-rate",
+        "0",
         "--log-level",
         "WARNING",
     ]

@@ -74,7 +74,7 @@ async def run(rooms: int, participants: int, publish_share: float, seed: int) ->
             base + i,
             dht + i,
             None if i == 0 else f"127.0.0.1:{dht}",
-            ("--max-cpu", "50", "--max-consumers", "400", "--dht-ttl", "6"),
+            ("--max-cpu", "50", "--max-consumers", "400", "--dht-ttl", "6", "--ws-per-ip", "0"),
         )
         for i, (region, loc) in enumerate(SITES)
     ]

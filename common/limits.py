@@ -41,7 +41,8 @@ class TokenBuckets:
 
 @dataclass
 class ConnectionCounts:
-    """Open connections per source and in total, against a limit for each."""
+    """Open connections per source and in total, against a limit for each
+    (``max_per_source`` 0: no per-source limit)."""
 
     max_total: int
     max_per_source: int
@@ -52,7 +53,7 @@ class ConnectionCounts:
         """Count a new connection, or return why it is refused (``total`` / ``per_source``)."""
         if self.total >= self.max_total:
             return "total"
-        if self.per_source.get(source, 0) >= self.max_per_source:
+        if self.max_per_source and self.per_source.get(source, 0) >= self.max_per_source:
             return "per_source"
         self.total += 1
         self.per_source[source] = self.per_source.get(source, 0) + 1

@@ -350,6 +350,7 @@ def _fleet(args: argparse.Namespace, identity: NodeIdentity) -> tuple[bytes, byt
 
 def run_node(args: argparse.Namespace, extensions: list[Any] | None = None) -> int:
     """Check every setting, then run a node until SIGINT/SIGTERM."""
+    from peer.limits import EdgeLimits
     from peer.server import NodeConfig
 
     configure_logging(args.log_level, args.log_json)
@@ -404,6 +405,7 @@ def run_node(args: argparse.Namespace, extensions: list[Any] | None = None) -> i
         max_consumers=args.max_consumers,
         max_cpu=args.max_cpu,
         max_egress_pps=args.max_egress_pps,
+        limits=EdgeLimits(max_ws_connections_per_ip=args.ws_per_ip, join_rate=args.join_rate),
         identity=identity.private_key,
         relay_host=plan.relay_bind,
         relay_port=relay_port,

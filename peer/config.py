@@ -81,6 +81,18 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("max-consumers", "refuse consumers beyond this many", type=int, default=2000),
     Option("max-cpu", "refuse consumers above this CPU share of a core", type=float, default=0.85),
     Option("max-egress-pps", "refuse consumers above this egress rate", type=float, default=60e3),
+    Option(
+        "ws-per-ip",
+        "WebSocket connections one address may hold (0: no limit, e.g. behind a reverse proxy)",
+        type=int,
+        default=64,
+    ),
+    Option(
+        "join-rate",
+        "joins per second per address, burst 200 (0: no limit)",
+        type=float,
+        default=20.0,
+    ),
     # identity and fleet
     Option("key", "node identity key file (cascade keygen); default: a fresh key"),
     Option("fleet-cert", "fleet certificate of --key (cascade keygen --certify writes KEY.cert)"),

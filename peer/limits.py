@@ -19,13 +19,15 @@ class EdgeLimits:
     """Limits of one node's HTTP/WebSocket edge."""
 
     max_ws_connections: int = 4000
+    # 0: no per-address limit (a node behind a reverse proxy, load generators).
     max_ws_connections_per_ip: int = 64
     max_message_bytes: int = MAX_MESSAGE_BYTES
     # An HTTP request's headers (and a body, which no route reads) must arrive within this.
     http_header_timeout: float = 10.0
     # A partly received WebSocket message must complete within this.
     ws_message_timeout: float = 10.0
-    # Joins per source IP: a token bucket of `join_burst`, refilled at `join_rate` per second.
+    # Joins per source IP: a token bucket of `join_burst`, refilled at `join_rate` per second
+    # (0: joins are not rate-limited).
     join_rate: float = 20.0
     join_burst: float = 200.0
     # Buckets of sources not seen for this long are forgotten (bounded bucket table).

@@ -403,8 +403,10 @@ class NodeServer:
                         self.counters.bad_messages += 1
                         await send(error_message("bad_message", f"unreadable message: {exc}"))
                         continue
-                    if isinstance(message, Join) and not self._join_buckets.allow(
-                        source, time.monotonic()
+                    if (
+                        isinstance(message, Join)
+                        and self.limits.join_rate > 0
+                        and not self._join_buckets.allow(source, time.monotonic())
                     ):
                         self.counters.joins_rate_limited += 1
                         await send(
