@@ -80,3 +80,21 @@ def send_datagrams(
         if own:
             s.close()
     return sent
+
+
+async def send_hostile_burst(
+    targets: Iterable[tuple[str, int]], batch: int = 40, pause: float = 0.005
+) -> None:
+    """Send the whole :func:`hostile_datagrams` generator to ``targets`` in small paced
+    batches, so a call under attack keeps getting CPU between them."""
+    import asyncio
+
+    targets = list(targets)
+    pending: list[bytes] = []
+    for data in hostile_datagrams():
+        pending.append(data)
+        if len(pending) == batch:
+            send_datagrams(targets, pending)
+            pending.clear()
+            await asyncio.sleep(pause)
+    send_datagrams(targets, pending)

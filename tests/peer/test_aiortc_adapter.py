@@ -76,7 +76,7 @@ async def test_tap_forwards_packets_without_decoding_and_sink_sends():
 
 async def test_no_datagram_ends_the_receive_loop():
     """Every hostile datagram class straight at a connected transport: media keeps arriving."""
-    from bench.hostile import hostile_datagrams, send_datagrams
+    from bench.hostile import send_datagrams, send_hostile_burst
 
     rtc.set_ice_addresses(["127.0.0.1"])
     got: list[int] = []
@@ -103,14 +103,7 @@ async def test_no_datagram_ends_the_receive_loop():
     dropped = rtc.dropped_datagrams.count
     # The one datagram of issue 7 first, then the whole generator in small bursts.
     send_datagrams(targets, [b"\x80" + b"\x00" * 1500, b""])
-    batch: list[bytes] = []
-    for data in hostile_datagrams():
-        batch.append(data)
-        if len(batch) == 40:
-            send_datagrams(targets, batch)
-            batch.clear()
-            await asyncio.sleep(0.005)
-    send_datagrams(targets, batch)
+    await send_hostile_burst(targets)
     await asyncio.sleep(0.3)
     before = len(got)
     for _ in range(300):

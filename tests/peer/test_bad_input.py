@@ -285,7 +285,7 @@ async def test_hostile_datagrams_on_ice_ports_never_stop_the_call(node, clients:
     """Issue 7.1: every datagram class at the publisher's and a subscriber's ICE ports on
     the node; both subscribers keep decoding and the attacked subscriber's RTCP (NACK,
     PLI) still reaches the node."""
-    from bench.hostile import hostile_datagrams, send_datagrams
+    from bench.hostile import send_datagrams, send_hostile_burst
     from peer import aiortc_adapter as rtc
 
     pub = await clients("call", "alice")
@@ -300,14 +300,7 @@ async def test_hostile_datagrams_on_ice_ports_never_stop_the_call(node, clients:
     assert len(targets) >= 2
 
     send_datagrams(targets, [b"\x80" + b"\x00" * 1500])  # the reproduction of issue 7.1
-    batch: list[bytes] = []
-    for data in hostile_datagrams():
-        batch.append(data)
-        if len(batch) == 40:
-            send_datagrams(targets, batch)
-            batch.clear()
-            await asyncio.sleep(0.005)
-    send_datagrams(targets, batch)
+    await send_hostile_burst(targets)
 
     for track in tracks:
         assert await _grows(lambda t=track: t.frames_decoded, by=20)

@@ -30,7 +30,9 @@ def _can_run() -> str | None:
     return None
 
 
-def run_in_namespace(module: str, *args: str, timeout: float = 150) -> dict[str, Any]:
+def run_in_namespace(
+    module: str, *args: str, timeout: float = 150, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run ``python -m module args`` in a fresh network namespace; its last JSON line."""
     reason = _can_run()
     if reason:
@@ -47,6 +49,7 @@ def run_in_namespace(module: str, *args: str, timeout: float = 150) -> dict[str,
             capture_output=True,
             text=True,
             timeout=timeout,
+            env={**os.environ, **(env or {})},
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
