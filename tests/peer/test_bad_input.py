@@ -60,6 +60,11 @@ RAW_CASES = [
     ("[" * 1000 + "]" * 1000, "bad_message"),
     ('{"type": "join", "room": "call\\n", "token": "t"}', "bad_message"),
     ('{"type": "publish", "sdp": "' + "v=0 " * 10 + '"}', "not_joined"),
+    ('{"type": "join", "room": "call", "token": "t", "region": "../eu"}', "bad_message"),
+    ('{"type": "join", "room": "call", "token": "t", "region": "' + "e" * 65 + '"}', "bad_message"),
+    ('{"type": "join", "room": "call", "token": "t", "hops": 99}', "bad_message"),
+    ('{"type": "join", "room": "call", "token": "t", "hops": -1}', "bad_message"),
+    ('{"type": "join", "room": "call", "token": "t", "hops": "2"}', "bad_message"),
 ]
 
 
@@ -325,3 +330,26 @@ async def test_hostile_datagrams_on_ice_ports_never_stop_the_call(node, clients:
     assert await _grows(lambda: consumer.stats.nacks)
     assert (await pub.ping())["type"] == "pong"
     assert node.stats()["datagrams_dropped"] > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/place", 400),
+        ("/place?room=", 400),
+        ("/place?room=" + "r" * 200, 400),
+        ("/place?room=call&region=%00%ff", 200),  # an unknown region is only a hint
+        ("/overlay", 404),  # this node runs without a directory
+    ],
+)
+async def test_placement_routes_answer_bad_queries_with_an_error(
+    node, call_in_progress, path, status
+):
+    _, _, track, _ = call_in_progress
+    frames = track.frames_decoded
+    async with aiohttp.ClientSession() as http, http.get(node.url + path) as reply:
+        assert reply.status == status
+        body = await reply.json()
+    assert ("error" in body) == (status != 200)
+    await asyncio.sleep(0.3)
+    assert track.frames_decoded > frames
