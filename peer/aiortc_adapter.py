@@ -69,6 +69,7 @@ from aiortc.rtp import RtcpRrPacket, RtcpSenderInfo, RtcpSrPacket, RtpPacket
 from pylibsrtp._binding import ffi as _srtp_ffi
 from pylibsrtp._binding import lib as _srtp_lib
 
+from peer.ingress import IngressConfig, IngressStream, PacketHandler
 from peer.rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, OutboundParams
 
 log = logging.getLogger("cascade.rtc")
@@ -115,7 +116,10 @@ def _guarded_stun_datagram_received(
     self: aioice.ice.StunProtocol, data: bytes | str, addr: tuple[Any, ...]
 ) -> None:
     try:
-        _ORIGINAL_STUN_DATAGRAM_RECEIVED(self, data, addr)
+        if data and 127 < data[0] < 192:  # RTP/RTCP (RFC 7983): never STUN, skip its parser
+            self.receiver.data_received(data, self.local_candidate.component)
+        else:
+            _ORIGINAL_STUN_DATAGRAM_RECEIVED(self, data, addr)
     except Exception as exc:
         _drop(exc)
 
@@ -222,22 +226,19 @@ class SilentTrack(MediaStreamTrack):
         super().stop()
 
 
-PacketHandler = Callable[[int, int, int, bytes, int | None], None]
-
-
 class _ForwardingBuffer:
-    """Stands in for aiortc's jitter buffer: hands each packet to the SFU, keeps nothing."""
+    """Stands in for aiortc's jitter buffer: a packet of a tapped receiver that still takes
+    aiortc's receive path (it never should, see :class:`_IngressDemux`) is forwarded, not
+    decoded."""
 
-    __slots__ = ("handler", "media_ssrc")
+    __slots__ = ("tap",)
 
-    def __init__(self, handler: PacketHandler) -> None:
-        self.handler = handler
-        self.media_ssrc: int | None = None
+    def __init__(self, tap: _Tap) -> None:
+        self.tap = tap
 
     def add(self, packet: RtpPacket) -> tuple[bool, None]:
-        self.media_ssrc = packet.ssrc  # after RTX unwrap: the media SSRC
         level = packet.extensions.audio_level
-        self.handler(
+        self.tap.handler(
             packet.sequence_number,
             packet.timestamp,
             packet.marker,
@@ -250,23 +251,245 @@ class _ForwardingBuffer:
         return None
 
 
+class IngressCounters:
+    """Node-wide counters of the fast ingress path."""
+
+    __slots__ = ("packets", "rtcp_sent", "srtp_errors")
+
+    def __init__(self) -> None:
+        self.packets = 0
+        self.srtp_errors = 0  # failed authentication or replay: dropped
+        self.rtcp_sent = 0
+
+
+ingress_counters = IngressCounters()
+
+
+class _Tap:
+    """A tapped receiver: its :class:`IngressStream` (engine) and the I/O around it."""
+
+    def __init__(self, receiver: RTCRtpReceiver, handler: PacketHandler) -> None:
+        self.receiver = receiver
+        self.handler = handler
+        self.stream: IngressStream | None = None  # once receive() configured it
+        self.dtls: Any = receiver.transport
+        self._timer: asyncio.TimerHandle | None = None
+
+    def configure(self, parameters: Any) -> None:
+        kind = self.receiver.track.kind
+        self.stream = IngressStream(
+            ingress_config(kind, parameters), self.handler, self._rtcp_ssrc()
+        )
+        self._schedule()
+
+    def _rtcp_ssrc(self) -> int:
+        return getattr(self.receiver, "_RTCRtpReceiver__rtcp_ssrc", None) or 0
+
+    def accepts(self, payload_type: int) -> bool:
+        stream = self.stream
+        if stream is None:
+            return False
+        config = stream.config
+        return payload_type in config.payload_types or payload_type in config.rtx_payload_types
+
+    def send_rtcp(self, packets: list[bytes]) -> None:
+        dtls = self.dtls
+        if dtls._state != DtlsState.CONNECTED or dtls._tx_srtp is None:
+            return
+        pair = dtls.transport._connection._nominated.get(1)
+        if pair is None or pair.protocol.transport is None:
+            return
+        sock = _send_socket(pair.protocol)
+        for packet in packets:
+            with contextlib.suppress(BlockingIOError):
+                sock.sendto(dtls._tx_srtp.protect_rtcp(packet), pair.remote_addr)
+                ingress_counters.rtcp_sent += 1
+
+    def _schedule(self) -> None:
+        stream = self.stream
+        if stream is None:
+            return
+        loop = asyncio.get_event_loop()
+        now = time.time()
+        delay = max(0.0, stream.deadline(now) - now)
+        self._timer = loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        stream = self.stream
+        if stream is None or self.dtls._state in (DtlsState.CLOSED, DtlsState.FAILED):
+            return
+        try:
+            stream.rtcp_ssrc = self._rtcp_ssrc()
+            packets = stream.poll(time.time())
+            if packets:
+                self.send_rtcp(packets)
+        except Exception as exc:
+            _drop(exc)
+        self._schedule()
+
+    def on_sender_report(self, packet: Any) -> None:
+        if self.stream is not None:
+            self.stream.on_sender_report(packet.ssrc, packet.sender_info.ntp_timestamp, time.time())
+
+
+def ingress_config(kind: str, parameters: Any) -> IngressConfig:
+    """The engine's view of what a publisher negotiated (an RTCRtpReceiveParameters)."""
+    media: dict[int, int] = {}
+    rtx: dict[int, int] = {}
+    for codec in parameters.codecs:
+        if codec.mimeType.lower().endswith("/rtx"):
+            apt = codec.parameters.get("apt")
+            if isinstance(apt, int):
+                rtx[codec.payloadType] = apt
+        else:
+            media[codec.payloadType] = codec.clockRate
+    rtx = {pt: apt for pt, apt in rtx.items() if apt in media}
+    clock_rate = next(iter(media.values()), 90000)
+    ext = {e.uri: e.id for e in parameters.headerExtensions}
+    rtx_ssrcs = {e.rtx.ssrc: e.ssrc for e in parameters.encodings if e.rtx is not None}
+    video = kind == "video"
+    return IngressConfig(
+        kind=kind,
+        clock_rate=clock_rate,
+        payload_types=frozenset(media),
+        rtx_payload_types=rtx,
+        rtx_ssrcs=rtx_ssrcs,
+        audio_level_ext_id=ext.get(URI_AUDIO_LEVEL),
+        nack=video,
+        remb=video,
+    )
+
+
+class _IngressDemux:
+    """The fast ingress path of one ICE connection (a publisher's bundled transport).
+
+    Sits where aioice hands a non-STUN datagram to the connection, before aiortc's queue
+    and DTLS task: SRTP media of a tapped receiver is decrypted here with the transport's
+    SRTP session and given to that receiver's :class:`IngressStream`; everything else
+    (DTLS, SRTCP, other receivers' media) continues to aiortc unchanged. SSRCs are routed
+    with aiortc's own rules (the SDP's SSRCs, else a payload type only one receiver has),
+    and an SSRC learned from a payload type is kept only once a packet authenticated.
+    """
+
+    def __init__(self, conn: Any, dtls: Any) -> None:
+        self.conn = conn
+        self.dtls = dtls
+        self.taps: dict[RTCRtpReceiver, _Tap] = {}
+        self.routes: dict[bytes, _Tap] = {}  # SSRC (4 bytes, as on the wire) -> tap
+        self._original = conn.data_received
+        self._session: Any = None
+        self._ctx: Any = None
+        self._cdata: Any = None
+        self._buffer: Any = None
+        self._limit = 0
+        self._length = _srtp_ffi.new("int *")
+        self._unprotect = _srtp_lib.srtp_unprotect
+        conn.data_received = self.data_received
+
+    def data_received(self, data: bytes, component: int) -> None:
+        # RTP (not RTCP: second byte 192..223) from a connected transport
+        if len(data) >= 12 and 127 < data[0] < 192 and not 191 < data[1] < 224:
+            key = data[8:12]
+            tap = self.routes.get(key)
+            if tap is not None:
+                self._receive(tap, data)
+                return
+            tap = self._route(data)
+            if tap is not None:
+                if self._receive(tap, data):
+                    self.routes[key] = tap
+                    router = self.dtls._rtp_router
+                    router.ssrc_table.setdefault(int.from_bytes(key, "big"), tap.receiver)
+                return
+        self._original(data, component)
+
+    def _route(self, data: bytes) -> _Tap | None:
+        router = self.dtls._rtp_router
+        receiver = router.ssrc_table.get(int.from_bytes(data[8:12], "big"))
+        candidates = router.payload_type_table.get(data[1] & 0x7F, ())
+        if receiver is None and len(candidates) == 1:
+            receiver = next(iter(candidates))
+        elif receiver not in candidates:
+            return None
+        tap = self.taps.get(receiver)
+        if tap is None or not tap.accepts(data[1] & 0x7F):
+            return None
+        return tap
+
+    def _receive(self, tap: _Tap, data: bytes) -> bool:
+        try:
+            n = len(data)
+            if self._session is not self.dtls._rx_srtp:
+                self._resolve()
+            if n > self._limit:
+                raise ValueError("datagram too long for SRTP")
+            length = self._length
+            length[0] = n
+            self._buffer[0:n] = data
+            if self._unprotect(self._ctx, self._cdata, length):
+                ingress_counters.srtp_errors += 1
+                return False
+            plain = self._buffer[0 : length[0]]
+            stream = tap.stream
+            assert stream is not None
+            ingress_counters.packets += 1
+            rtcp = stream.receive(plain, time.time())
+            if rtcp:
+                tap.send_rtcp(rtcp)
+            return True
+        except Exception as exc:  # one datagram must never end anything
+            _drop(exc)
+            return False
+
+    def _resolve(self) -> None:
+        session = self.dtls._rx_srtp
+        if session is None:
+            raise ConnectionError("SRTP not established")
+        self._session = session
+        self._cdata = session._cdata
+        self._buffer = session._buffer
+        self._limit = len(session._cdata)
+        self._ctx = session._srtp[0]
+
+
 def tap_receiver(receiver: RTCRtpReceiver, handler: PacketHandler) -> None:
     """Deliver every received RTP packet of ``receiver`` to ``handler``; never decode.
 
     ``handler(seq, timestamp, marker, payload, audio_level)`` is called synchronously
-    on the event loop, after SRTP, RTX unwrap and NACK generation towards the publisher.
+    on the event loop, from the fast ingress path (:class:`_IngressDemux`): after SRTP,
+    RTX unwrap and NACK towards the publisher, which also gets receiver reports and REMB
+    (:class:`peer.ingress.IngressStream`). aiortc's receive path, jitter buffer and
+    decoder never see these packets.
     """
-    receiver._RTCRtpReceiver__jitter_buffer = _ForwardingBuffer(handler)  # type: ignore[attr-defined]
+    tap = _Tap(receiver, handler)
+    receiver._cascade_tap = tap  # type: ignore[attr-defined]
+    receiver._RTCRtpReceiver__jitter_buffer = _ForwardingBuffer(tap)  # type: ignore[attr-defined]
     _stop_decoder_thread(receiver)
+    dtls = receiver.transport
+    conn = dtls.transport._connection
+    demux = getattr(conn, "_cascade_ingress", None)
+    if demux is None or demux.dtls is not dtls:
+        demux = conn._cascade_ingress = _IngressDemux(conn, dtls)
+    demux.taps[receiver] = tap
     original_receive = receiver.receive
+    original_handle_rtcp = receiver._handle_rtcp_packet
 
     async def receive(parameters: Any) -> None:
         await original_receive(parameters)
         # receive() starts aiortc's decoder thread; nothing is ever queued to it,
         # but stopping it makes "no decoder on the forwarding path" structural.
         _stop_decoder_thread(receiver)
+        if tap.stream is None:
+            tap.configure(parameters)
+
+    async def handle_rtcp(packet: Any) -> None:
+        if isinstance(packet, RtcpSrPacket):
+            tap.on_sender_report(packet)
+        await original_handle_rtcp(packet)
 
     receiver.receive = receive  # type: ignore[method-assign]
+    receiver._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
 
 
 def _stop_decoder_thread(receiver: RTCRtpReceiver) -> None:
@@ -276,24 +499,34 @@ def _stop_decoder_thread(receiver: RTCRtpReceiver) -> None:
         receiver._RTCRtpReceiver__decoder_thread = None  # type: ignore[attr-defined]
 
 
+def ingress_stream(receiver: RTCRtpReceiver) -> IngressStream | None:
+    """The engine-side receive state of a tapped receiver (None before it was configured)."""
+    tap = getattr(receiver, "_cascade_tap", None)
+    return tap.stream if isinstance(tap, _Tap) else None
+
+
 def media_ssrc(receiver: RTCRtpReceiver) -> int | None:
     """The media SSRC a tapped receiver last forwarded (never an RTX or probe SSRC)."""
-    buffer = getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None)
-    return buffer.media_ssrc if isinstance(buffer, _ForwardingBuffer) else None
+    stream = ingress_stream(receiver)
+    return stream.media_ssrc if stream is not None else None
 
 
 def receiver_loss(receiver: RTCRtpReceiver) -> tuple[int, int, float]:
     """(packets received, packets lost, jitter in clock units) over the media streams."""
+    stream = ingress_stream(receiver)
+    if stream is not None:
+        stats = stream.stats
+        return stats.received, max(0, stats.lost), float(stats.jitter)
     streams = getattr(receiver, "_RTCRtpReceiver__remote_streams", {})
     rtx = set(getattr(receiver, "_RTCRtpReceiver__rtx_ssrc", {}))
     received = lost = 0
     jitter = 0.0
-    for ssrc, stream in streams.items():
+    for ssrc, s in streams.items():
         if ssrc in rtx:
             continue
-        received += stream.packets_received
-        lost += max(0, stream.packets_lost)
-        jitter = max(jitter, stream.jitter)
+        received += s.packets_received
+        lost += max(0, s.packets_lost)
+        jitter = max(jitter, s.jitter)
     return received, lost, jitter
 
 
