@@ -227,9 +227,10 @@ class SilentTrack(MediaStreamTrack):
 
 
 class _ForwardingBuffer:
-    """Stands in for aiortc's jitter buffer: a packet of a tapped receiver that still takes
-    aiortc's receive path (it never should, see :class:`_IngressDemux`) is forwarded, not
-    decoded."""
+    """Stands in for aiortc's jitter buffer of a tapped receiver: nothing is decoded. A
+    packet that still took aiortc's receive path is forwarded only while the fast path
+    has delivered nothing for the receiver (it never should, see :meth:`_IngressDemux.
+    drain_queue`); later it would reach the producer out of order, and is dropped."""
 
     __slots__ = ("tap",)
 
@@ -237,6 +238,10 @@ class _ForwardingBuffer:
         self.tap = tap
 
     def add(self, packet: RtpPacket) -> tuple[bool, None]:
+        stream = self.tap.stream
+        if stream is not None and stream.stats.started:
+            ingress_counters.late_drops += 1
+            return False, None
         level = packet.extensions.audio_level
         self.tap.handler(
             packet.sequence_number,
@@ -254,10 +259,11 @@ class _ForwardingBuffer:
 class IngressCounters:
     """Node-wide counters of the fast ingress path."""
 
-    __slots__ = ("packets", "rtcp_sent", "srtp_errors")
+    __slots__ = ("late_drops", "packets", "rtcp_sent", "srtp_errors")
 
     def __init__(self) -> None:
         self.packets = 0
+        self.late_drops = 0  # reached aiortc's path after the fast path began: dropped
         self.srtp_errors = 0  # failed authentication or replay: dropped
         self.rtcp_sent = 0
 
@@ -388,21 +394,26 @@ class _IngressDemux:
         conn.data_received = self.data_received
 
     def data_received(self, data: bytes, component: int) -> None:
-        # RTP (not RTCP: second byte 192..223) from a connected transport
-        if len(data) >= 12 and 127 < data[0] < 192 and not 191 < data[1] < 224:
-            key = data[8:12]
-            tap = self.routes.get(key)
-            if tap is not None:
-                self._receive(tap, data)
-                return
-            tap = self._route(data)
-            if tap is not None:
-                if self._receive(tap, data):
-                    self.routes[key] = tap
-                    router = self.dtls._rtp_router
-                    router.ssrc_table.setdefault(int.from_bytes(key, "big"), tap.receiver)
-                return
-        self._original(data, component)
+        if not self._deliver(data):
+            self._original(data, component)
+
+    def _deliver(self, data: bytes) -> bool:
+        """Handle ``data`` on the fast path if it is media of a tapped receiver."""
+        # RTP, not RTCP (second byte 192..223, RFC 5761)
+        if len(data) < 12 or not 127 < data[0] < 192 or 191 < data[1] < 224:
+            return False
+        key = data[8:12]
+        tap = self.routes.get(key)
+        if tap is not None:
+            self._receive(tap, data)
+            return True
+        tap = self._route(data)
+        if tap is None:
+            return False
+        if self._receive(tap, data):  # an SSRC is learned only from an authentic packet
+            self.routes[key] = tap
+            self.dtls._rtp_router.ssrc_table.setdefault(int.from_bytes(key, "big"), tap.receiver)
+        return True
 
     def _route(self, data: bytes) -> _Tap | None:
         router = self.dtls._rtp_router
@@ -441,6 +452,22 @@ class _IngressDemux:
         except Exception as exc:  # one datagram must never end anything
             _drop(exc)
             return False
+
+    def drain_queue(self) -> None:
+        """Take the datagrams aioice queued for aiortc before a receiver was configured
+        through the fast path now, in arrival order; the rest goes back, in order.
+
+        Between DTLS completing and ``receive()`` registering a receiver, its media waits
+        in the connection's queue; handed to aiortc later it would reach the producer
+        after newer packets of the fast path (a late keyframe start breaks a consumer).
+        """
+        queue = self.conn._queue
+        pending = []
+        while not queue.empty():
+            pending.append(queue.get_nowait())
+        for item in pending:
+            if item is None or not self._deliver(item[0]):
+                queue.put_nowait(item)
 
     def _resolve(self) -> None:
         session = self.dtls._rx_srtp
@@ -482,6 +509,8 @@ def tap_receiver(receiver: RTCRtpReceiver, handler: PacketHandler) -> None:
         _stop_decoder_thread(receiver)
         if tap.stream is None:
             tap.configure(parameters)
+            with contextlib.suppress(Exception):
+                demux.drain_queue()
 
     async def handle_rtcp(packet: Any) -> None:
         if isinstance(packet, RtcpSrPacket):
