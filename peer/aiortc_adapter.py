@@ -3,10 +3,28 @@ aioice 0.13.0). The rest of Cascade talks to aiortc only through these helpers.
 
 What we rely on, and why:
 
-- ``RTCRtpReceiver._RTCRtpReceiver__jitter_buffer``: every received packet passes
-  through it after SRTP, RTX unwrap and NACK generation; replacing it per receiver
-  hands packets to the SFU with no decoder ever fed. The decoder thread is
-  stopped right away.
+- Fast ingress (:func:`tap_receiver`, :class:`_IngressDemux`): a tapped receiver's media
+  never takes aiortc's receive path. ``aioice.ice.Connection.data_received`` is replaced
+  per publisher connection (where aioice hands over a non-STUN datagram, before its
+  ``_queue`` and aiortc's DTLS task); media of tapped receivers is decrypted there with
+  ``RTCDtlsTransport._rx_srtp`` (pylibsrtp's ``Session._srtp`` / ``_cdata`` / ``_buffer``
+  and ``srtp_unprotect`` called directly, as :class:`SenderSink` protects) and handed to
+  :class:`peer.ingress.IngressStream`. SSRCs are routed with
+  ``RTCDtlsTransport._rtp_router`` (``ssrc_table``, ``payload_type_table``: aiortc's own
+  SSRC-then-unique-payload-type rule); a learned SSRC is added to ``ssrc_table`` so
+  aiortc routes the publisher's Sender Reports to the receiver. When ``receive()``
+  configures a receiver, media already waiting in ``Connection._queue`` is taken out and
+  delivered first, in order. Our RTCP (NACK, RR, REMB) is protected with
+  ``RTCDtlsTransport._tx_srtp`` and sent on the nominated pair
+  (``_connection._nominated``). ``RTCRtpReceiver._RTCRtpReceiver__rtcp_ssrc`` is the
+  sender SSRC of that RTCP; ``RTCRtpReceiver._handle_rtcp_packet`` is wrapped to read
+  Sender Reports (LSR/DLSR).
+- ``RTCRtpReceiver._RTCRtpReceiver__jitter_buffer``: replaced per tapped receiver so that
+  a packet which still reaches aiortc's path (none should) is never decoded. The
+  decoder thread is stopped right away. ``__remote_streams`` / ``__rtx_ssrc`` are still
+  read for receivers that are not tapped (clients' :func:`receiver_loss`).
+- ``aioice.ice.StunProtocol.datagram_received``: datagrams whose first byte is 128..191
+  (RTP/RTCP, RFC 7983) go straight to the connection without aioice's STUN parser.
 - ``RTCRtpReceiver._send_rtcp_pli``: asks the publisher for a keyframe.
 - ``RTCRtpSender._retransmit`` / ``_send_keyframe`` / ``_send_rtcp`` /
   ``_handle_rtcp_packet``: overridden per sender to answer NACK from the
@@ -116,7 +134,8 @@ def _guarded_stun_datagram_received(
     self: aioice.ice.StunProtocol, data: bytes | str, addr: tuple[Any, ...]
 ) -> None:
     try:
-        if data and 127 < data[0] < 192:  # RTP/RTCP (RFC 7983): never STUN, skip its parser
+        if isinstance(data, bytes) and data and 127 < data[0] < 192:
+            # RTP/RTCP (RFC 7983): never STUN, skip its parser
             self.receiver.data_received(data, self.local_candidate.component)
         else:
             _ORIGINAL_STUN_DATAGRAM_RECEIVED(self, data, addr)
@@ -280,6 +299,7 @@ class _Tap:
         self.stream: IngressStream | None = None  # once receive() configured it
         self.dtls: Any = receiver.transport
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0
 
     def configure(self, parameters: Any) -> None:
         kind = self.receiver.track.kind
@@ -315,10 +335,20 @@ class _Tap:
         stream = self.stream
         if stream is None:
             return
-        loop = asyncio.get_event_loop()
         now = time.time()
-        delay = max(0.0, stream.deadline(now) - now)
-        self._timer = loop.call_later(delay, self._on_timer)
+        self._due = stream.deadline(now)
+        self._timer = asyncio.get_event_loop().call_later(max(0.0, self._due - now), self._on_timer)
+
+    def wake(self) -> None:
+        """Poll sooner if the stream now has earlier work (a gap to NACK again)."""
+        stream = self.stream
+        if (
+            stream is not None
+            and self._timer is not None
+            and stream.deadline(time.time()) < self._due
+        ):
+            self._timer.cancel()
+            self._schedule()
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -448,6 +478,7 @@ class _IngressDemux:
             rtcp = stream.receive(plain, time.time())
             if rtcp:
                 tap.send_rtcp(rtcp)
+                tap.wake()
             return True
         except Exception as exc:  # one datagram must never end anything
             _drop(exc)
@@ -497,7 +528,7 @@ def tap_receiver(receiver: RTCRtpReceiver, handler: PacketHandler) -> None:
     conn = dtls.transport._connection
     demux = getattr(conn, "_cascade_ingress", None)
     if demux is None or demux.dtls is not dtls:
-        demux = conn._cascade_ingress = _IngressDemux(conn, dtls)
+        demux = conn._cascade_ingress = _IngressDemux(conn, dtls)  # type: ignore[attr-defined]
     demux.taps[receiver] = tap
     original_receive = receiver.receive
     original_handle_rtcp = receiver._handle_rtcp_packet
