@@ -257,6 +257,7 @@ class _ForwardingBuffer:
         self.tap = tap
 
     def add(self, packet: RtpPacket) -> tuple[bool, None]:
+        self.tap.aiortc_ssrc = packet.ssrc  # after RTX unwrap: the media SSRC
         stream = self.tap.stream
         if stream is not None and stream.stats.started:
             ingress_counters.late_drops += 1
@@ -297,6 +298,7 @@ class _Tap:
         self.receiver = receiver
         self.handler = handler
         self.stream: IngressStream | None = None  # once receive() configured it
+        self.aiortc_ssrc: int | None = None  # media SSRC seen on aiortc's path
         self.dtls: Any = receiver.transport
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
@@ -524,6 +526,9 @@ def tap_receiver(receiver: RTCRtpReceiver, handler: PacketHandler) -> None:
     receiver._cascade_tap = tap  # type: ignore[attr-defined]
     receiver._RTCRtpReceiver__jitter_buffer = _ForwardingBuffer(tap)  # type: ignore[attr-defined]
     _stop_decoder_thread(receiver)
+    if not fast_ingress_enabled():
+        _tap_aiortc_path(receiver)
+        return
     dtls = receiver.transport
     conn = dtls.transport._connection
     demux = getattr(conn, "_cascade_ingress", None)
@@ -552,6 +557,23 @@ def tap_receiver(receiver: RTCRtpReceiver, handler: PacketHandler) -> None:
     receiver._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
 
 
+def fast_ingress_enabled() -> bool:
+    """False with ``CASCADE_FAST_INGRESS=0``: publisher media then takes aiortc's receive
+    path (SRTP, parsing, RTX, NACK, reports in aiortc) up to the jitter buffer, as before
+    the fast path existed. For before/after benchmarks in one run."""
+    return os.environ.get("CASCADE_FAST_INGRESS", "1") != "0"
+
+
+def _tap_aiortc_path(receiver: RTCRtpReceiver) -> None:
+    original_receive = receiver.receive
+
+    async def receive(parameters: Any) -> None:
+        await original_receive(parameters)
+        _stop_decoder_thread(receiver)
+
+    receiver.receive = receive  # type: ignore[method-assign]
+
+
 def _stop_decoder_thread(receiver: RTCRtpReceiver) -> None:
     thread = getattr(receiver, "_RTCRtpReceiver__decoder_thread", None)
     if thread is not None:
@@ -567,8 +589,10 @@ def ingress_stream(receiver: RTCRtpReceiver) -> IngressStream | None:
 
 def media_ssrc(receiver: RTCRtpReceiver) -> int | None:
     """The media SSRC a tapped receiver last forwarded (never an RTX or probe SSRC)."""
-    stream = ingress_stream(receiver)
-    return stream.media_ssrc if stream is not None else None
+    tap = getattr(receiver, "_cascade_tap", None)
+    if not isinstance(tap, _Tap):
+        return None
+    return tap.stream.media_ssrc if tap.stream is not None else tap.aiortc_ssrc
 
 
 def receiver_loss(receiver: RTCRtpReceiver) -> tuple[int, int, float]:
