@@ -714,6 +714,7 @@ class SenderSink:
         "_protect",
         "_sendto",
         "_session",
+        "_view",
         "dropped",
     )
 
@@ -723,6 +724,7 @@ class SenderSink:
         self._ctx: Any = None
         self._cdata: Any = None
         self._buffer: Any = None
+        self._view: memoryview | None = None
         self._length = _srtp_ffi.new("int *")
         self._limit = 0
         self._protect = _srtp_lib.srtp_protect
@@ -741,6 +743,7 @@ class SenderSink:
         self._session = session
         self._cdata = session._cdata
         self._buffer = session._buffer
+        self._view = memoryview(session._buffer)  # sendto from it: no copy to bytes
         self._limit = len(session._cdata) - _SRTP_MAX_TRAILER_LEN
         self._sendto = _send_socket(pair.protocol).sendto
         self._addr = pair.remote_addr
@@ -758,7 +761,7 @@ class SenderSink:
             buffer[0:n] = data
             if self._protect(self._ctx, self._cdata, length):
                 raise ValueError("srtp_protect failed")
-            self._sendto(buffer[0 : length[0]], self._addr)  # type: ignore[misc]
+            self._sendto(self._view[: length[0]], self._addr)  # type: ignore[index, misc, arg-type]
         except BlockingIOError:  # socket buffer full: drop, as a router queue would
             self.dropped += 1
         except Exception:  # not connected yet, or the transport broke
