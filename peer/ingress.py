@@ -187,6 +187,10 @@ class NackTracker:
                 del missing[s]
         return new
 
+    def repaired(self, seq: int) -> bool:
+        """A retransmission of ``seq`` arrived: True if it was missing (and no longer is)."""
+        return self._missing.pop(seq, None) is not None
+
     def poll(self, now: float) -> list[int]:
         """Sequence numbers to NACK again now; forgets those past their tries or age."""
         again: list[int] = []
@@ -282,6 +286,7 @@ class IngressStream:
         self._lsr = 0  # middle 32 bits of the last SR's NTP time
         self._lsr_at = 0.0
         self.rtx_received = 0
+        self.rtx_unused = 0  # RTX for packets not missing (any more)
         self.discarded = 0  # not RTP, unknown payload type, RTX without a payload
         self.nacks_sent = 0
         self.rembs_sent = 0
@@ -333,6 +338,10 @@ class IngressStream:
                 return []
             self.rtx_received += 1
             seq = (data[pos] << 8) | data[pos + 1]
+            if self.nack is None or not self.nack.repaired(seq):
+                # not a gap we asked for (a duplicate, or one given up on): do not forward
+                self.rtx_unused += 1
+                return []
             pos += 2
             ssrc = media
             recovered = True

@@ -156,8 +156,19 @@ def test_rtx_from_an_unannounced_ssrc_repairs_the_current_media_ssrc() -> None:
     sink = Sink()
     stream = IngressStream(VIDEO, sink)
     stream.receive(rtp(1, ssrc=77), 0.0)
-    stream.receive(rtp(9, pt=97, ssrc=78, payload=b"\x00\x00x"), 0.0)
-    assert sink.packets[-1][0] == 0
+    stream.receive(rtp(3, ssrc=77), 0.0)
+    stream.receive(rtp(9, pt=97, ssrc=78, payload=b"\x00\x02x"), 0.0)
+    assert sink.packets[-1][:4] == (2, 0, 0, b"x")
+
+
+def test_rtx_for_a_packet_not_missing_is_not_forwarded_twice() -> None:
+    sink = Sink()
+    stream = IngressStream(VIDEO, sink)
+    stream.receive(rtp(1), 0.0)
+    stream.receive(rtp(2), 0.0)
+    stream.receive(rtp(7, pt=97, ssrc=2222, payload=b"\x00\x02late"), 0.1)  # 2 already here
+    assert [p[0] for p in sink.packets] == [1, 2]
+    assert stream.rtx_unused == 1 and stream.stats.received == 2
 
 
 @pytest.mark.parametrize(
