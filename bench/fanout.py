@@ -59,6 +59,7 @@ class CaseResult:
     subscribers: int
     cpu_us_per_packet: float = 0.0
     server_cpu_percent: float = 0.0
+    load_cpu_percent: float = 0.0  # the load generator (publishers, subscribers), its own core
     forwarded_pps: float = 0.0
     subscriber_fps: float = 0.0
     decoded_fps: float = 0.0
@@ -138,11 +139,15 @@ async def measure(
         return packets, frames, sum(c.lost() for c in counters)
 
     result.connected = sum(1 for c in counters if c.packets() > 0)
+    me = psutil.Process()
     cpu0, (pk0, fr0, lost0), pf0 = cpu(), snapshot(), [p.frames for p in probes]
+    load0 = sum(me.cpu_times()[:2])
     t0 = time.monotonic()
     await asyncio.sleep(duration)
     cpu1, (pk1, fr1, lost1), pf1 = cpu(), snapshot(), [p.frames for p in probes]
+    load1 = sum(me.cpu_times()[:2])
     dt = time.monotonic() - t0
+    result.load_cpu_percent = round((load1 - load0) / dt * 100, 1)
     packets = pk1 - pk0
     result.cpu_us_per_packet = round((cpu1 - cpu0) * 1e6 / packets, 2) if packets else float("inf")
     result.server_cpu_percent = round((cpu1 - cpu0) / dt * 100, 1)
@@ -459,16 +464,16 @@ async def run_mediarelay(n: int, args: argparse.Namespace) -> CaseResult:
 
 def print_table(results: list[CaseResult]) -> None:
     header = (
-        f"{'server':<11}{'N':>5}{'µs/pkt':>9}{'cpu%':>7}{'fwd pkt/s':>11}"
-        f"{'sub fps':>9}{'dec fps':>9}{'dec err':>9}{'lost':>7}{'conn':>6}"
+        f"{'server':<23}{'N':>5}{'µs/pkt':>9}{'cpu%':>7}{'fwd pkt/s':>11}"
+        f"{'sub fps':>9}{'dec fps':>9}{'dec err':>9}{'lost':>7}{'conn':>6}{'load%':>7}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r.server:<11}{r.subscribers:>5}{r.cpu_us_per_packet:>9.2f}{r.server_cpu_percent:>7.1f}"
+            f"{r.server:<23}{r.subscribers:>5}{r.cpu_us_per_packet:>9.2f}{r.server_cpu_percent:>7.1f}"
             f"{r.forwarded_pps:>11}{r.subscriber_fps:>9.1f}{r.decoded_fps:>9.1f}"
-            f"{r.decode_errors:>9}{r.packets_lost:>7}{r.connected:>6}"
+            f"{r.decode_errors:>9}{r.packets_lost:>7}{r.connected:>6}{r.load_cpu_percent:>7.1f}"
         )
 
 
