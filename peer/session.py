@@ -288,6 +288,8 @@ class ParticipantSession:
         """Tell the participant to move to ``target`` (``url``, ``node_id``, ``region``)."""
         self.moving = True
         self.post({"type": "migrate", "reason": reason, **target})
+        if self.room is not None:  # stop listing its producers in the directory now
+            self.server.rooms.changed(self.room.name)
 
     async def close(self) -> None:
         """Leave the room: close producers, consumers and peer connections."""
@@ -423,6 +425,11 @@ class ParticipantSession:
             return
         if self._is_mine(producer) or self._closed:
             return
+        if any(
+            sub.consumer.producer is producer or sub.consumer.producer.source == producer.source
+            for sub in self.subscriptions.values()
+        ):
+            return  # already consumed, or about to be (a consumer switches over to it)
         try:
             self._subscribe(producer.id, paused=False)
         except SfuError as exc:
