@@ -40,7 +40,7 @@ class ClusterNode:
         secret: str,
         workdir: Path,
         *,
-        bootstrap: str | None = None,
+        bootstrap: list[str] | None = None,
         location: tuple[float, float] | None = None,
         ttl: float = 6.0,
         extra: tuple[str, ...] = (),
@@ -52,7 +52,8 @@ class ClusterNode:
         self.dht_port = free_port(socket.SOCK_DGRAM)
         self.relay_port = free_port(socket.SOCK_DGRAM)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.bootstrap = bootstrap
+        # DHT addresses to join through (a restarted node uses every other node's).
+        self.bootstrap = list(bootstrap or [])
         self.location = location
         self.ttl = ttl
         self.extra = extra
@@ -76,7 +77,7 @@ class ClusterNode:
             "--join-rate", "0", "--log-level", "INFO", *self.extra,
         ]  # fmt: skip
         if self.bootstrap:
-            cmd += ["--bootstrap", self.bootstrap]
+            cmd += ["--bootstrap", ",".join(self.bootstrap)]
         if self.location:
             cmd += ["--location", f"{self.location[0]},{self.location[1]}"]
         return cmd
@@ -152,10 +153,15 @@ class Cluster:
         self.nodes: list[ClusterNode] = []
 
     def add(self, name: str, region: str, **kw: Any) -> ClusterNode:
-        bootstrap = f"127.0.0.1:{self.nodes[0].dht_port}" if self.nodes else None
+        bootstrap = [f"127.0.0.1:{n.dht_port}" for n in self.nodes[:1]]
         node = ClusterNode(name, region, self.secret, self.workdir, bootstrap=bootstrap, **kw)
         self.nodes.append(node)
         return node
+
+    async def restart(self, node: ClusterNode) -> None:
+        """Start ``node`` again (same key and ports), joining through every other node."""
+        node.bootstrap = [f"127.0.0.1:{n.dht_port}" for n in self.nodes if n is not node]
+        await node.start()
 
     async def start(self) -> None:
         for node in self.nodes:
