@@ -583,8 +583,9 @@ class CascadeClient:
     def _watch(self, pc: RTCPeerConnection) -> None:
         @pc.on("connectionstatechange")
         def on_state() -> None:
-            if pc.connectionState == "failed" and pc in (self._publish_pc, self._subscribe_pc):
-                self._connection_lost("media connection failed")
+            lost = pc.connectionState in ("failed", "closed")
+            if lost and pc in (self._publish_pc, self._subscribe_pc) and not self._closing:
+                self._connection_lost(f"media connection {pc.connectionState}")
 
     async def _move(self, url: str, reason: str) -> None:
         """Rejoin elsewhere with the same token: at ``url`` (``migrate``), else on the
