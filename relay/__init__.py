@@ -8,6 +8,7 @@ See docs/relay-protocol.md.
 """
 
 from .auth import make_certificate, public_key_bytes
+from .config import RelayConfig, RelayCounters, RelayError, RelayRefused, SubscribeError
 from .endpoint import (
     RelayConfig,
     RelayCounters,
