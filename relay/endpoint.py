@@ -278,6 +278,14 @@ class RelayLink:
         """The live connection's protocol state, if any."""
         return self._conn.core if self._conn is not None else None
 
+    @property
+    def local_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the current connection's UDP socket, if connected."""
+        if self._transport is None:
+            return None
+        host, port = self._transport.get_extra_info("sockname")[:2]
+        return host, port
+
     def update_address(self, host: str, port: int) -> None:
         """Use a new address for the peer from the next (re)connection on."""
         self.host = host
