@@ -4,7 +4,10 @@ Origin side: give :class:`RelayEndpoint` a ``lookup(producer_id) -> RelaySource 
 and an ``authorize(public_key) -> bool``; peers that pass authentication can subscribe.
 Remote side: ``endpoint.link(peer_key, host, port).subscribe(producer_id)`` returns a
 shared :class:`RemoteProducer` that local consumers attach to like a local producer.
-See docs/relay-protocol.md.
+Between processes of one node, :class:`RelayPipe` carries the same flows over a plain
+datagram socket. Layers: sans-I/O state machines (``connection``, ``origin``, ``remote``,
+``handshake``, ``flows``, ``protocol``) under two thin transports (``endpoint``: QUIC,
+``pipe``: datagrams). See docs/relay-protocol.md and docs/architecture.md.
 """
 
 from .auth import make_certificate, public_key_bytes
@@ -18,6 +21,7 @@ from .endpoint import (
     RelayRefused,
     SubscribeError,
 )
+from .pipe import RelayPipe, pipe_socketpair
 from .flows import (
     KeyframeLimiter,
     NackTracker,
@@ -50,6 +54,7 @@ __all__ = [
     "RelayEndpoint",
     "RelayError",
     "RelayLink",
+    "RelayPipe",
     "RelayRefused",
     "RelayRtcpSource",
     "RelaySource",
@@ -57,5 +62,6 @@ __all__ = [
     "RemoteProducerStats",
     "SubscribeError",
     "make_certificate",
+    "pipe_socketpair",
     "public_key_bytes",
 ]

@@ -27,6 +27,7 @@ from .protocol import (
     ControlDecoder,
     ControlMessage,
     ErrorCode,
+    ErrorMsg,
     Heartbeat,
     HeartbeatAck,
     ProtocolError,
@@ -228,6 +229,9 @@ class RelayConnection:
             self.send_msg(HeartbeatAck(msg.seq, msg.sent_at))
         elif isinstance(msg, HeartbeatAck):
             self._rtt_sample(now - msg.sent_at)
+        elif isinstance(msg, ErrorMsg) and msg.request_id == 0 and self.handshake is None:
+            # a pipe's goodbye (QUIC closes with CONNECTION_CLOSE instead)
+            self._terminate(msg.code, msg.reason)
         elif not self.authed:
             self._handshake_step(msg, now)
         elif isinstance(msg, ORIGIN_MESSAGES):
