@@ -12,16 +12,7 @@ datagram socket. Layers: sans-I/O state machines (``connection``, ``origin``, ``
 
 from .auth import make_certificate, public_key_bytes
 from .config import RelayConfig, RelayCounters, RelayError, RelayRefused, SubscribeError
-from .endpoint import (
-    RelayConfig,
-    RelayCounters,
-    RelayEndpoint,
-    RelayError,
-    RelayLink,
-    RelayRefused,
-    SubscribeError,
-)
-from .pipe import RelayPipe, pipe_socketpair
+from .endpoint import RelayEndpoint, RelayLink
 from .flows import (
     KeyframeLimiter,
     NackTracker,
@@ -29,6 +20,7 @@ from .flows import (
     RemoteProducer,
     RemoteProducerStats,
 )
+from .pipe import RelayPipe, pipe_socketpair
 from .protocol import ALPN, PROTOCOL_VERSION, ErrorCode, ProtocolError
 from .source import (
     CODEC_PARAM_KEYS,

@@ -555,9 +555,9 @@ class RelayEndpoint:
         # a reconnecting peer supersedes its previous (probably dead) connection, so
         # there is never more than one flow per (producer, remote node)
         for other in list(self._sessions):
-            if other.core is not core and other.core.peer_key == core.peer_key:
-                if other.core.authed:
-                    other.abort(ErrorCode.SHUTDOWN, "superseded by a new connection")
+            theirs = other.core
+            if theirs is not core and theirs.peer_key == core.peer_key and theirs.authed:
+                other.abort(ErrorCode.SHUTDOWN, "superseded by a new connection")
 
     @property
     def address(self) -> tuple[str, int]:

@@ -103,9 +103,7 @@ class RelayPipe:
             remote=self.flows,
             max_payload=PIPE_MAX_DATAGRAM,
         )
-        self.connection.origin = OriginFlows(
-            self.connection, lookup, self.config, self.counters
-        )
+        self.connection.origin = OriginFlows(self.connection, lookup, self.config, self.counters)
         self._transport: asyncio.DatagramTransport | None = None
         self._sock: socket.socket | None = None
         #: datagrams the socket refused (receiver full), sent when it is writable again

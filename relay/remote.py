@@ -353,4 +353,3 @@ class RemoteFlows:
 
     def __len__(self) -> int:
         return len(self.producers)
-

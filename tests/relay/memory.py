@@ -160,7 +160,9 @@ def handshake(b: End, wire: Wire) -> None:
     wire.flush()
 
 
-def pipe_pair(config: RelayConfig | None = None, clock: Clock | None = None) -> tuple[End, End, Wire]:
+def pipe_pair(
+    config: RelayConfig | None = None, clock: Clock | None = None
+) -> tuple[End, End, Wire]:
     """Two ends of a worker pipe: trusted, both serve and pull."""
     cfg = config or RelayConfig(linger=0.5)
     clock = clock or Clock()

@@ -32,7 +32,7 @@ def test_handshake_subscribe_and_packets_byte_for_byte() -> None:
 
 
 def test_unknown_producer_is_a_subscribe_error() -> None:
-    a, b, wire = node_pair()
+    _a, b, wire = node_pair()
     handshake(b, wire)
     results = b.subscribe("nope")
     wire.flush()
@@ -41,7 +41,7 @@ def test_unknown_producer_is_a_subscribe_error() -> None:
 
 
 def test_wrong_certificate_key_refused_before_any_message() -> None:
-    a, b, wire = node_pair(cert_key=b"x" * 32)
+    _a, b, wire = node_pair(cert_key=b"x" * 32)
     handshake(b, wire)
     assert b.conn.dead and b.conn.close_out is not None
     assert b.conn.close_out[0] == ErrorCode.WRONG_PEER
@@ -159,7 +159,7 @@ def test_garbage_is_counted_and_other_flows_keep_flowing() -> None:
     r1.add_packet_listener(c1)
     r2.add_packet_listener(c2)
     assert r1.flow_id is not None
-    for i in range(50):
+    for _ in range(50):
         a.conn.datagrams_out += [
             b"junk",
             p.datagram_prefix(999) + bytes([0x80]) * 20,
@@ -207,7 +207,7 @@ def test_silent_peer_detected_by_heartbeat_timeout() -> None:
 
 
 def test_unauthenticated_connection_times_out() -> None:
-    a, b, wire = node_pair(RelayConfig(heartbeat_interval=0.5))
+    a, _b, wire = node_pair(RelayConfig(heartbeat_interval=0.5))
     wire.run(10.0)  # the dialler never finishes TLS
     assert a.conn.close_out is not None and a.conn.close_out[0] == ErrorCode.TIMEOUT
 
