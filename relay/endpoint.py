@@ -42,6 +42,7 @@ from .origin import OriginFlows
 from .protocol import ALPN, ErrorCode
 from .remote import RemoteFlows
 from .source import ProducerLookup
+from .udp import open_udp
 
 __all__ = [
     "RelayConfig",
@@ -391,8 +392,8 @@ class RelayLink:
         )
         core.on_up = self._on_up
         core.on_down = self._on_down
-        transport, proto = await self._loop.create_datagram_endpoint(
-            lambda: QuicRelayProtocol(quic, core, True), local_addr=(cfg.host, 0)
+        transport, proto = await open_udp(
+            lambda: QuicRelayProtocol(quic, core, True), (cfg.host, 0)
         )
         self._transport = transport
         assert isinstance(proto, QuicRelayProtocol)
@@ -518,11 +519,11 @@ class RelayEndpoint:
         )
         qc.certificate = self.certificate
         qc.private_key = self.private_key
-        loop = asyncio.get_running_loop()
-        _, server = await loop.create_datagram_endpoint(
+        _, server = await open_udp(
             lambda: _AdmittingServer(self, configuration=qc, create_protocol=self._accept),
-            local_addr=(cfg.host, cfg.port),
+            (cfg.host, cfg.port),
         )
+        assert isinstance(server, _AdmittingServer)
         self._server = server
 
     def _accept(self, quic: QuicConnection, **kw: Any) -> QuicRelayProtocol:
