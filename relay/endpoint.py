@@ -158,7 +158,9 @@ class QuicRelayProtocol(QuicConnectionProtocol):
 
     def _service(self) -> None:
         """Move the connection's output into QUIC, transmit, re-arm the timer."""
-        self._soon = None
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         core = self.core
         quic = self._quic
         if core.control_out and self.ctrl_id is not None and not self._close_sent:
@@ -181,6 +183,32 @@ class QuicRelayProtocol(QuicConnectionProtocol):
     def _on_timer(self) -> None:
         self.core.poll(self._loop.time())
         self._service()
+
+    def transmit(self) -> None:
+        """Send what QUIC has to send; re-arm QUIC's timer only if it moved earlier.
+
+        aioquic re-arms its timer after every transmit (the loss-detection deadline moves
+        with each packet sent): a ``call_at`` and a cancel per transmit. Keeping an
+        earlier timer is harmless — ``handle_timer`` checks each deadline against now
+        and the transmit after it arms the next one.
+        """
+        self._transmit_task = None
+        quic = self._quic
+        transport = self._transport
+        if transport is not None:
+            sendto = transport.sendto
+            for data, addr in quic.datagrams_to_send(now=self._loop.time()):
+                sendto(data, addr)
+        timer_at = quic.get_timer()
+        if self._timer is not None:
+            armed = self._timer_at
+            if timer_at is not None and armed is not None and armed <= timer_at:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if timer_at is not None:
+            self._timer = self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
 
     def abort(self, code: int, reason: str) -> None:
         """Close with an application error now."""
