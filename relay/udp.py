@@ -14,7 +14,11 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DrainingDatagramTransport", "open_udp"]
+__all__ = ["SOCKET_BUFFER", "DrainingDatagramTransport", "open_udp"]
+
+#: Send and receive buffer asked for (the kernel caps it at net.core.[rw]mem_max): a
+#: burst that arrives while the process is busy waits in the socket instead of being lost.
+SOCKET_BUFFER = 1 << 20
 
 
 class DrainingDatagramTransport(asyncio.DatagramTransport):
@@ -104,6 +108,8 @@ async def open_udp(
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
         sock.bind(local_addr)
     except OSError:
         sock.close()
