@@ -18,11 +18,14 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from peer import aiortc_adapter as rtc
+from peer.admin import check_admin
+from peer.drain import DrainPlan, DrainPolicy
 from peer.edge_guard import HeadDeadline, SignalingSocket
 from peer.engine import Node, Producer
 from peer.limits import ConnectionCounts, EdgeCounters, EdgeLimits, TokenBuckets
 from peer.placement import Placement
 from peer.relay_bridge import ProducerRelaySource, bridge_remote_producer
+from peer.room import Rooms
 from peer.session import ParticipantSession
 from peer.signaling import Join, ProtocolError, decode_client_message, encode, error_message
 from peer.stats import AdmissionPolicy
@@ -64,6 +67,10 @@ class NodeConfig:
     relay_peers: set[bytes] = field(default_factory=set)
     # Connection, message, timeout and rate limits of the HTTP/WebSocket edge (docs/limits.md).
     limits: EdgeLimits = field(default_factory=EdgeLimits)
+    # Bearer token for admin actions (POST /admin/drain); the node key is always accepted.
+    admin_token: str = ""
+    # How a drain moves participants out (rate, timeout, grace).
+    drain: DrainPolicy = field(default_factory=DrainPolicy)
 
 
 class NodeServer:
@@ -84,7 +91,7 @@ class NodeServer:
                 max_egress_pps=config.max_egress_pps,
             )
         )
-        self.sessions: dict[str, list[ParticipantSession]] = {}
+        self.rooms = Rooms(self.node)
         self.limits = config.limits
         self.counters = EdgeCounters()
         self._ws_counts = ConnectionCounts(
@@ -118,16 +125,24 @@ class NodeServer:
         self.node_key = ""
         # Set by the overlay: regions, nodes, capacity and scale signals (GET /overlay).
         self.overlay_view: Callable[[], dict[str, object]] | None = None
-        # Set by the overlay: a room's participants on other nodes; a room's membership here
-        # changed (announce it and pull its remote producers now).
+        # Set by the overlay: a room's participants on other nodes (``rooms.changed`` is the
+        # overlay's hook for membership changes here).
         self.remote_participants: Callable[[str], Awaitable[list[dict[str, object]]]] = (
             _no_remote_participants
         )
-        self.room_changed: Callable[[str], None] = lambda room: None
         # Set by the overlay: a room's producers on other nodes not relayed here yet, and
         # relaying one of them now.
         self.remote_producers: Callable[[str], list[dict[str, object]]] = lambda room: []
         self.pull_producer: Callable[[str, str], Awaitable[bool]] | None = None
+        # Set by the overlay: other nodes a room's participants may fail over to; and what
+        # to do the moment a drain starts (say so in the directory).
+        self.fallbacks: Callable[[str], list[dict[str, object]]] = lambda room: []
+        self.drain_started: Callable[[], Awaitable[None]] = _nothing
+        self.draining = False
+        # Set once a drain has moved everyone out (or timed out): the CLI then exits.
+        self.drained = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+        self.drain_log: list[dict[str, object]] = []
         rtc.set_ice_addresses(config.ice_addresses, config.ice_announce)
 
     # -- relaying ----------------------------------------------------------------
@@ -175,13 +190,16 @@ class NodeServer:
         if existing is not None:
             return existing
         producer = bridge_remote_producer(router, remote)
-        self.announce_producer(room, producer)
+        hosted = self.rooms.get(room)
+        if hosted is not None:
+            hosted.announce_producer(producer)
 
         def state_changed(state: str) -> None:
             # A relay link that dies or comes back is reported to the room's subscribers.
             if state in ("live", "interrupted"):
-                for session in self.room_sessions(room):
-                    session.post(
+                current = self.rooms.get(room)
+                if current is not None:
+                    current.broadcast(
                         {"type": "producer_state", "producer_id": producer.id, "state": state}
                     )
                 if state == "live":
@@ -189,40 +207,6 @@ class NodeServer:
 
         remote.on_state(state_changed)
         return producer
-
-    # -- room membership --------------------------------------------------------
-
-    def room_sessions(self, room: str) -> list[ParticipantSession]:
-        """Sessions currently joined to ``room``."""
-        return list(self.sessions.get(room, ()))
-
-    def add_session(self, room: str, session: ParticipantSession) -> None:
-        """Record that ``session`` joined ``room``."""
-        self.sessions.setdefault(room, []).append(session)
-        self.room_changed(room)
-
-    def announce_producer(self, room: str, producer: Producer) -> None:
-        """Tell the room about a new producer (local or relayed) and auto-subscribe to it."""
-        for session in self.room_sessions(room):
-            if session.participant_id != producer.participant_id:
-                session.post({"type": "producer_added", "producer": producer.describe()})
-                session.auto_subscribe_to(producer)
-
-        def removed(p: Producer) -> None:
-            for session in self.room_sessions(room):
-                if session.participant_id != p.participant_id:
-                    session.post({"type": "producer_removed", "producer_id": p.id})
-
-        producer.on_close(removed)
-
-    def remove_session(self, room: str, session: ParticipantSession) -> None:
-        """Record that ``session`` left ``room``."""
-        members = self.sessions.get(room, [])
-        if session in members:
-            members.remove(session)
-        if not members:
-            self.sessions.pop(room, None)
-        self.room_changed(room)
 
     # -- HTTP handlers ----------------------------------------------------------
 
@@ -235,6 +219,8 @@ class NodeServer:
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/place", self.place_handler)
         app.router.add_get("/overlay", self.overlay_handler)
+        app.router.add_post("/admin/drain", self.drain_handler)
+        app.router.add_get("/admin/drain", self.drain_status_handler)
         app.router.add_get("/", self.index)
         if self.config.dev and self.api_secret:
             app.router.add_get("/dev/token", self.dev_token)
@@ -298,22 +284,120 @@ class NodeServer:
             )
         return web.json_response(self.overlay_view())
 
+    # -- drain --------------------------------------------------------------------
+
+    def _admin_refusal(self, request: web.Request, action: str) -> web.Response | None:
+        refusal = check_admin(
+            request.headers.get("Authorization"),
+            action=action,
+            now=time.time(),
+            node_key=self.identity.public_key(),
+            admin_token=self.config.admin_token or None,
+        )
+        if refusal is None:
+            return None
+        log.warning("admin %s refused from %s: %s", action, request.remote, refusal.value)
+        return web.json_response(
+            error_message(refusal.value, "admin token or node key required"), status=401
+        )
+
+    async def drain_handler(self, request: web.Request) -> web.Response:
+        refused = self._admin_refusal(request, "drain")
+        if refused is not None:
+            return refused
+        started = self.start_drain()
+        return web.json_response({"draining": True, "started": started, **self.drain_status()})
+
+    async def drain_status_handler(self, request: web.Request) -> web.Response:
+        refused = self._admin_refusal(request, "drain")
+        if refused is not None:
+            return refused
+        return web.json_response({"draining": self.draining, **self.drain_status()})
+
+    def drain_status(self) -> dict[str, object]:
+        """Participants left and moves made so far."""
+        return {
+            "participants": self.rooms.participant_count(),
+            "migrated": sum(1 for e in self.drain_log if e["action"] == "migrate"),
+            "disconnected": sum(1 for e in self.drain_log if e["action"] == "disconnect"),
+            "done": self.drained.is_set(),
+        }
+
+    def start_drain(self) -> bool:
+        """Stop taking participants and move the present ones to other nodes; ``drained``
+        is set when the node is empty or the drain timed out. False if already draining."""
+        if self.draining:
+            return False
+        self.draining = True
+        log.info("draining: %d participants to move", self.rooms.participant_count())
+        self._drain_task = asyncio.ensure_future(self._drain())
+        return True
+
+    async def _drain(self) -> None:
+        try:
+            await self.drain_started()
+        except Exception:
+            log.exception("announcing the drain failed")
+        plan = DrainPlan(self.config.drain, time.monotonic())
+        try:
+            while True:
+                sessions = {
+                    m.participant_id: (room.name, m) for room in self.rooms for m in room.members
+                }
+                now = time.monotonic()
+                step = plan.poll(now, sessions)
+                for pid in step.migrate:
+                    room, member = sessions[pid]
+                    await self._migrate(room, member)
+                for pid in step.disconnect:
+                    room, member = sessions[pid]
+                    self.drain_log.append({"action": "disconnect", "participant_id": pid})
+                    await member.close()
+                if step.finished:
+                    log.info("drain %s", "timed out" if step.timed_out else "complete")
+                    break
+                wake = plan.deadline(sessions)
+                await asyncio.sleep(min(0.1, max(0.01, wake - time.monotonic())))
+        finally:
+            self.drained.set()
+
+    async def _migrate(self, room: str, member: object) -> None:
+        session = member if isinstance(member, ParticipantSession) else None
+        if session is None:
+            return
+        try:
+            placement = await self.place(room, session.region)
+        except Exception:
+            log.exception("placing a migrating participant failed")
+            placement = None
+        best = None
+        if placement is not None:
+            best = next((c for c in placement.candidates if c.node_id != self.node_key), None)
+        if best is None:
+            log.warning("drain: no other node for %s in %s", session.participant_id, room)
+            return
+        session.migrate({"url": best.signaling_url, "node_id": best.node_id, "region": best.region})
+        self.drain_log.append(
+            {"action": "migrate", "participant_id": session.participant_id, "to": best.node_id}
+        )
+
     async def stats_handler(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
 
     def stats(self) -> dict[str, object]:
         """Node totals and per-room, per-stream stats."""
         rooms: dict[str, object] = {}
-        for room, members in self.sessions.items():
-            rooms[room] = {s.participant_id: {"name": s.name, **s.stats()} for s in members}
+        sessions = [m for room in self.rooms for m in room.members]
+        for room in self.rooms:
+            rooms[room.name] = {
+                m.participant_id: {"name": m.name, **m.stats()} for m in room.members
+            }
         return {
             "time": time.time(),
             "totals": self.node.totals(),
             "cpu": round(self.node.admission.cpu, 3),
             "headroom": round(self.node.admission.headroom(), 3),
-            "codec_instances": sum(
-                s.codec_instances() for members in self.sessions.values() for s in members
-            ),
+            "codec_instances": sum(s.codec_instances() for s in sessions),
             "bad_messages": self.counters.bad_messages,
             "datagrams_dropped": rtc.dropped_datagrams.count,
             "limits": self.limit_counters(),
@@ -495,9 +579,14 @@ class NodeServer:
         """Close every session and stop serving."""
         if self._ticker is not None:
             self._ticker.cancel()
-        for members in list(self.sessions.values()):
-            for session in list(members):
-                await session.close()
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+        for room in self.rooms:
+            for member in room.members:
+                await member.close()
+        for ws in list(self._sockets):  # clients learn at once that this node is gone
+            with contextlib.suppress(Exception):
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"node stopping")
         if self.relay is not None:
             await self.relay.close()
         if self._http_server is not None:
@@ -521,6 +610,10 @@ async def _one_request_per_connection(request: web.Request, response: web.Stream
 
 async def _no_remote_participants(room: str) -> list[dict[str, object]]:
     return []
+
+
+async def _nothing() -> None:
+    return None
 
 
 __all__ = ["NodeConfig", "NodeServer", "TokenError"]
