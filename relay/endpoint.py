@@ -105,6 +105,27 @@ class QuicRelayProtocol(QuicConnectionProtocol):
         else:
             self._service()
 
+    def _process_events(self) -> None:
+        # Replaces aioquic's dispatch so that DATAGRAM frames (the hot path) go straight
+        # to the connection. The relay never uses aioquic's connected/ping waiters; the
+        # server's connection-id and termination handlers are kept.
+        quic = self._quic
+        core = self.core
+        event = quic.next_event()
+        while event is not None:
+            if type(event) is _DatagramReceived:
+                core.receive_datagram(event.data, self._loop.time())
+            else:
+                if isinstance(event, events.ConnectionIdIssued):
+                    self._connection_id_issued_handler(event.connection_id)
+                elif isinstance(event, events.ConnectionIdRetired):
+                    self._connection_id_retired_handler(event.connection_id)
+                elif isinstance(event, events.ConnectionTerminated):
+                    self._connection_terminated_handler()
+                    self._closed.set()
+                self.quic_event_received(event)
+            event = quic.next_event()
+
     def quic_event_received(self, event: events.QuicEvent) -> None:
         """Map one aioquic event onto the relay connection."""
         core = self.core
