@@ -264,7 +264,9 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
     rkey = Ed25519PrivateKey.generate()
     rpub = public_key_bytes(rkey)
     src = BenchSource()
-    cfg = RelayConfig(datagram_flush_batch=args.flush_batch)
+    cfg = RelayConfig(
+        datagram_flush_batch=args.flush_batch, max_datagram_size=args.max_datagram_size
+    )
     ep = RelayEndpoint(okey, {PRODUCER: src}.get, lambda k: k == rpub, cfg)
     await ep.start()
     proxy = None
@@ -378,6 +380,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "uvloop": args.uvloop,
         "tick_ms": args.tick_ms,
         "flush_batch": args.flush_batch,
+        "max_datagram_size": args.max_datagram_size,
         "generator_cpu_us_per_packet": gen / n * 1e6,
         "origin_cpu_us_per_packet": {"quic": quic_origin, "udp": udp_origin},
         "remote_cpu_us_per_packet": {"quic": quic_remote, "udp": udp_remote},
@@ -452,6 +455,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=RelayConfig.datagram_flush_batch,
         help="origin: flush queued datagrams to the socket once this many wait",
+    )
+    ap.add_argument(
+        "--max-datagram-size",
+        type=int,
+        default=RelayConfig.max_datagram_size,
+        help="origin: UDP payload size of QUIC packets (above the path MTU only on loopback)",
     )
     ap.add_argument("--tick-ms", type=float, default=5.0, help="emission tick (burst spacing)")
     ap.add_argument(
