@@ -29,6 +29,7 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.quic.recovery import QuicPacketPacer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import auth
@@ -60,6 +61,37 @@ _DatagramReceived = events.DatagramFrameReceived
 _StreamDataReceived = events.StreamDataReceived
 
 
+class BurstPacer(QuicPacketPacer):
+    """aioquic's pacer, with bursts that do not shrink to one packet on fast links.
+
+    aioquic 1.7 floors the time per packet at 1 µs but divides the burst allowance by
+    the pacing rate (congestion window / RTT). An app-limited flow (media) never loses a
+    packet, so its window grows in slow start forever; on a sub-millisecond link the
+    burst allowance then falls below one floored packet time and every packet waits for
+    its own pacing timer: one event-loop iteration and one transmit per packet. This
+    pacer keeps the allowance at the burst aioquic meant (a quarter of the window, 2 to 16
+    packets) in floored packet times.
+    """
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        """aioquic's rate, then the burst allowance restored to whole packets."""
+        super().update_rate(congestion_window, smoothed_rtt)
+        if self.packet_time is not None:
+            mds = self._max_datagram_size
+            packets = max(2 * mds, min(congestion_window // 4, 16 * mds)) // mds
+            self.bucket_max = max(self.bucket_max, packets * self.packet_time)
+
+
+def _use_burst_pacer(quic: QuicConnection) -> None:
+    # aioquic keeps its pacer in QuicConnection._loss._pacer (1.7); if that moves, the
+    # stock pacer stays (correct, only slower)
+    loss = getattr(quic, "_loss", None)
+    pacer = getattr(loss, "_pacer", None)
+    if isinstance(pacer, QuicPacketPacer) and not isinstance(pacer, BurstPacer):
+        replacement = BurstPacer(max_datagram_size=pacer._max_datagram_size)
+        loss._pacer = replacement  # type: ignore[union-attr]
+
+
 class QuicRelayProtocol(QuicConnectionProtocol):
     """Carries one :class:`RelayConnection` over one aioquic connection.
 
@@ -74,6 +106,7 @@ class QuicRelayProtocol(QuicConnectionProtocol):
         self, quic: QuicConnection, core: RelayConnection, is_client: bool, **kw: Any
     ) -> None:
         super().__init__(quic, **kw)
+        _use_burst_pacer(quic)
         self.core = core
         self.is_client = is_client
         self.ctrl_id: int | None = None
