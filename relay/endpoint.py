@@ -132,11 +132,16 @@ class QuicRelayProtocol(QuicConnectionProtocol):
         """
         self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
         self._process_events()
-        if self.core.authed:
+        core = self.core
+        if not core.authed:
+            self._service()
+        elif self._quic_queue or core.control_out or core.datagrams_out:
             if self._soon is None:
                 self._soon = self._loop.call_soon(self._service)
         else:
-            self._service()
+            # nothing of ours to send: what QUIC owes the peer (the ACK, delayed by
+            # up to 1 ms anyway) goes out when its timer fires
+            self._arm_quic_timer()
 
     def _process_events(self) -> None:
         # Replaces aioquic's dispatch so that DATAGRAM frames (the hot path) go straight
@@ -253,7 +258,10 @@ class QuicRelayProtocol(QuicConnectionProtocol):
             sendto = transport.sendto
             for data, addr in quic.datagrams_to_send(now=self._loop.time()):
                 sendto(data, addr)
-        timer_at = quic.get_timer()
+        self._arm_quic_timer()
+
+    def _arm_quic_timer(self) -> None:
+        timer_at = self._quic.get_timer()
         if self._timer is not None:
             armed = self._timer_at
             if timer_at is not None and armed is not None and armed <= timer_at:
