@@ -61,25 +61,29 @@ _DatagramReceived = events.DatagramFrameReceived
 _StreamDataReceived = events.StreamDataReceived
 
 
-class BurstPacer(QuicPacketPacer):
-    """aioquic's pacer, with bursts that do not shrink to one packet on fast links.
+#: Packets a relay connection may send back to back before pacing spaces them.
+PACING_BURST = 16
 
-    aioquic 1.7 floors the time per packet at 1 µs but divides the burst allowance by
-    the pacing rate (congestion window / RTT). An app-limited flow (media) never loses a
-    packet, so its window grows in slow start forever; on a sub-millisecond link the
-    burst allowance then falls below one floored packet time and every packet waits for
-    its own pacing timer: one event-loop iteration and one transmit per packet. This
-    pacer keeps the allowance at the burst aioquic meant (a quarter of the window, 2 to 16
-    packets) in floored packet times.
+
+class BurstPacer(QuicPacketPacer):
+    """aioquic's pacer, allowing bursts of :data:`PACING_BURST` packets.
+
+    aioquic 1.7 allows a burst of a quarter of the congestion window (2 to 16 packets),
+    expressed in time at the pacing rate (window / RTT), with each packet's time floored
+    at 1 µs. Media arrives in frame-sized bursts (10-20 packets every few ms). With a
+    small window (start, after a loss) a burst is cut into packets that each wait for a
+    pacing timer; with a large one — an app-limited flow never loses, so its window grows
+    in slow start forever — the allowance on a sub-millisecond link falls below one
+    floored packet time and *every* packet waits for its own timer: one event-loop
+    iteration and one transmit per packet. The congestion window still bounds what is in
+    flight; only the spacing inside a burst is given up.
     """
 
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
-        """aioquic's rate, then the burst allowance restored to whole packets."""
+        """aioquic's rate, with a burst allowance of at least :data:`PACING_BURST` packets."""
         super().update_rate(congestion_window, smoothed_rtt)
         if self.packet_time is not None:
-            mds = self._max_datagram_size
-            packets = max(2 * mds, min(congestion_window // 4, 16 * mds)) // mds
-            self.bucket_max = max(self.bucket_max, packets * self.packet_time)
+            self.bucket_max = max(self.bucket_max, PACING_BURST * self.packet_time)
 
 
 def _use_burst_pacer(quic: QuicConnection) -> None:
