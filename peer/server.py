@@ -200,6 +200,9 @@ class NodeServer:
 
         def state_changed(state: str) -> None:
             # A relay link that dies or comes back is reported to the room's subscribers.
+            # Closed while interrupted (its node died or restarted without it), the producer
+            # is lost rather than ended: subscribers keep its tracks for a republished one.
+            producer.close_reason = "origin_lost" if state == "interrupted" else "closed"
             if state in ("live", "interrupted"):
                 current = self.rooms.get(room)
                 if current is not None:
@@ -476,7 +479,10 @@ class NodeServer:
             if not ws.closed:
                 await ws.send_str(encode(message))
 
-        session = ParticipantSession(self, send)
+        async def disconnect() -> None:
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"media connection failed")
+
+        session = ParticipantSession(self, send, disconnect)
         try:
             async for msg in ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
