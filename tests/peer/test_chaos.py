@@ -2,7 +2,8 @@
 and restarted every 15 s. Afterwards every participant receives every publisher of its
 room, nobody is left on a dead node, no node lists a dead one, and nothing leaked.
 
-``CASCADE_CHAOS_SECONDS`` sets how long the killing goes on (default 120)."""
+``CASCADE_CHAOS_SECONDS`` sets how long the killing goes on (default 120), and
+``CASCADE_CHAOS_SEED`` which nodes die (default 7)."""
 
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ async def process_counts(node: ClusterNode) -> dict[str, int]:
 
 @pytest.mark.timeout(CHAOS_SECONDS + 400)
 async def test_random_kills_and_restarts_leave_every_call_whole():
-    rng = random.Random(7)
+    rng = random.Random(int(os.environ.get("CASCADE_CHAOS_SEED", "7")))
     cluster = Cluster()
     sites = (("eu-1", "eu", (48.86, 2.35)), ("eu-2", "eu", (50.11, 8.68)),
              ("us-1", "us", (38.9, -77.0)), ("ap-1", "ap", (1.35, 103.8)))  # fmt: skip
