@@ -26,6 +26,8 @@ What we rely on, and why:
 - ``aioice.ice.StunProtocol.datagram_received``: datagrams whose first byte is 128..191
   (RTP/RTCP, RFC 7983) go straight to the connection without aioice's STUN parser.
 - ``RTCRtpReceiver._send_rtcp_pli``: asks the publisher for a keyframe.
+- ``aioice.ice.Connection._protocols``: :class:`RtpCounter` (load generators) enlarges the
+  receive buffers of a connection's sockets.
 - ``RTCRtpSender._retransmit`` / ``_send_keyframe`` / ``_send_rtcp`` /
   ``_handle_rtcp_packet``: overridden per sender to answer NACK from the
   producer cache, pass PLI upstream, write correct Sender Reports and read
