@@ -74,10 +74,11 @@ async def test_tap_forwards_packets_without_decoding_and_sink_sends():
     await node.close()
 
 
-async def test_no_datagram_ends_the_receive_loop():
+async def test_no_datagram_ends_the_receive_loop(monkeypatch):
     """Every hostile datagram class straight at a connected transport: media keeps arriving."""
     from bench.hostile import send_datagrams, send_hostile_burst
 
+    monkeypatch.setenv("CASCADE_FAST_INGRESS", "1")
     rtc.set_ice_addresses(["127.0.0.1"])
     got: list[int] = []
     pub = RTCPeerConnection(rtc.rtc_configuration())
@@ -136,7 +137,7 @@ async def test_no_datagram_ends_the_receive_loop():
     await node.close()
 
 
-async def test_fast_ingress_repairs_loss_and_reports_to_the_publisher():
+async def test_fast_ingress_repairs_loss_and_reports_to_the_publisher(monkeypatch):
     """Publisher media takes the fast path (never aiortc's receive path); with 5 % of its
     datagrams dropped before the node sees them, NACKs bring every packet back as RTX, and
     the publisher gets receiver reports."""
@@ -144,6 +145,7 @@ async def test_fast_ingress_repairs_loss_and_reports_to_the_publisher():
 
     from aiortc.rtp import is_rtcp
 
+    monkeypatch.setenv("CASCADE_FAST_INGRESS", "1")
     rtc.set_ice_addresses(["127.0.0.1"])
     got: list[int] = []
     pub = RTCPeerConnection(rtc.rtc_configuration())
