@@ -128,6 +128,9 @@ class Room:
                             "source": new.source,
                         }
                     )
+            owner = self._members.get(old.participant_id)
+            if old.origin == "local" and (owner is None or getattr(owner, "moving", False)):
+                return  # it lingers until its own timer: other nodes may still relay it
             old.close("migrating")
 
         old.on_closing(hand_over)
