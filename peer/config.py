@@ -125,6 +125,18 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("relay-port", "QUIC relay UDP port (default: any free port with the DHT)", type=int),
     Option("relay-announce", "relay address published to other nodes", metavar="HOST[:PORT]"),
     # process
+    Option(
+        "workers",
+        "media worker processes (default: the usable cores, 1 with --dht-port; 1: one process)",
+        type=int,
+        default=0,
+    ),
+    Option(
+        "worker-watermark",
+        "CPU share of a core under which a worker keeps taking participants",
+        type=float,
+        default=0.6,
+    ),
     Option("uvloop", "use uvloop", kind="bool", default=True),
     Option("log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO"),
     Option("log-json", "log one JSON object per line", kind="flag"),

@@ -10,9 +10,10 @@ consumers on the fewest workers and reuses a worker while its CPU still has cycl
 2. else the busiest worker under the watermark (the room opens there, or spans a second worker);
 3. else the least-loaded worker (admission decides whether it still takes consumers).
 
-"Busiest" is the highest CPU, ties broken by more consumers, then the lowest worker id; "least
-loaded" the lowest CPU, then fewer consumers, then the lowest id. Workers that are not up (being
-restarted) are never chosen. See docs/architecture.md, "Worker processes".
+"Busiest" is the highest CPU, ties broken by more consumers, more participants, then the lowest
+worker id; "least loaded" the lowest CPU, then fewer consumers, fewer participants, lowest id.
+Workers that are not up (being restarted) are never chosen. See docs/architecture.md,
+"Worker processes".
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class WorkerLoad:
     rooms: frozenset[str] = frozenset()
     up: bool = True
     """False while the worker is starting or being restarted."""
+    participants: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +58,12 @@ class Packing:
     reason: PackReason
 
 
-def _busiest(worker: WorkerLoad) -> tuple[float, int, int]:
-    return (-worker.cpu, -worker.consumers, worker.worker_id)
+def _busiest(worker: WorkerLoad) -> tuple[float, int, int, int]:
+    return (-worker.cpu, -worker.consumers, -worker.participants, worker.worker_id)
 
 
-def _least_loaded(worker: WorkerLoad) -> tuple[float, int, int]:
-    return (worker.cpu, worker.consumers, worker.worker_id)
+def _least_loaded(worker: WorkerLoad) -> tuple[float, int, int, int]:
+    return (worker.cpu, worker.consumers, worker.participants, worker.worker_id)
 
 
 def choose_worker(

@@ -23,7 +23,7 @@ from peer.engine import Node, Producer
 from peer.limits import ConnectionCounts, EdgeCounters, EdgeLimits, TokenBuckets
 from peer.placement import Placement
 from peer.relay_bridge import ProducerRelaySource, bridge_remote_producer
-from peer.session import ParticipantSession
+from peer.session import ParticipantSession, SendFn
 from peer.signaling import Join, ProtocolError, decode_client_message, encode, error_message
 from peer.stats import AdmissionPolicy
 from peer.tokens import TokenError, TokenVerifier, issue_token
@@ -388,7 +388,7 @@ class NodeServer:
             if not ws.closed:
                 await ws.send_str(encode(message))
 
-        session = ParticipantSession(self, send)
+        session = self.open_session(send, ws)
         try:
             async for msg in ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -424,6 +424,10 @@ class NodeServer:
             with contextlib.suppress(Exception):
                 await ws.close()
         return ws
+
+    def open_session(self, send: SendFn, ws: web.WebSocketResponse) -> Any:
+        """The session behind one signaling connection (a worker-process node forwards it)."""
+        return ParticipantSession(self, send)
 
     def _close_stalled_messages(self, now: float) -> None:
         timeout = self.limits.ws_message_timeout

@@ -1,0 +1,145 @@
+"""A node over worker processes: real supervisor, real worker processes, real aiortc clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import psutil
+import pytest
+
+from peer.client import CascadeClient
+from peer.media import PatternVideoTrack, ToneAudioTrack
+from peer.packing import Packing, PackReason
+from peer.server import NodeConfig
+from peer.supervisor import Supervisor
+from tests.conftest import SECRET, token
+
+
+@pytest.fixture
+async def supervisor() -> AsyncIterator[Supervisor]:
+    # max_cpu far above any reading: the clients share this machine's cores with the workers.
+    node = Supervisor(NodeConfig(port=0, api_secret=SECRET, max_cpu=100.0), workers=2)
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.stop()
+
+
+@pytest.fixture
+async def join(supervisor: Supervisor):
+    made: list[CascadeClient] = []
+
+    async def make(room: str, identity: str) -> CascadeClient:
+        client = CascadeClient(supervisor.url)
+        await client.connect()
+        made.append(client)
+        await client.join(room, token(room, identity))
+        return client
+
+    yield make
+    await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
+
+
+def pin(supervisor: Supervisor, worker_id: int) -> None:
+    """Place the next participants on ``worker_id`` (the policy has its own table tests)."""
+    supervisor.pool.choose = lambda room, watermark: Packing(  # type: ignore[method-assign]
+        worker_id, PackReason.UNDER_WATERMARK
+    )
+
+
+def worker_of(supervisor: Supervisor, client: CascadeClient) -> int:
+    found = [
+        h.worker_id
+        for h in supervisor.pool.workers
+        for conn in h.conns
+        if supervisor.conns[conn].participant_id == client.participant_id
+    ]
+    assert len(found) == 1
+    return found[0]
+
+
+async def test_room_on_a_worker_decodes_video_and_audio(supervisor, join) -> None:
+    pub = await join("r1", "alice")
+    await pub.publish([PatternVideoTrack(320, 240, periodic_keyframes=False), ToneAudioTrack()])
+    subs = [await join("r1", f"bob{i}") for i in range(2)]
+    for sub in subs:
+        (video,) = await sub.wait_for_tracks(1, "video", timeout=30)
+        await sub.wait_for_tracks(1, "audio", timeout=30)
+        assert (video.width, video.height) == (320, 240)
+    await asyncio.sleep(1.0)
+    for sub in subs:
+        for track in sub.tracks.values():
+            assert track.stats()["decode_errors"] == 0
+            assert track.frames_decoded > 5
+    # Low load: packing keeps the whole room on one worker, the other has nobody.
+    workers = {worker_of(supervisor, c) for c in [pub, *subs]}
+    assert len(workers) == 1
+    stats = await (await _get(supervisor, "/stats"))
+    assert stats["totals"]["consumers"] == 4
+    assert stats["codec_instances"] == 0
+    assert set(stats["rooms"]["r1"]) == {pub.participant_id, *(s.participant_id for s in subs)}
+    idle = [w for w in stats["workers"] if w["worker_id"] not in workers]
+    assert idle and idle[0]["participants"] == 0 and idle[0]["up"]
+
+
+async def test_killed_worker_participants_told_others_keep_receiving(supervisor, join) -> None:
+    pin(supervisor, 0)
+    pub0 = await join("a", "alice")
+    await pub0.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+    sub0 = await join("a", "bob")
+    pin(supervisor, 1)
+    pub1 = await join("b", "carol")
+    await pub1.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+    sub1 = await join("b", "dave")
+    await sub0.wait_for_tracks(1, "video", timeout=30)
+    (kept,) = await sub1.wait_for_tracks(1, "video", timeout=30)
+    victim = supervisor.pool.workers[0]
+    old_pid = victim.pid
+    assert old_pid is not None
+    os.kill(old_pid, signal.SIGKILL)
+    for client in (pub0, sub0):
+        event = await client.wait_event("reconnect", timeout=20)
+        assert event["url"] == supervisor.url
+    # Participants of the other worker keep receiving.
+    before = kept.frames_decoded
+    await asyncio.sleep(1.5)
+    assert kept.frames_decoded > before + 5
+    assert kept.stats()["decode_errors"] == 0
+    # The worker comes back, with a new process, and takes participants again.
+    for _ in range(200):
+        if victim.up and victim.pid != old_pid:
+            break
+        await asyncio.sleep(0.05)
+    assert victim.up and victim.pid != old_pid and victim.restarts == 1
+    pin(supervisor, 0)
+    again = await join("a", "alice-again")
+    await again.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+    watcher = await join("a", "erin")
+    await watcher.wait_for_tracks(1, "video", timeout=30)
+    assert worker_of(supervisor, watcher) == 0
+
+
+async def test_supervisor_stop_leaves_no_process() -> None:
+    node = Supervisor(NodeConfig(port=0, api_secret=SECRET), workers=2)
+    await node.start()
+    pids = [h.pid for h in node.pool.workers]
+    assert all(pid is not None and psutil.pid_exists(pid) for pid in pids)
+    await node.stop()
+    for pid in pids:
+        assert pid is not None
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not os.path.exists(node.pool.socket_path)
+
+
+async def _get(supervisor: Supervisor, path: str):
+    import aiohttp
+
+    async def fetch():
+        async with aiohttp.ClientSession() as session, session.get(supervisor.url + path) as r:
+            return await r.json()
+
+    return fetch()
