@@ -528,9 +528,9 @@ async def _serve(
             f"DHT on {host}:{port} (bootstrap others through {announce})",
             flush=True,
         )
+    print(f"cascade node listening on {server.url}", flush=True)
     if workers > 1:
         print(f"media workers: {workers} processes", flush=True)
-    print(f"cascade node listening on {server.url}", flush=True)
     await stop.wait()
     if overlay is not None:
         await overlay.stop()

@@ -139,6 +139,7 @@ class WorkerPool:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self.started = asyncio.Event()
 
     async def start(self) -> None:
         """Start every worker and wait until each has connected."""
@@ -149,6 +150,7 @@ class WorkerPool:
         await asyncio.wait_for(
             asyncio.gather(*(h.ready.wait() for h in self.workers)), START_TIMEOUT
         )
+        self.started.set()
 
     def _task(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -198,7 +200,7 @@ class WorkerPool:
         handle.up = True
         handle.load = None
         handle.ready.set()
-        log.info("worker %d up (pid %d)", handle.worker_id, hello.pid)
+        log.debug("worker %d up (pid %d)", handle.worker_id, hello.pid)
         try:
             while (frame := await channel.receive()) is not None:
                 self.on_frame(handle, frame)
@@ -317,6 +319,9 @@ class RemoteSession:
             supervisor.join_outcomes[exc.code] += 1
             await self._send(error_message(exc.code, exc.message, message.id))
             return
+        if not supervisor.pool.started.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(supervisor.pool.started.wait(), START_TIMEOUT)
         packing = supervisor.pool.choose(message.room, supervisor.watermark)
         if packing is None:
             await self._send(
@@ -539,13 +544,10 @@ class Supervisor(NodeServer):
             )
 
     async def start(self) -> None:
-        """Start the workers, then serve."""
+        """Listen (a port in use fails before any worker starts), then start the workers;
+        joins that arrive meanwhile wait for them."""
+        await super().start()
         await self.pool.start()
-        try:
-            await super().start()
-        except BaseException:
-            await self.pool.stop()
-            raise
 
     async def stop(self) -> None:
         """Close every connection, stop serving and stop every worker."""
