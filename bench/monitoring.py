@@ -65,6 +65,20 @@ class SyntheticSession:
     def codec_instances(self) -> int:
         return 0
 
+    subscribes_automatically = False
+
+    def post(self, message: dict[str, object]) -> None:
+        pass
+
+    def describe(self) -> dict[str, object]:
+        return {"participant_id": self.participant_id, "name": self.name}
+
+    def auto_subscribe_to(self, producer: Any) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
 
 def populate(server: Any, consumers: int, per_room: int = 25) -> None:
     """Rooms of one publisher (video + audio) and ``per_room`` subscribers, ``consumers`` in all."""
@@ -76,9 +90,10 @@ def populate(server: Any, consumers: int, per_room: int = 25) -> None:
     while made < consumers:
         room = f"room-{room_index}"
         room_index += 1
-        router = server.node.router(room)
-        publisher = f"pa-{room}-pub"
-        router.participants.add(publisher)
+        publisher_session = SyntheticSession(f"pa-{room}-pub", [], [])
+        hosted, _ = server.rooms.join(room, publisher_session)
+        router = hosted.router
+        publisher = publisher_session.participant_id
         producers = []
         for kind, codec in (
             ("video", CodecInfo("video/VP8", 90000)),
@@ -88,13 +103,13 @@ def populate(server: Any, consumers: int, per_room: int = 25) -> None:
             producer.stats.packets = rng.randint(10_000, 100_000)
             producer.stats.bytes = producer.stats.packets * 1000
             producers.append(producer)
-        sessions = [SyntheticSession(publisher, producers, [])]
+        publisher_session.producers = producers
         for i in range(per_room):
             if made >= consumers:
                 break
             sub = f"pa-{room}-{i}"
-            router.participants.add(sub)
-            mine = []
+            mine: list[Any] = []
+            server.rooms.join(room, SyntheticSession(sub, [], mine))
             for producer in producers:
                 if made >= consumers:
                     break
@@ -104,8 +119,6 @@ def populate(server: Any, consumers: int, per_room: int = 25) -> None:
                 consumer.stats.nacks = rng.randint(0, 50)
                 mine.append(consumer)
                 made += 1
-            sessions.append(SyntheticSession(sub, [], mine))
-        server.sessions[room] = sessions
 
 
 def synthetic_node(consumers: int, port: int = 0) -> tuple[Any, Any]:

@@ -80,10 +80,16 @@ class Producer:
         codec: CodecInfo,
         *,
         producer_id: str | None = None,
+        source: str | None = None,
         cache_size: int = 1024,
         keyframe_request_delay: float = 0.5,
     ) -> None:
         self.id = producer_id or _new_id("pr")
+        # Stable name of the published track: kept when its publisher moves to another node
+        # and republishes (the producer id changes, the source does not).
+        self.source = source or self.id
+        # Why it closed, as told to subscribers: "closed", "migrating" or "origin_lost".
+        self.close_reason = "closed"
         self.router = router
         self.participant_id = participant_id
         self.kind = kind
@@ -177,10 +183,12 @@ class Producer:
             self.request_keyframe(now)
         self.stats.sample(now)
 
-    def close(self) -> None:
-        """Close the producer and all of its consumers."""
+    def close(self, reason: str | None = None) -> None:
+        """Close the producer and all of its consumers (``reason`` is told to subscribers)."""
         if self.closed:
             return
+        if reason is not None:
+            self.close_reason = reason
         self.closed = True
         for consumer in list(self.consumers):
             consumer.close()
@@ -196,6 +204,7 @@ class Producer:
             "participant_id": self.participant_id,
             "kind": self.kind,
             "codec": self.codec.mime_type,
+            "source": self.source,
         }
 
 
@@ -380,6 +389,7 @@ class Consumer:
             "consumer_id": self.id,
             "producer_id": self.producer.id,
             "participant_id": self.producer.participant_id,
+            "source": self.producer.source,
             "kind": self.kind,
             "mid": self.params.mid,
             "paused": self.paused,
@@ -394,7 +404,6 @@ class Router:
         self.node = node
         self.producers: dict[str, Producer] = {}
         self.consumers: dict[str, Consumer] = {}
-        self.participants: set[str] = set()
 
     def add_producer(self, producer: Producer) -> Producer:
         """Register a producer created for this room."""
@@ -448,6 +457,8 @@ class Node:
         self.consumers_refused = 0
         # Receives sampled timings ("forward", "first_packet") in seconds; set by monitoring.
         self.timing: Callable[[str, float], None] = lambda name, seconds: None
+        # Members over all rooms; room membership lives above the engine (peer.room).
+        self.participant_count: Callable[[], int] = lambda: 0
 
     def router(self, room: str) -> Router:
         """The room's router, created on first use."""
@@ -456,12 +467,11 @@ class Node:
             router = self.routers[room] = Router(room, self)
         return router
 
-    def release(self, room: str) -> None:
-        """Drop a room's router once nobody is in it."""
-        router = self.routers.get(room)
-        if router is not None and not router.participants:
+    def close_router(self, room: str) -> None:
+        """Close a room's router and everything in it."""
+        router = self.routers.pop(room, None)
+        if router is not None:
             router.close()
-            del self.routers[room]
 
     def tick(self, now: float) -> None:
         """Timer work for all rooms."""
@@ -474,7 +484,7 @@ class Node:
         consumers = [c for r in self.routers.values() for c in r.consumers.values()]
         return {
             "rooms": len(self.routers),
-            "participants": sum(len(r.participants) for r in self.routers.values()),
+            "participants": self.participant_count(),
             "producers": len(producers),
             "consumers": len(consumers),
             "ingress_packets": sum(p.stats.packets for p in producers),

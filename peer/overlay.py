@@ -163,7 +163,7 @@ class Overlay:
         self.server.placer = self.place
         self.server.overlay_view = self.describe
         self.server.remote_participants = self.remote_participants
-        self.server.room_changed = self.room_changed
+        self.server.rooms.changed = self.room_changed
         self.server.remote_producers = self.remote_producers
         self.server.pull_producer = self.pull_producer
         self.server.node_key = self.directory.node_id.hex()
@@ -221,13 +221,11 @@ class Overlay:
     async def sync(self) -> None:
         """One round: publish load and rooms, learn peers, pull missing remote producers."""
         self.directory.update_load(self._load())
-        routers = self.server.node.routers
-        for room, router in list(routers.items()):
-            if router.participants:
-                await self._announce_room(room)
+        rooms = self.server.rooms
+        for hosted in rooms:
+            await self._announce_room(hosted.name)
         for room in list(self._announced):
-            hosted = routers.get(room)
-            if hosted is None or not hosted.participants:
+            if rooms.get(room) is None:
                 del self._announced[room]
                 self._remote_members.pop(room, None)
                 self.access.forget_room(room)
@@ -245,9 +243,8 @@ class Overlay:
         self._live = live
         await self._revoke_gone(listed)
         self._update_signal(seen)
-        for room, router in list(routers.items()):
-            if router.participants:
-                await self._pull_room(room)
+        for hosted in rooms:
+            await self._pull_room(hosted.name)
 
     async def _revoke_gone(self, listed: set[bytes]) -> None:
         """Revoke relay access of keys whose node record was withdrawn or expired."""
@@ -270,22 +267,21 @@ class Overlay:
                 relay.revoke(key)
 
     async def _announce_room(self, room: str) -> None:
-        router = self.server.node.routers.get(room)
-        if router is None or not router.participants:
+        hosted = self.server.rooms.get(room)
+        if hosted is None:
             return
+        router = hosted.router
         local = tuple(
             sorted((p.id, p.kind) for p in router.producers.values() if p.origin == "local")
         )
-        members = tuple(
-            (s.participant_id, (s.name or "")[:64]) for s in self.server.room_sessions(room)
-        )
-        state = (len(router.participants), local, members)
+        members = tuple((m.participant_id, (m.name or "")[:64]) for m in hosted.members)
+        state = (len(hosted), local, members)
         if self._announced.get(room) == state:
             return
         self._announced[room] = state
         await self.directory.announce_room(
             room,
-            participants=len(router.participants),
+            participants=len(hosted),
             producers=[
                 DirectoryProducer(id=pid, kind="video" if kind == "video" else "audio")
                 for pid, kind in local
@@ -368,16 +364,16 @@ class Overlay:
         self._remote_members[room] = current
         if current == previous:
             return
-        sessions = self.server.room_sessions(room)
+        hosted = self.server.rooms.get(room)
+        if hosted is None:
+            return
         for pid, (name, node) in current.items():
             if pid not in previous:
                 joined = {"participant_id": pid, "name": name, "node_id": node}
-                for session in sessions:
-                    session.post({"type": "participant_joined", "participant": joined})
+                hosted.broadcast({"type": "participant_joined", "participant": joined})
         for pid in previous:
             if pid not in current:
-                for session in sessions:
-                    session.post({"type": "participant_left", "participant_id": pid})
+                hosted.broadcast({"type": "participant_left", "participant_id": pid})
 
     # -- placement ---------------------------------------------------------------
 
@@ -494,9 +490,9 @@ class Overlay:
         entries = await self.directory.room_hosts(room)
         own = self.directory.node_id
         hosts = [RoomHost(e.node_id.hex(), e.participants) for e in entries if e.node_id != own]
-        router = self.server.node.routers.get(room)
-        if router is not None and router.participants:
-            hosts.append(RoomHost(own.hex(), len(router.participants)))
+        hosted = self.server.rooms.get(room)
+        if hosted is not None:
+            hosts.append(RoomHost(own.hex(), len(hosted)))
         client_region = region or self.directory.region
         placement = place(
             self.placement_nodes(),
@@ -511,19 +507,17 @@ class Overlay:
         return placement
 
     async def _pull_room(self, room: str) -> None:
-        router = self.server.node.routers.get(room)
-        if router is None:
+        if self.server.rooms.get(room) is None:
             return
         entries = await self.directory.room_hosts(room)
         self._room_entries[room] = entries
         self._update_members(room, entries)
         hosts = (e.node_id for e in entries if e.participants > 0)
         self.access.room_hosts(room, hosts, self.directory.clock())
-        if not any(
-            s.grant is not None and s.grant.can_subscribe and s.auto_subscribe
-            for s in self.server.room_sessions(room)
-        ):
+        hosted = self.server.rooms.get(room)
+        if hosted is None or not any(m.subscribes_automatically for m in hosted.members):
             return  # nobody here subscribes automatically: pull on demand only
+        router = hosted.router
         for entry in entries:
             if entry.node_id == self.directory.node_id:
                 continue

@@ -40,6 +40,7 @@ class ProducerRelaySource:
             "ssrc": RELAY_SSRC,
             "sdp_fmtp": {k: v for k, v in codec.parameters.items() if v is not None},
             "participant_id": self.producer.participant_id,
+            "source": self.producer.source,
         }
 
     def _encode(self, packet: CachedPacket) -> bytes:
@@ -99,6 +100,7 @@ def bridge_remote_producer(
         remote.kind,
         codec,
         producer_id=remote.producer_id,
+        source=str(params.get("source") or remote.producer_id),
         cache_size=cache_size,
     )
     producer.origin = "relay"

@@ -23,6 +23,7 @@ from peer.engine import Node, Producer
 from peer.limits import ConnectionCounts, EdgeCounters, EdgeLimits, TokenBuckets
 from peer.placement import Placement
 from peer.relay_bridge import ProducerRelaySource, bridge_remote_producer
+from peer.room import Rooms
 from peer.session import ParticipantSession, SendFn
 from peer.signaling import Join, ProtocolError, decode_client_message, encode, error_message
 from peer.stats import AdmissionPolicy
@@ -84,7 +85,7 @@ class NodeServer:
                 max_egress_pps=config.max_egress_pps,
             )
         )
-        self.sessions: dict[str, list[ParticipantSession]] = {}
+        self.rooms = Rooms(self.node)
         self.limits = config.limits
         self.counters = EdgeCounters()
         self._ws_counts = ConnectionCounts(
@@ -118,12 +119,11 @@ class NodeServer:
         self.node_key = ""
         # Set by the overlay: regions, nodes, capacity and scale signals (GET /overlay).
         self.overlay_view: Callable[[], dict[str, object]] | None = None
-        # Set by the overlay: a room's participants on other nodes; a room's membership here
-        # changed (announce it and pull its remote producers now).
+        # Set by the overlay: a room's participants on other nodes (``rooms.changed`` is the
+        # overlay's hook for membership changes here).
         self.remote_participants: Callable[[str], Awaitable[list[dict[str, object]]]] = (
             _no_remote_participants
         )
-        self.room_changed: Callable[[str], None] = lambda room: None
         # Set by the overlay: a room's producers on other nodes not relayed here yet, and
         # relaying one of them now.
         self.remote_producers: Callable[[str], list[dict[str, object]]] = lambda room: []
@@ -175,13 +175,16 @@ class NodeServer:
         if existing is not None:
             return existing
         producer = bridge_remote_producer(router, remote)
-        self.announce_producer(room, producer)
+        hosted = self.rooms.get(room)
+        if hosted is not None:
+            hosted.announce_producer(producer)
 
         def state_changed(state: str) -> None:
             # A relay link that dies or comes back is reported to the room's subscribers.
             if state in ("live", "interrupted"):
-                for session in self.room_sessions(room):
-                    session.post(
+                current = self.rooms.get(room)
+                if current is not None:
+                    current.broadcast(
                         {"type": "producer_state", "producer_id": producer.id, "state": state}
                     )
                 if state == "live":
@@ -189,40 +192,6 @@ class NodeServer:
 
         remote.on_state(state_changed)
         return producer
-
-    # -- room membership --------------------------------------------------------
-
-    def room_sessions(self, room: str) -> list[ParticipantSession]:
-        """Sessions currently joined to ``room``."""
-        return list(self.sessions.get(room, ()))
-
-    def add_session(self, room: str, session: ParticipantSession) -> None:
-        """Record that ``session`` joined ``room``."""
-        self.sessions.setdefault(room, []).append(session)
-        self.room_changed(room)
-
-    def announce_producer(self, room: str, producer: Producer) -> None:
-        """Tell the room about a new producer (local or relayed) and auto-subscribe to it."""
-        for session in self.room_sessions(room):
-            if session.participant_id != producer.participant_id:
-                session.post({"type": "producer_added", "producer": producer.describe()})
-                session.auto_subscribe_to(producer)
-
-        def removed(p: Producer) -> None:
-            for session in self.room_sessions(room):
-                if session.participant_id != p.participant_id:
-                    session.post({"type": "producer_removed", "producer_id": p.id})
-
-        producer.on_close(removed)
-
-    def remove_session(self, room: str, session: ParticipantSession) -> None:
-        """Record that ``session`` left ``room``."""
-        members = self.sessions.get(room, [])
-        if session in members:
-            members.remove(session)
-        if not members:
-            self.sessions.pop(room, None)
-        self.room_changed(room)
 
     # -- HTTP handlers ----------------------------------------------------------
 
@@ -304,16 +273,17 @@ class NodeServer:
     def stats(self) -> dict[str, object]:
         """Node totals and per-room, per-stream stats."""
         rooms: dict[str, object] = {}
-        for room, members in self.sessions.items():
-            rooms[room] = {s.participant_id: {"name": s.name, **s.stats()} for s in members}
+        sessions = [m for room in self.rooms for m in room.members]
+        for room in self.rooms:
+            rooms[room.name] = {
+                m.participant_id: {"name": m.name, **m.stats()} for m in room.members
+            }
         return {
             "time": time.time(),
             "totals": self.node.totals(),
             "cpu": round(self.node.admission.cpu, 3),
             "headroom": round(self.node.admission.headroom(), 3),
-            "codec_instances": sum(
-                s.codec_instances() for members in self.sessions.values() for s in members
-            ),
+            "codec_instances": sum(s.codec_instances() for s in sessions),
             "bad_messages": self.counters.bad_messages,
             "datagrams_dropped": rtc.dropped_datagrams.count,
             "limits": self.limit_counters(),
@@ -499,9 +469,9 @@ class NodeServer:
         """Close every session and stop serving."""
         if self._ticker is not None:
             self._ticker.cancel()
-        for members in list(self.sessions.values()):
-            for session in list(members):
-                await session.close()
+        for room in self.rooms:
+            for member in room.members:
+                await member.close()
         if self.relay is not None:
             await self.relay.close()
         if self._http_server is not None:

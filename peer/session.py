@@ -9,15 +9,18 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 
 from peer import aiortc_adapter as rtc
 from peer.engine import CodecInfo, Consumer, Producer, Router, SfuError
+from peer.placement import Placement
+from peer.room import Room, Rooms
 from peer.signaling import (
     Answer,
     ClientMessage,
@@ -33,15 +36,30 @@ from peer.signaling import (
     Unpublish,
     Unsubscribe,
 )
-from peer.tokens import Grant, TokenError
-
-if TYPE_CHECKING:
-    from peer.server import NodeServer
+from peer.tokens import Grant, TokenError, TokenVerifier
 
 log = logging.getLogger("cascade.session")
 
 MAX_REDIRECTS = 2
 SendFn = Callable[[dict[str, object]], Awaitable[None]]
+
+
+class SessionHost(Protocol):
+    """What a session needs of its node (``peer.server.NodeServer`` provides it)."""
+
+    tokens: TokenVerifier
+    rooms: Rooms
+    node_key: str
+    keyframe_request_delay: float
+    answer_timeout: float
+    join_outcomes: Counter[str]
+    # A room's participants and not-yet-relayed producers on other nodes (overlay).
+    remote_participants: Callable[[str], Awaitable[list[dict[str, object]]]]
+    remote_producers: Callable[[str], list[dict[str, object]]]
+    pull_producer: Callable[[str, str], Awaitable[bool]] | None
+
+    async def place(self, room: str, region: str | None) -> Placement | None:
+        """Where a new participant of ``room`` should go (None outside an overlay)."""
 
 
 @dataclass
@@ -63,13 +81,14 @@ class _Negotiation:
 class ParticipantSession:
     """Signaling state of one connected participant."""
 
-    def __init__(self, server: NodeServer, send: SendFn) -> None:
+    def __init__(self, server: SessionHost, send: SendFn) -> None:
         self.server = server
         self._send = send
         self.participant_id = f"pa-{uuid.uuid4().hex[:12]}"
         self.name: str | None = None
         self.grant: Grant | None = None
         self.router: Router | None = None
+        self.room: Room | None = None
         self.auto_subscribe = True
         self.publish_pc: RTCPeerConnection | None = None
         self.subscribe_pc: RTCPeerConnection | None = None
@@ -206,11 +225,9 @@ class ParticipantSession:
         self.name = message.name or self.grant.identity
         self.auto_subscribe = message.auto_subscribe
         remote = await self.server.remote_participants(message.room)
-        router = self.server.node.router(message.room)
-        others = self.server.room_sessions(message.room)
-        self.router = router
-        router.participants.add(self.participant_id)
-        self.server.add_session(message.room, self)
+        room, others = self.server.rooms.join(message.room, self)
+        self.room = room
+        self.router = router = room.router
         await self.send(
             {
                 "type": "joined",
@@ -225,11 +242,14 @@ class ParticipantSession:
                 + self.server.remote_producers(message.room),
             }
         )
-        for other in others:
-            await other.send({"type": "participant_joined", "participant": self.describe()})
         if self.auto_subscribe and self.grant.can_subscribe:
             for producer in list(router.producers.values()):
                 self.auto_subscribe_to(producer)
+
+    @property
+    def subscribes_automatically(self) -> bool:
+        """Whether this participant consumes every producer of its room as it appears."""
+        return self.auto_subscribe and self.grant is not None and self.grant.can_subscribe
 
     def describe(self) -> dict[str, object]:
         """Public description of this participant."""
@@ -245,12 +265,8 @@ class ParticipantSession:
             sub.consumer.close()
         await self.flush()
         self._closed = True
-        room = self.router.room if self.router else None
-        if self.router is not None:
-            self.router.participants.discard(self.participant_id)
-            self.server.remove_session(self.router.room, self)
-            for other in self.server.room_sessions(self.router.room):
-                other.post({"type": "participant_left", "participant_id": self.participant_id})
+        if self.room is not None:
+            self.server.rooms.leave(self.room.name, self)
         for task in list(self._tasks):
             task.cancel()
         if self._writer is not None:
@@ -259,8 +275,6 @@ class ParticipantSession:
             if pc is not None:
                 with contextlib.suppress(Exception):
                     await pc.close()
-        if room is not None:
-            self.server.node.release(room)
 
     # -- publishing -------------------------------------------------------------
 
@@ -307,9 +321,10 @@ class ParticipantSession:
                 "producers": created,
             }
         )
+        assert self.room is not None
         for desc in created:
             producer = self.router.producers[str(desc["producer_id"])]
-            self.server.announce_producer(self.router.room, producer)
+            self.room.announce_producer(producer)
 
     async def _drop_publish_pc(self, pc: RTCPeerConnection) -> None:
         if self.publish_pc is pc:

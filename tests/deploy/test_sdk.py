@@ -44,7 +44,7 @@ async def test_mint_token_and_context_manager(node: NodeServer, monkeypatch):
     async with CascadeClient(node.url) as client:
         joined = await client.join("ctx", mint_token("ctx", "alice", publish=False))
         assert joined["identity"] == "alice" and not joined["can_publish"]
-    assert node.room_sessions("ctx") == []
+    assert node.rooms.members("ctx") == []
 
 
 async def test_concurrent_joins_cannot_overshoot_max_consumers():

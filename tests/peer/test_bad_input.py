@@ -220,7 +220,7 @@ async def test_crash_shapes_from_a_joined_participant(node, call_in_progress):
         reply = await raw_reply(sub, text)
         assert reply["code"] == "bad_message"
     assert node.stats()["bad_messages"] == before + len(CRASH_SHAPES)
-    assert sub.participant_id in {s.participant_id for s in node.sessions["call"]}
+    assert sub.participant_id in {s.participant_id for s in node.rooms.members("call")}
     assert (await sub.ping())["type"] == "pong"
     frames = track.frames_decoded
     await asyncio.sleep(0.3)
@@ -244,7 +244,7 @@ async def test_garbage_udp_on_media_ports(node, call_in_progress):
     from peer import aiortc_adapter as rtc
 
     ports = set()
-    for session in node.sessions["call"]:
+    for session in node.rooms.members("call"):
         for pc in (session.publish_pc, session.subscribe_pc):
             if pc is not None:
                 ports.update(rtc.local_candidate_ports(pc))
@@ -274,7 +274,7 @@ async def test_garbage_udp_on_media_ports(node, call_in_progress):
 
 
 def _session_of(node, room: str, participant_id: str):
-    return next(s for s in node.sessions[room] if s.participant_id == participant_id)
+    return next(s for s in node.rooms.members(room) if s.participant_id == participant_id)
 
 
 async def _grows(read, by: int = 1, timeout: float = 15.0) -> bool:

@@ -56,7 +56,7 @@ async def join_and_leave_at_once(rounds: int) -> None:
             await c.close()
             await asyncio.gather(join, return_exceptions=True)
         assert await settle(udp_sockets, baseline) <= baseline
-        members = {s.participant_id for s in node.sessions["room"]}
+        members = {s.participant_id for s in node.rooms.members("room")}
         assert members == {pub.participant_id, watcher.participant_id}
         frames = track.frames_decoded
         await asyncio.sleep(0.5)

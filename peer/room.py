@@ -1,0 +1,146 @@
+"""Rooms of a node: who is in each room, and what the room tells its members.
+
+A :class:`Room` is the one place that knows a room's members on this node (the engine's
+:class:`~peer.engine.Router` knows only producers and consumers). Sessions and the overlay
+talk to rooms; the HTTP edge only creates sessions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from peer.engine import Node, Producer, Router
+
+
+class Member(Protocol):
+    """What a room needs of a participant (a signaling session, or a test double)."""
+
+    participant_id: str
+    name: str | None
+
+    @property
+    def subscribes_automatically(self) -> bool:
+        """Whether the participant consumes every producer of the room as it appears."""
+
+    def post(self, message: dict[str, object]) -> None:
+        """Queue a message to the participant."""
+
+    def describe(self) -> dict[str, object]:
+        """The participant as other members see it."""
+
+    def auto_subscribe_to(self, producer: Producer) -> None:
+        """Consume ``producer`` if the participant auto-subscribes."""
+
+    def stats(self) -> dict[str, object]:
+        """The participant's producer and consumer stats."""
+
+    def codec_instances(self) -> int:
+        """Media codecs running on the node for this participant (0 for an SFU)."""
+
+    async def close(self) -> None:
+        """Leave the room and release the participant's transports."""
+
+
+class Room:
+    """One room on this node: its router and its members, in join order."""
+
+    def __init__(self, name: str, router: Router) -> None:
+        self.name = name
+        self.router = router
+        self._members: dict[str, Member] = {}
+
+    @property
+    def members(self) -> list[Member]:
+        """Members in join order."""
+        return list(self._members.values())
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, participant_id: object) -> bool:
+        return participant_id in self._members
+
+    def member(self, participant_id: str) -> Member | None:
+        """The member with this id, if present."""
+        return self._members.get(participant_id)
+
+    def broadcast(self, message: dict[str, object], exclude: str | None = None) -> None:
+        """Post ``message`` to every member except ``exclude``."""
+        for member in list(self._members.values()):
+            if member.participant_id != exclude:
+                member.post(message)
+
+    def announce_producer(self, producer: Producer) -> None:
+        """Tell members about a new producer (local or relayed), auto-subscribe them, and
+        tell them again when it closes."""
+        owner = producer.participant_id
+        for member in self.members:
+            if member.participant_id != owner:
+                member.post({"type": "producer_added", "producer": producer.describe()})
+                member.auto_subscribe_to(producer)
+
+        def removed(p: Producer) -> None:
+            self.broadcast(
+                {"type": "producer_removed", "producer_id": p.id, "reason": p.close_reason},
+                exclude=owner,
+            )
+
+        producer.on_close(removed)
+
+
+class Rooms:
+    """Every room of this node. ``changed(room)`` is called after each join and leave (the
+    overlay announces membership and pulls remote producers from it)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._rooms: dict[str, Room] = {}
+        self.changed: Callable[[str], None] = lambda room: None
+        node.participant_count = self.participant_count
+
+    def get(self, name: str) -> Room | None:
+        """The room, if anyone is in it here."""
+        return self._rooms.get(name)
+
+    def members(self, name: str) -> list[Member]:
+        """Members of ``name`` on this node (empty if the room is not here)."""
+        room = self._rooms.get(name)
+        return room.members if room is not None else []
+
+    def __iter__(self) -> Iterator[Room]:
+        return iter(list(self._rooms.values()))
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def participant_count(self) -> int:
+        """Members over all rooms."""
+        return sum(len(room) for room in self._rooms.values())
+
+    def join(self, name: str, member: Member) -> tuple[Room, list[Member]]:
+        """Add ``member`` to room ``name`` (opening it); returns the room and the members that
+        were already there, after telling them about the newcomer."""
+        room = self._rooms.get(name)
+        if room is None:
+            room = self._rooms[name] = Room(name, self.node.router(name))
+        others = room.members
+        room._members[member.participant_id] = member
+        room.broadcast(
+            {"type": "participant_joined", "participant": member.describe()},
+            exclude=member.participant_id,
+        )
+        self.changed(name)
+        return room, others
+
+    def leave(self, name: str, member: Member) -> None:
+        """Remove ``member``; tells the others, and closes the room once it is empty."""
+        room = self._rooms.get(name)
+        if room is None or room._members.get(member.participant_id) is not member:
+            return
+        del room._members[member.participant_id]
+        room.broadcast({"type": "participant_left", "participant_id": member.participant_id})
+        if not room._members:
+            del self._rooms[name]
+            self.node.close_router(name)
+        self.changed(name)
