@@ -26,7 +26,9 @@ class Hello(msgspec.Struct, tag="hello"):
 
 
 class WorkerSetup(msgspec.Struct, tag="setup"):
-    """Supervisor -> worker, answer to :class:`Hello`: what the worker's node needs."""
+    """Supervisor -> worker, answer to :class:`Hello`: what the worker's node needs, including
+    its pipe identity (a raw Ed25519 private key, the same across restarts of this worker)
+    and the public keys of every worker allowed to pull its producers."""
 
     api_secret: str
     token_public_key: bytes
@@ -37,6 +39,50 @@ class WorkerSetup(msgspec.Struct, tag="setup"):
     max_egress_pps: float
     keyframe_request_delay: float
     answer_timeout: float
+    pipe_key: bytes = b""
+    pipe_peers: list[bytes] = []
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    """Worker -> supervisor: the worker serves its producers to sibling workers on this
+    loopback UDP port."""
+
+    pipe_port: int
+
+
+class Member(msgspec.Struct, array_like=True):
+    """A participant as the other workers of its room see it."""
+
+    participant_id: str
+    name: str | None
+
+
+class ProducerInfo(msgspec.Struct, array_like=True):
+    """A producer published on a worker (never a piped one)."""
+
+    producer_id: str
+    kind: str
+
+
+class RoomState(msgspec.Struct, tag="room"):
+    """Worker -> supervisor: this worker's members and local producers of ``room`` (empty
+    lists: the worker left the room)."""
+
+    room: str
+    members: list[Member]
+    producers: list[ProducerInfo]
+
+
+class SiblingRoom(msgspec.Struct, tag="sibling_room"):
+    """Supervisor -> worker: another worker's :class:`RoomState` of a room both host, and
+    where to pull its producers from."""
+
+    room: str
+    worker_id: int
+    pipe_port: int
+    pipe_key: bytes
+    members: list[Member]
+    producers: list[ProducerInfo]
 
 
 class Open(msgspec.Struct, tag="open"):
@@ -97,6 +143,9 @@ class StatsReply(msgspec.Struct, tag="stats_reply"):
 Frame = (
     Hello
     | WorkerSetup
+    | Ready
+    | RoomState
+    | SiblingRoom
     | Open
     | ClientData
     | Hangup
@@ -184,8 +233,13 @@ __all__ = [
     "Hangup",
     "Hello",
     "Load",
+    "Member",
     "Open",
+    "ProducerInfo",
+    "Ready",
+    "RoomState",
     "SessionEnded",
+    "SiblingRoom",
     "StatsReply",
     "StatsRequest",
     "ToClient",

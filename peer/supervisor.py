@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 import psutil
 from aiohttp import WSCloseCode, web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer.engine import Node
 from peer.ipc import (
@@ -40,7 +41,10 @@ from peer.ipc import (
     Hello,
     Load,
     Open,
+    Ready,
+    RoomState,
     SessionEnded,
+    SiblingRoom,
     StatsReply,
     StatsRequest,
     ToClient,
@@ -80,6 +84,7 @@ class WorkerHandle:
     load: Load | None = None
     restarts: int = 0
     started_at: float = 0.0
+    pipe_port: int = 0
     conns: set[int] = field(default_factory=set)
     rooms: dict[str, int] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -121,7 +126,7 @@ class WorkerPool:
     def __init__(
         self,
         count: int,
-        setup: WorkerSetup,
+        setup: Callable[[int], WorkerSetup],
         on_frame: Callable[[WorkerHandle, Frame], None],
         on_lost: Callable[[WorkerHandle], None],
         *,
@@ -195,7 +200,7 @@ class WorkerPool:
         if handle.pid != hello.pid:  # a stale worker of a previous start
             channel.close()
             return
-        channel.send(self.setup)
+        channel.send(self.setup(handle.worker_id))
         handle.channel = channel
         handle.up = True
         handle.load = None
@@ -221,6 +226,7 @@ class WorkerPool:
         handle.channel = None
         handle.load = None
         handle.cpu = 0.0
+        handle.pipe_port = 0
         self.on_lost(handle)
         handle.conns.clear()
         handle.rooms.clear()
@@ -337,6 +343,11 @@ class RemoteSession:
         worker.conns.add(self.conn)
         worker.rooms[message.room] = worker.rooms.get(message.room, 0) + 1
         supervisor.conns[self.conn] = self
+        # The room's members and producers on the other workers, before the join, so that
+        # its reply lists them.
+        for worker_id, state in supervisor._room_states.get(message.room, {}).items():
+            if worker_id != worker.worker_id:
+                worker.channel.send(supervisor._sibling_frame(worker_id, state))
         worker.channel.send(Open(self.conn))
         worker.channel.send(ClientData(self.conn, msgspec.json.encode(message)))
 
@@ -475,19 +486,31 @@ class Supervisor(NodeServer):
             ),
         )
         public_key = config.token_public_key.public_bytes_raw() if config.token_public_key else b""
+        # Each worker slot has its pipe identity for the supervisor's lifetime (a restarted
+        # worker keeps it); only the node's workers may pull a worker's producers.
+        pipe_keys = [Ed25519PrivateKey.generate() for _ in range(workers)]
+        pipe_peers = [k.public_key().public_bytes_raw() for k in pipe_keys]
+        self._pipe_keys = pipe_peers
+        self._room_states: dict[str, dict[int, RoomState]] = {}
+        base = WorkerSetup(
+            api_secret=config.api_secret,
+            token_public_key=public_key,
+            ice_addresses=list(config.ice_addresses),
+            ice_announce=config.ice_announce,
+            max_consumers=math.ceil(config.max_consumers / workers),
+            max_cpu=config.max_cpu,
+            max_egress_pps=config.max_egress_pps / workers,
+            keyframe_request_delay=config.keyframe_request_delay,
+            answer_timeout=config.answer_timeout,
+            pipe_peers=pipe_peers,
+        )
+
+        def setup(worker_id: int) -> WorkerSetup:
+            return msgspec.structs.replace(base, pipe_key=pipe_keys[worker_id].private_bytes_raw())
+
         self.pool = WorkerPool(
             workers,
-            WorkerSetup(
-                api_secret=config.api_secret,
-                token_public_key=public_key,
-                ice_addresses=list(config.ice_addresses),
-                ice_announce=config.ice_announce,
-                max_consumers=math.ceil(config.max_consumers / workers),
-                max_cpu=config.max_cpu,
-                max_egress_pps=config.max_egress_pps / workers,
-                keyframe_request_delay=config.keyframe_request_delay,
-                answer_timeout=config.answer_timeout,
-            ),
+            setup,
             self._on_frame,
             self._on_lost,
             log_level=log_level,
@@ -515,6 +538,10 @@ class Supervisor(NodeServer):
                 session.ended()
         elif isinstance(frame, Load):
             handle.load = frame
+        elif isinstance(frame, RoomState):
+            self._room_state(handle, frame)
+        elif isinstance(frame, Ready):
+            handle.pipe_port = frame.pipe_port
         elif isinstance(frame, StatsReply):
             waiting = self._stats_waiting.pop(frame.request, None)
             if waiting is not None and not waiting.done():
@@ -525,6 +552,39 @@ class Supervisor(NodeServer):
             session = self.conns.get(conn)
             if session is not None:
                 session.worker_lost()
+        for room, states in list(self._room_states.items()):
+            if handle.worker_id in states:
+                self._room_state(handle, RoomState(room, [], []))
+
+    def _sibling_frame(self, worker_id: int, state: RoomState) -> SiblingRoom:
+        return SiblingRoom(
+            state.room,
+            worker_id,
+            self.pool.workers[worker_id].pipe_port,
+            self._pipe_keys[worker_id],
+            state.members,
+            state.producers,
+        )
+
+    def _room_state(self, handle: WorkerHandle, state: RoomState) -> None:
+        """A worker's members and producers of a room changed: pass it to the room's other
+        workers (and, to a worker new in the room, theirs)."""
+        states = self._room_states.setdefault(state.room, {})
+        joined = handle.worker_id not in states
+        if state.members or state.producers:
+            states[handle.worker_id] = state
+        else:
+            states.pop(handle.worker_id, None)
+            if not states:
+                del self._room_states[state.room]
+        frame = self._sibling_frame(handle.worker_id, state)
+        for worker_id in states:
+            other = self.pool.workers[worker_id]
+            if worker_id == handle.worker_id or other.channel is None:
+                continue
+            other.channel.send(frame)
+            if joined and handle.channel is not None:
+                handle.channel.send(self._sibling_frame(worker_id, states[worker_id]))
 
     async def _tick(self) -> None:
         # The supervisor forwards no media: once a second it measures the workers and
@@ -556,10 +616,10 @@ class Supervisor(NodeServer):
         await super().stop()
         await self.pool.stop()
 
-    async def worker_stats(self, timeout: float = 5.0) -> list[dict[str, object] | None]:
+    async def worker_stats(self, timeout: float = 5.0) -> list[dict[str, Any] | None]:
         """Each worker's own ``/stats`` (None for a worker that is down or did not answer)."""
 
-        async def one(handle: WorkerHandle) -> dict[str, object] | None:
+        async def one(handle: WorkerHandle) -> dict[str, Any] | None:
             if handle.channel is None:
                 return None
             request = next(self._stats_requests)
@@ -570,7 +630,7 @@ class Supervisor(NodeServer):
             except TimeoutError:
                 self._stats_waiting.pop(request, None)
                 return None
-            stats: dict[str, object] = msgspec.json.decode(data)
+            stats: dict[str, Any] = msgspec.json.decode(data)
             return stats
 
         return list(await asyncio.gather(*(one(h) for h in self.pool.workers)))
@@ -583,14 +643,18 @@ class Supervisor(NodeServer):
 
     async def stats_handler(self, request: web.Request) -> web.Response:
         stats = self.stats()
+        described = [h.describe() for h in self.pool.workers]
         rooms: dict[str, dict[str, object]] = {}
         codec_instances = 0
-        for worker in await self.worker_stats():
+        for entry, worker in zip(described, await self.worker_stats(), strict=True):
             if worker is None:
                 continue
-            codec_instances += int(worker.get("codec_instances", 0))  # type: ignore[call-overload]
-            for room, members in dict(worker.get("rooms", {})).items():  # type: ignore[call-overload]
+            # Producers of other workers piped into this one (one flow each).
+            entry["piped_producers"] = worker.get("piped_producers", [])
+            codec_instances += int(worker.get("codec_instances", 0))
+            for room, members in dict(worker.get("rooms", {})).items():
                 rooms.setdefault(room, {}).update(members)
+        stats["workers"] = described
         stats["rooms"] = rooms
         stats["codec_instances"] = codec_instances
         return web.json_response(stats)

@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 import psutil
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from peer.ipc import (
     Channel,
@@ -33,7 +33,9 @@ from peer.ipc import (
     Hello,
     Load,
     Open,
+    Ready,
     SessionEnded,
+    SiblingRoom,
     StatsReply,
     StatsRequest,
     ToClient,
@@ -41,6 +43,7 @@ from peer.ipc import (
 )
 from peer.server import NodeConfig, NodeServer
 from peer.session import ParticipantSession
+from peer.siblings import PIPE_HOST, SiblingRooms
 from peer.signaling import ProtocolError, decode_client_message, encode, error_message
 
 log = logging.getLogger("cascade.worker")
@@ -83,6 +86,11 @@ class Worker:
                 answer_timeout=setup.answer_timeout,
             )
         )
+        if setup.pipe_key:
+            self.server.identity = Ed25519PrivateKey.from_private_bytes(setup.pipe_key)
+        pipe_peers = set(setup.pipe_peers)
+        self.server.relay_authorizer = lambda key: key in pipe_peers
+        self.siblings = SiblingRooms(self.server, channel.send)
         self.sessions: dict[int, ParticipantSession] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._process = psutil.Process()
@@ -107,6 +115,8 @@ class Worker:
             self.channel.send(ToClient(conn, encode(error_message(exc.code, exc.message)).encode()))
             return
         await session.handle(message)
+        if session.room is not None:
+            self.siblings.changed(session.room.name)
         if session._closed:
             await self._end(conn)
         self._ensure_ticker()
@@ -160,6 +170,11 @@ class Worker:
             )
         )
 
+    async def start_pipes(self) -> None:
+        """Serve this worker's producers to its siblings on a loopback port."""
+        relay = await self.server.start_relay(PIPE_HOST, 0)
+        self.channel.send(Ready(relay.address[1]))
+
     async def run(self) -> None:
         """Serve frames until the supervisor closes the channel."""
         try:
@@ -171,16 +186,28 @@ class Worker:
                     # Messages of one participant are handled in order; a slow one (an SDP
                     # offer) must not hold the others, so each connection has its own task.
                     self._dispatch(frame.conn, frame.data)
+                elif isinstance(frame, SiblingRoom):
+                    self.siblings.sibling(frame)
+                    self._ensure_ticker()
                 elif isinstance(frame, Open):
                     self._open(frame.conn)
                 elif isinstance(frame, Hangup):
                     self._spawn(self._end(frame.conn))
                 elif isinstance(frame, StatsRequest):
-                    data = msgspec.json.encode(self.server.stats())
+                    stats = self.server.stats()
+                    stats["piped_producers"] = sorted(
+                        p.id
+                        for router in self.server.node.routers.values()
+                        for p in router.producers.values()
+                        if p.origin == "relay"
+                    )
+                    data = msgspec.json.encode(stats)
                     self.channel.send(StatsReply(frame.request, data))
         finally:
             for conn in list(self.sessions):
                 await self._end(conn)
+            if self.server.relay is not None:
+                await self.server.relay.close()
 
     def _dispatch(self, conn: int, data: bytes) -> None:
         queue = self._queues.get(conn)
@@ -210,6 +237,7 @@ async def serve(socket_path: str, worker_id: int) -> None:
     if not isinstance(setup, WorkerSetup):
         raise SystemExit(f"worker {worker_id}: expected settings, got {setup!r}")
     worker = Worker(worker_id, channel, setup)
+    await worker.start_pipes()
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None

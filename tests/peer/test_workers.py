@@ -143,3 +143,64 @@ async def _get(supervisor: Supervisor, path: str):
             return await r.json()
 
     return fetch()
+
+
+async def test_room_spanning_two_workers(supervisor, join) -> None:
+    """Publishers and subscribers of one room on both workers: everyone decodes everyone,
+    sees everyone, and pause/resume (a keyframe request through the pipe) works across."""
+    pin(supervisor, 0)
+    alice = await join("span", "alice")
+    await alice.publish([PatternVideoTrack(320, 240, periodic_keyframes=False), ToneAudioTrack()])
+    pin(supervisor, 1)
+    bob = await join("span", "bob")
+    assert alice.participant_id in {p["participant_id"] for p in bob.room_state["participants"]}
+    carol = await join("span", "carol")
+    await carol.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+    pin(supervisor, 0)
+    dave = await join("span", "dave")
+    assert [worker_of(supervisor, c) for c in (alice, bob, carol, dave)] == [0, 1, 1, 0]
+    await alice.wait_event(
+        "participant_joined", participant={"participant_id": bob.participant_id, "name": "bob"}
+    )
+    # bob (worker 1) gets alice's video and audio through the pipe, carol's locally;
+    # dave (worker 0) gets carol's through the pipe, alice's locally.
+    videos = await bob.wait_for_tracks(2, "video", timeout=30)
+    assert sorted((t.width, t.height) for t in videos) == [(160, 120), (320, 240)]
+    await bob.wait_for_tracks(1, "audio", timeout=30)
+    videos = await dave.wait_for_tracks(2, "video", timeout=30)
+    assert sorted((t.width, t.height) for t in videos) == [(160, 120), (320, 240)]
+    (from_carol,) = await alice.wait_for_tracks(1, "video", timeout=30)
+    assert (from_carol.width, from_carol.height) == (160, 120)
+    await asyncio.sleep(1.0)
+    for client in (alice, bob, dave):
+        for track in client.tracks.values():
+            assert track.stats()["decode_errors"] == 0
+            assert track.frames_decoded > 5
+    # One pipe flow per producer per worker that consumes it: worker 1 piped alice's two
+    # producers once, though bob consumes them (carol too).
+    stats = await (await _get(supervisor, "/stats"))
+    piped = {w["worker_id"]: sorted(w["piped_producers"]) for w in stats["workers"]}
+    assert piped == {
+        0: sorted(p["producer_id"] for p in carol.producers),
+        1: sorted(p["producer_id"] for p in alice.producers),
+    }
+    assert set(stats["rooms"]["span"]) == {c.participant_id for c in (alice, bob, carol, dave)}
+    # Pause and resume across the pipe: the resumed consumer waits for a keyframe, which
+    # only a keyframe request through the pipe to alice's worker brings.
+    piped = next(t for t in bob.tracks.values() if t.kind == "video" and t.width == 320)
+    await bob.pause(piped.consumer_id)
+    await asyncio.sleep(0.5)
+    paused_at = piped.frames_decoded
+    await asyncio.sleep(0.5)
+    assert piped.frames_decoded <= paused_at + 1
+    await bob.resume(piped.consumer_id)
+    for _ in range(200):
+        if piped.frames_decoded > paused_at + 5:
+            break
+        await asyncio.sleep(0.05)
+    assert piped.frames_decoded > paused_at + 5
+    assert piped.stats()["decode_errors"] == 0
+    # A publisher on one worker leaves: subscribers on the other are told.
+    await alice.close()
+    await bob.wait_event("participant_left", participant_id=alice.participant_id, timeout=20)
+    await bob.wait_event("producer_removed", timeout=20)
