@@ -102,6 +102,14 @@ class SiblingRooms:
                 hosted.broadcast({"type": "participant_joined", "participant": joined})
         for pid in old - set(new):
             hosted.broadcast({"type": "participant_left", "participant_id": pid})
+        # Producers the sibling no longer has (unpublished, or the worker died) close here
+        # at once, not when the pipe flow times out.
+        gone = {p.producer_id for p in before.producers} if before else set()
+        gone -= {p.producer_id for p in frame.producers}
+        for producer_id in gone:
+            producer = hosted.router.producers.get(producer_id)
+            if producer is not None and producer.origin == "relay":
+                producer.close("origin_left")
         self._pull_room(frame.room)
 
     async def remote_participants(self, room: str) -> list[dict[str, object]]:

@@ -651,6 +651,7 @@ class Supervisor(NodeServer):
                 continue
             # Producers of other workers piped into this one (one flow each).
             entry["piped_producers"] = worker.get("piped_producers", [])
+            entry["pipe_repaired"] = worker.get("pipe_repaired", 0)
             codec_instances += int(worker.get("codec_instances", 0))
             for room, members in dict(worker.get("rooms", {})).items():
                 rooms.setdefault(room, {}).update(members)

@@ -201,6 +201,11 @@ class Worker:
                         for p in router.producers.values()
                         if p.origin == "relay"
                     )
+                    relay = self.server.relay
+                    links = relay.links.values() if relay is not None else []
+                    stats["pipe_repaired"] = sum(
+                        p.stats.repaired for link in links for p in link.producers.values()
+                    )
                     data = msgspec.json.encode(stats)
                     self.channel.send(StatsReply(frame.request, data))
         finally:

@@ -92,10 +92,12 @@ async def test_killed_worker_participants_told_others_keep_receiving(supervisor,
     await pub0.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
     sub0 = await join("a", "bob")
     pin(supervisor, 1)
+    frank = await join("a", "frank")  # room "a" spans both workers
     pub1 = await join("b", "carol")
     await pub1.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
     sub1 = await join("b", "dave")
     await sub0.wait_for_tracks(1, "video", timeout=30)
+    await frank.wait_for_tracks(1, "video", timeout=30)
     (kept,) = await sub1.wait_for_tracks(1, "video", timeout=30)
     victim = supervisor.pool.workers[0]
     old_pid = victim.pid
@@ -104,6 +106,9 @@ async def test_killed_worker_participants_told_others_keep_receiving(supervisor,
     for client in (pub0, sub0):
         event = await client.wait_event("reconnect", timeout=20)
         assert event["url"] == supervisor.url
+    # frank, on the surviving worker, sees the dead worker's participants leave.
+    await frank.wait_event("participant_left", participant_id=pub0.participant_id, timeout=20)
+    await frank.wait_event("producer_removed", timeout=20)
     # Participants of the other worker keep receiving.
     before = kept.frames_decoded
     await asyncio.sleep(1.5)
@@ -204,3 +209,34 @@ async def test_room_spanning_two_workers(supervisor, join) -> None:
     await alice.close()
     await bob.wait_event("participant_left", participant_id=alice.participant_id, timeout=20)
     await bob.wait_event("producer_removed", timeout=20)
+
+
+async def test_nack_repair_across_a_lossy_pipe(supervisor, join) -> None:
+    """3 % loss each way on the pipe between the workers: the pipe's NACKs are answered
+    from the origin worker's cache and the subscriber decodes without errors."""
+    from tests.impairment import Impairment, ImpairmentProxy
+
+    pin(supervisor, 0)
+    alice = await join("lossy", "alice")
+    await alice.publish([PatternVideoTrack(320, 240, bitrate=600_000, periodic_keyframes=False)])
+    origin = supervisor.pool.workers[0]
+    proxy = ImpairmentProxy(
+        ("127.0.0.1", origin.pipe_port),
+        up=Impairment(loss=0.03, seed=21),
+        down=Impairment(loss=0.03, seed=22),
+    )
+    await proxy.start()
+    try:
+        origin.pipe_port = proxy.address[1]  # worker 1 pulls through the proxy
+        pin(supervisor, 1)
+        bob = await join("lossy", "bob")
+        (track,) = await bob.wait_for_tracks(1, "video", timeout=30)
+        frames = track.frames_decoded
+        await asyncio.sleep(5.0)
+        assert proxy.down.dropped > 5  # the pipe really lost packets
+        assert track.stats()["decode_errors"] == 0
+        assert track.frames_decoded - frames > 60
+        stats = await (await _get(supervisor, "/stats"))
+        assert stats["workers"][1]["pipe_repaired"] > 0
+    finally:
+        proxy.close()
