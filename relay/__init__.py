@@ -4,19 +4,15 @@ Origin side: give :class:`RelayEndpoint` a ``lookup(producer_id) -> RelaySource 
 and an ``authorize(public_key) -> bool``; peers that pass authentication can subscribe.
 Remote side: ``endpoint.link(peer_key, host, port).subscribe(producer_id)`` returns a
 shared :class:`RemoteProducer` that local consumers attach to like a local producer.
-See docs/relay-protocol.md.
+Between processes of one node, :class:`RelayPipe` carries the same flows over a plain
+datagram socket. Layers: sans-I/O state machines (``connection``, ``origin``, ``remote``,
+``handshake``, ``flows``, ``protocol``) under two thin transports (``endpoint``: QUIC,
+``pipe``: datagrams). See docs/relay-protocol.md and docs/architecture.md.
 """
 
 from .auth import make_certificate, public_key_bytes
-from .endpoint import (
-    RelayConfig,
-    RelayCounters,
-    RelayEndpoint,
-    RelayError,
-    RelayLink,
-    RelayRefused,
-    SubscribeError,
-)
+from .config import RelayConfig, RelayCounters, RelayError, RelayRefused, SubscribeError
+from .endpoint import RelayEndpoint, RelayLink
 from .flows import (
     KeyframeLimiter,
     NackTracker,
@@ -24,6 +20,7 @@ from .flows import (
     RemoteProducer,
     RemoteProducerStats,
 )
+from .pipe import RelayPipe, pipe_socketpair
 from .protocol import ALPN, PROTOCOL_VERSION, ErrorCode, ProtocolError
 from .source import (
     CODEC_PARAM_KEYS,
@@ -49,6 +46,7 @@ __all__ = [
     "RelayEndpoint",
     "RelayError",
     "RelayLink",
+    "RelayPipe",
     "RelayRefused",
     "RelayRtcpSource",
     "RelaySource",
@@ -56,5 +54,6 @@ __all__ = [
     "RemoteProducerStats",
     "SubscribeError",
     "make_certificate",
+    "pipe_socketpair",
     "public_key_bytes",
 ]

@@ -287,31 +287,28 @@ async def test_garbage_does_not_break_other_flows(pair: tuple[Node, Node]) -> No
     c1, c2 = Collector(), Collector()
     rp1.add_packet_listener(c1)
     rp2.add_packet_listener(c2)
-    server_conn = next(iter(a.endpoint._sessions))
-    client_conn = link._conn
-    assert client_conn is not None and client_conn.ctrl_id is not None
-    assert rp1.flow_id is not None
-    ctrl_id, flow1 = client_conn.ctrl_id, rp1.flow_id
+    (server_conn,) = a.endpoint.connections
+    client_conn = link.connection
+    assert client_conn is not None and rp1.flow_id is not None
+    flow1 = rp1.flow_id
+    assert link.local_address is not None
+    client_port = link.local_address[1]
 
     async def attack() -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        client_port = link._transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
         for i in range(50):
             # raw UDP junk at both QUIC sockets
             sock.sendto(b"\xff" * (i + 1), (LOCAL, a.port))
             sock.sendto(b"\x40" + bytes(30), (LOCAL, client_port))
             # authenticated-but-bogus DATAGRAM frames: junk, unknown flow, non-RTP
-            server_conn._quic.send_datagram_frame(b"junk")
-            server_conn._quic.send_datagram_frame(p.datagram_prefix(999) + bytes([0x80]) * 20)
-            server_conn._quic.send_datagram_frame(p.datagram_prefix(flow1) + bytes(20))
-            server_conn.transmit()
-            client_conn._quic.send_datagram_frame(b"\x00" * 40)
+            server_conn.send_datagram(b"junk")
+            server_conn.send_datagram(p.datagram_prefix(999) + bytes([0x80]) * 20)
+            server_conn.send_datagram(p.datagram_prefix(flow1) + bytes(20))
+            client_conn.send_datagram(b"\x00" * 40)
             # malformed (but well-framed) control messages in both directions
-            bad = b"\xc1\xc1"
-            client_conn._quic.send_stream_data(ctrl_id, struct.pack("!BI", 1, 2) + bad)
+            client_conn.control_out.append(struct.pack("!BI", 1, 2) + b"\xc1\xc1")
             client_conn.send_msg(p.KeyframeRequest(12345))  # unknown flow id
             client_conn.send_msg(p.Nack(12345, [1, 2]))
-            client_conn.transmit()
             await asyncio.sleep(0.005)
         sock.close()
 
@@ -342,10 +339,10 @@ async def test_oversized_control_message_closes_only_that_connection() -> None:
         bad_rp = await bad.subscribe("cam")
         states: list[str] = []
         bad.on_state(states.append)
-        conn = bad._conn
-        assert conn is not None and conn.ctrl_id is not None
-        conn._quic.send_stream_data(conn.ctrl_id, struct.pack("!BI", 1, 10_000_000) + b"x" * 100)
-        conn.transmit()
+        conn = bad.connection
+        assert conn is not None
+        conn.control_out.append(struct.pack("!BI", 1, 10_000_000) + b"x" * 100)
+        conn.notify()
         sent = await pump(src, 300)
         assert await wait_until(lambda: "interrupted" in states, 10)
         assert conn.close_code == ErrorCode.MESSAGE_TOO_LARGE
@@ -422,7 +419,7 @@ async def test_keyframe_requests_rate_limited_end_to_end(pair: tuple[Node, Node]
     await asyncio.sleep(0.6)
     assert src.keyframe_requests == 2
     # a misbehaving peer bypassing its limiter is policed by the origin
-    conn = link._conn
+    conn = link.connection
     assert conn is not None and rp.flow_id is not None
     for _ in range(20):
         conn.send_msg(p.KeyframeRequest(rp.flow_id))
@@ -459,15 +456,15 @@ async def test_reconnect_supersedes_stale_origin_connection(pair: tuple[Node, No
     link = await live_link(b, a)
     rp = await link.subscribe("cam")
     rp.add_packet_listener(Collector())
-    old = next(iter(a.endpoint._sessions))
-    conn = link._conn
+    (old,) = a.endpoint.connections
+    conn = link.connection
     assert conn is not None
     # the dialler gives up on the connection silently (as after a local timeout)
-    conn.terminate(ErrorCode.HEARTBEAT_TIMEOUT, "test", True)
+    conn.connection_lost(ErrorCode.HEARTBEAT_TIMEOUT, "test")
     assert await wait_until(lambda: link.connects == 2 and rp.state == "live", 10)
     assert await wait_until(lambda: old.dead, 5)
     assert old.close_reason == "superseded by a new connection"
-    assert len(a.endpoint._sessions) == 1
+    assert len(a.endpoint.connections) == 1
     assert len(src.listeners) == 1
 
 
