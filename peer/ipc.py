@@ -10,12 +10,14 @@ worker that holds its transports as :class:`ClientData`, and what the worker sen
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 
 import msgspec
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
+_PIPE_PEER = struct.Struct(">I")
 
 
 class Hello(msgspec.Struct, tag="hello"):
@@ -26,9 +28,7 @@ class Hello(msgspec.Struct, tag="hello"):
 
 
 class WorkerSetup(msgspec.Struct, tag="setup"):
-    """Supervisor -> worker, answer to :class:`Hello`: what the worker's node needs, including
-    its pipe identity (a raw Ed25519 private key, the same across restarts of this worker)
-    and the public keys of every worker allowed to pull its producers."""
+    """Supervisor -> worker, answer to :class:`Hello`: what the worker's node needs."""
 
     api_secret: str
     token_public_key: bytes
@@ -39,15 +39,6 @@ class WorkerSetup(msgspec.Struct, tag="setup"):
     max_egress_pps: float
     keyframe_request_delay: float
     answer_timeout: float
-    pipe_key: bytes = b""
-    pipe_peers: list[bytes] = []
-
-
-class Ready(msgspec.Struct, tag="ready"):
-    """Worker -> supervisor: the worker serves its producers to sibling workers on this
-    loopback UDP port."""
-
-    pipe_port: int
 
 
 class Member(msgspec.Struct, array_like=True):
@@ -74,13 +65,11 @@ class RoomState(msgspec.Struct, tag="room"):
 
 
 class SiblingRoom(msgspec.Struct, tag="sibling_room"):
-    """Supervisor -> worker: another worker's :class:`RoomState` of a room both host, and
-    where to pull its producers from."""
+    """Supervisor -> worker: another worker's :class:`RoomState` of a room both host (its
+    producers are pulled through the pipe to that worker)."""
 
     room: str
     worker_id: int
-    pipe_port: int
-    pipe_key: bytes
     members: list[Member]
     producers: list[ProducerInfo]
 
@@ -143,7 +132,6 @@ class StatsReply(msgspec.Struct, tag="stats_reply"):
 Frame = (
     Hello
     | WorkerSetup
-    | Ready
     | RoomState
     | SiblingRoom
     | Open
@@ -224,6 +212,31 @@ class Channel:
         self._writer.close()
 
 
+def pipe_channel() -> tuple[socket.socket, socket.socket]:
+    """The supervisor's and a worker's ends of the channel that hands the worker its pipe
+    sockets (Unix SOCK_SEQPACKET: one message, one socket, never merged)."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def send_pipe(channel: socket.socket, peer: int, pipe: socket.socket) -> None:
+    """Hand ``pipe`` (one end of a pipe to worker ``peer``) over ``channel`` (SCM_RIGHTS)."""
+    socket.send_fds(channel, [_PIPE_PEER.pack(peer)], [pipe.fileno()])
+
+
+def receive_pipe(channel: socket.socket) -> tuple[int, socket.socket] | None:
+    """The next pipe socket handed over ``channel`` and its peer worker; None once the
+    supervisor closed the channel. Raises :class:`FrameError` on a malformed message."""
+    data, fds, _flags, _addr = socket.recv_fds(channel, 16, 1)
+    if not data and not fds:
+        return None
+    if len(data) != _PIPE_PEER.size or len(fds) != 1:
+        for fd in fds:
+            socket.close(fd)
+        raise FrameError("malformed pipe hand-over")
+    (peer,) = _PIPE_PEER.unpack(data)
+    return peer, socket.socket(fileno=fds[0])
+
+
 __all__ = [
     "Channel",
     "ClientData",
@@ -236,7 +249,6 @@ __all__ = [
     "Member",
     "Open",
     "ProducerInfo",
-    "Ready",
     "RoomState",
     "SessionEnded",
     "SiblingRoom",
@@ -245,4 +257,7 @@ __all__ = [
     "ToClient",
     "WorkerSetup",
     "encode_frame",
+    "pipe_channel",
+    "receive_pipe",
+    "send_pipe",
 ]

@@ -132,6 +132,11 @@ class NodeServer:
 
     # -- relaying ----------------------------------------------------------------
 
+    def relay_source(self, producer_id: str) -> ProducerRelaySource | None:
+        """A local producer (never a relayed one) as a relay source, for relay endpoints and
+        the pipes between worker processes."""
+        return self._relay_lookup(producer_id)
+
     def _relay_lookup(self, producer_id: str) -> ProducerRelaySource | None:
         """Local producers (never relayed ones) that peers may pull."""
         source = self._relay_sources.get(producer_id)
@@ -454,22 +459,16 @@ class NodeServer:
         )
         self._ticker = asyncio.ensure_future(self._tick())
         if self.config.relay_port is not None:
-            await self.start_relay(self.config.relay_host, self.config.relay_port)
+            self.relay = RelayEndpoint(
+                self.identity,
+                self._relay_lookup,
+                authorize=lambda key: self.relay_authorizer(key),
+                config=RelayConfig(host=self.config.relay_host, port=self.config.relay_port),
+            )
+            self.relay.may_subscribe = self._relay_may_subscribe
+            await self.relay.start()
         if self.config.port == 0:
             self.config.port = self._http_server.sockets[0].getsockname()[1]
-
-    async def start_relay(self, host: str, port: int) -> RelayEndpoint:
-        """Serve this node's local producers to authorized peers (nodes, or the sibling
-        workers of a worker process) and pull theirs."""
-        self.relay = RelayEndpoint(
-            self.identity,
-            self._relay_lookup,
-            authorize=lambda key: self.relay_authorizer(key),
-            config=RelayConfig(host=host, port=port),
-        )
-        self.relay.may_subscribe = self._relay_may_subscribe
-        await self.relay.start()
-        return self.relay
 
     async def stop(self) -> None:
         """Close every session and stop serving."""

@@ -4,10 +4,11 @@ Each worker reports its members and local producers of every room it hosts to th
 supervisor (:class:`~peer.ipc.RoomState`), which passes them to the other workers of that room
 (:class:`~peer.ipc.SiblingRoom`). With those, a worker tells its members who else is in the
 room (``participant_joined`` / ``participant_left``, ``joined``'s lists) and pipes the other
-workers' producers in: one relay flow per producer per worker that consumes it, pulled with the
-relay's own link and flow logic (NACKs answered from the origin's cache, keyframe requests
-upstream, linger, close with the producer) from the sibling's relay endpoint on loopback, and
-bridged into the local router like a producer of another node. See docs/architecture.md.
+workers' producers in: one flow per producer per worker that consumes it, over the
+:class:`~relay.RelayPipe` to that worker (a Unix datagram socket pair the supervisor handed
+both workers), with the relay's own flow logic (NACKs answered from the origin's cache,
+keyframe requests upstream, linger, close with the producer), bridged into the local router
+like a producer of another node. See docs/architecture.md, "Worker processes".
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from peer.engine import Producer
 from peer.ipc import Frame, Member, ProducerInfo, RoomState, SiblingRoom
+from peer.relay_bridge import bridge_remote_producer
+from relay import RelayPipe
 
 if TYPE_CHECKING:
     from peer.server import NodeServer
 
 log = logging.getLogger("cascade.siblings")
-PIPE_HOST = "127.0.0.1"
+PIPE_WAIT = 10.0
 
 
 class SiblingRooms:
@@ -37,6 +41,8 @@ class SiblingRooms:
         self._pending: set[str] = set()
         self._pulling: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.pipes: dict[int, RelayPipe] = {}
+        self._pipe_ready: dict[int, asyncio.Event] = {}
         server.remote_participants = self.remote_participants
         server.remote_producers = self.remote_producers
         server.pull_producer = self.pull_producer
@@ -135,9 +141,7 @@ class SiblingRooms:
         """Pipe one producer of ``room`` in from the worker that has it (a subscriber asked)."""
         for sibling in self._siblings.get(room, {}).values():
             if any(p.producer_id == producer_id for p in sibling.producers):
-                await self.server.pull_remote_producer(
-                    room, sibling.pipe_key, PIPE_HOST, sibling.pipe_port, producer_id
-                )
+                await self.pipe_in(room, sibling.worker_id, producer_id)
                 return True
         return False
 
@@ -154,17 +158,77 @@ class SiblingRooms:
                 if producer.producer_id in router.producers or key in self._pulling:
                     continue
                 self._pulling.add(key)
-                self._task(self._pull(room, sibling, producer.producer_id))
+                self._task(self._pull(room, sibling.worker_id, producer.producer_id))
 
-    async def _pull(self, room: str, sibling: SiblingRoom, producer_id: str) -> None:
+    async def _pull(self, room: str, worker_id: int, producer_id: str) -> None:
         try:
-            await self.server.pull_remote_producer(
-                room, sibling.pipe_key, PIPE_HOST, sibling.pipe_port, producer_id
-            )
+            await self.pipe_in(room, worker_id, producer_id)
         except Exception as exc:
-            log.info("could not pipe %s from worker %d: %r", producer_id, sibling.worker_id, exc)
+            log.info("could not pipe %s from worker %d: %r", producer_id, worker_id, exc)
         finally:
             self._pulling.discard((room, producer_id))
+
+    async def pipe_in(self, room: str, worker_id: int, producer_id: str) -> Producer:
+        """Pull ``producer_id`` from worker ``worker_id`` into ``room`` here (one flow per
+        producer per worker, shared by every local consumer)."""
+        router = self.server.node.router(room)
+        existing = router.producers.get(producer_id)
+        if existing is not None:
+            return existing
+        pipe = await self._pipe(worker_id)
+        remote = await pipe.subscribe(producer_id)
+        existing = router.producers.get(producer_id)
+        if existing is not None:
+            return existing
+        producer = bridge_remote_producer(router, remote)
+        hosted = self.server.rooms.get(room)
+        if hosted is not None:
+            hosted.announce_producer(producer)
+        else:  # everyone here left meanwhile
+            producer.close()
+        return producer
+
+    # -- pipes ------------------------------------------------------------------
+
+    async def _pipe(self, worker_id: int) -> RelayPipe:
+        """The pipe to ``worker_id``, waiting for the supervisor to hand it over."""
+        pipe = self.pipes.get(worker_id)
+        if pipe is None or pipe.state != "live":
+            ready = self._pipe_ready.setdefault(worker_id, asyncio.Event())
+            await asyncio.wait_for(ready.wait(), PIPE_WAIT)
+            pipe = self.pipes[worker_id]
+        return pipe
+
+    async def open_pipe(self, worker_id: int, sock: Any) -> None:
+        """The supervisor handed over a socket of a pipe to ``worker_id`` (a new one
+        replaces the previous: that worker was restarted)."""
+        old = self.pipes.pop(worker_id, None)
+        if old is not None:
+            await old.close()
+        pipe = await RelayPipe.open(sock, self.server.relay_source, name=f"worker-{worker_id}")
+        self.pipes[worker_id] = pipe
+
+        def closed() -> None:
+            if self.pipes.get(worker_id) is pipe:
+                del self.pipes[worker_id]
+                self._pipe_ready.pop(worker_id, None)
+
+        pipe.on_close(closed)
+        self._pipe_ready.setdefault(worker_id, asyncio.Event()).set()
+
+    def pipe_stats(self) -> dict[str, object]:
+        """Pipes of this worker: producers pulled through them and their repairs."""
+        pulled = [rp for pipe in self.pipes.values() for rp in pipe.producers.values()]
+        return {
+            "pipes": sorted(self.pipes),
+            "pipe_repaired": sum(rp.stats.repaired for rp in pulled),
+            "pipe_lost": sum(rp.stats.lost for rp in pulled),
+        }
+
+    async def close(self) -> None:
+        """Close every pipe."""
+        for pipe in list(self.pipes.values()):
+            await pipe.close()
 
 
 __all__ = ["SiblingRooms"]

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -30,7 +31,6 @@ from typing import Any
 import msgspec
 import psutil
 from aiohttp import WSCloseCode, web
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer.engine import Node
 from peer.ipc import (
@@ -41,7 +41,6 @@ from peer.ipc import (
     Hello,
     Load,
     Open,
-    Ready,
     RoomState,
     SessionEnded,
     SiblingRoom,
@@ -49,12 +48,15 @@ from peer.ipc import (
     StatsRequest,
     ToClient,
     WorkerSetup,
+    pipe_channel,
+    send_pipe,
 )
 from peer.packing import DEFAULT_WATERMARK, Packing, WorkerLoad, choose_worker
 from peer.server import NodeConfig, NodeServer
 from peer.signaling import ClientMessage, Join, Ping, encode, error_message
 from peer.stats import AdmissionPolicy
 from peer.tokens import TokenError
+from relay import pipe_socketpair
 
 log = logging.getLogger("cascade.supervisor")
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
@@ -84,7 +86,7 @@ class WorkerHandle:
     load: Load | None = None
     restarts: int = 0
     started_at: float = 0.0
-    pipe_port: int = 0
+    pipe_channel: socket.socket | None = None
     conns: set[int] = field(default_factory=set)
     rooms: dict[str, int] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -126,7 +128,7 @@ class WorkerPool:
     def __init__(
         self,
         count: int,
-        setup: Callable[[int], WorkerSetup],
+        setup: WorkerSetup,
         on_frame: Callable[[WorkerHandle, Frame], None],
         on_lost: Callable[[WorkerHandle], None],
         *,
@@ -180,11 +182,19 @@ class WorkerPool:
         ]
         if self.uvloop:
             args.append("--uvloop")
+        ours, theirs = pipe_channel()
+        args += ["--pipe-channel", str(theirs.fileno())]
         handle.ready.clear()
         handle.started_at = time.monotonic()
-        handle.process = await asyncio.create_subprocess_exec(
-            *args, env=env, stdin=asyncio.subprocess.DEVNULL
-        )
+        try:
+            handle.process = await asyncio.create_subprocess_exec(
+                *args, env=env, stdin=asyncio.subprocess.DEVNULL, pass_fds=(theirs.fileno(),)
+            )
+        finally:
+            theirs.close()
+        if handle.pipe_channel is not None:
+            handle.pipe_channel.close()
+        handle.pipe_channel = ours
         handle.ps = psutil.Process(handle.process.pid)
         with contextlib.suppress(psutil.Error):
             handle.ps.cpu_percent(None)
@@ -200,7 +210,7 @@ class WorkerPool:
         if handle.pid != hello.pid:  # a stale worker of a previous start
             channel.close()
             return
-        channel.send(self.setup(handle.worker_id))
+        channel.send(self.setup)
         handle.channel = channel
         handle.up = True
         handle.load = None
@@ -226,8 +236,10 @@ class WorkerPool:
         handle.channel = None
         handle.load = None
         handle.cpu = 0.0
-        handle.pipe_port = 0
         self.on_lost(handle)
+        if handle.pipe_channel is not None:
+            handle.pipe_channel.close()
+            handle.pipe_channel = None
         handle.conns.clear()
         handle.rooms.clear()
         lived = time.monotonic() - handle.started_at
@@ -274,6 +286,9 @@ class WorkerPool:
                     process.kill()
                 await process.wait()
             handle.up = False
+            if handle.pipe_channel is not None:
+                handle.pipe_channel.close()
+                handle.pipe_channel = None
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
@@ -347,6 +362,7 @@ class RemoteSession:
         # its reply lists them.
         for worker_id, state in supervisor._room_states.get(message.room, {}).items():
             if worker_id != worker.worker_id:
+                supervisor._ensure_pipe(worker, supervisor.pool.workers[worker_id])
                 worker.channel.send(supervisor._sibling_frame(worker_id, state))
         worker.channel.send(Open(self.conn))
         worker.channel.send(ClientData(self.conn, msgspec.json.encode(message)))
@@ -486,12 +502,11 @@ class Supervisor(NodeServer):
             ),
         )
         public_key = config.token_public_key.public_bytes_raw() if config.token_public_key else b""
-        # Each worker slot has its pipe identity for the supervisor's lifetime (a restarted
-        # worker keeps it); only the node's workers may pull a worker's producers.
-        pipe_keys = [Ed25519PrivateKey.generate() for _ in range(workers)]
-        pipe_peers = [k.public_key().public_bytes_raw() for k in pipe_keys]
-        self._pipe_keys = pipe_peers
         self._room_states: dict[str, dict[int, RoomState]] = {}
+        # Worker pairs that have a pipe (made when they first share a room).
+        self._pipes: set[frozenset[int]] = set()
+        # Makes the two connected datagram sockets of a pipe (tests may add impairment).
+        self.pipe_sockets: Callable[[], tuple[socket.socket, socket.socket]] = pipe_socketpair
         base = WorkerSetup(
             api_secret=config.api_secret,
             token_public_key=public_key,
@@ -502,15 +517,10 @@ class Supervisor(NodeServer):
             max_egress_pps=config.max_egress_pps / workers,
             keyframe_request_delay=config.keyframe_request_delay,
             answer_timeout=config.answer_timeout,
-            pipe_peers=pipe_peers,
         )
-
-        def setup(worker_id: int) -> WorkerSetup:
-            return msgspec.structs.replace(base, pipe_key=pipe_keys[worker_id].private_bytes_raw())
-
         self.pool = WorkerPool(
             workers,
-            setup,
+            base,
             self._on_frame,
             self._on_lost,
             log_level=log_level,
@@ -540,8 +550,6 @@ class Supervisor(NodeServer):
             handle.load = frame
         elif isinstance(frame, RoomState):
             self._room_state(handle, frame)
-        elif isinstance(frame, Ready):
-            handle.pipe_port = frame.pipe_port
         elif isinstance(frame, StatsReply):
             waiting = self._stats_waiting.pop(frame.request, None)
             if waiting is not None and not waiting.done():
@@ -555,16 +563,27 @@ class Supervisor(NodeServer):
         for room, states in list(self._room_states.items()):
             if handle.worker_id in states:
                 self._room_state(handle, RoomState(room, [], []))
+        self._pipes = {pair for pair in self._pipes if handle.worker_id not in pair}
 
     def _sibling_frame(self, worker_id: int, state: RoomState) -> SiblingRoom:
-        return SiblingRoom(
-            state.room,
-            worker_id,
-            self.pool.workers[worker_id].pipe_port,
-            self._pipe_keys[worker_id],
-            state.members,
-            state.producers,
-        )
+        return SiblingRoom(state.room, worker_id, state.members, state.producers)
+
+    def _ensure_pipe(self, a: WorkerHandle, b: WorkerHandle) -> None:
+        """Give workers ``a`` and ``b`` a pipe, once (idle workers keep none: a pipe's
+        heartbeats are timers)."""
+        pair = frozenset((a.worker_id, b.worker_id))
+        if pair in self._pipes or a.pipe_channel is None or b.pipe_channel is None:
+            return
+        one, other = self.pipe_sockets()
+        try:
+            send_pipe(a.pipe_channel, b.worker_id, one)
+            send_pipe(b.pipe_channel, a.worker_id, other)
+            self._pipes.add(pair)
+        except OSError as exc:
+            log.warning("handing a pipe to workers %s failed: %r", sorted(pair), exc)
+        finally:
+            one.close()
+            other.close()
 
     def _room_state(self, handle: WorkerHandle, state: RoomState) -> None:
         """A worker's members and producers of a room changed: pass it to the room's other
@@ -582,6 +601,7 @@ class Supervisor(NodeServer):
             other = self.pool.workers[worker_id]
             if worker_id == handle.worker_id or other.channel is None:
                 continue
+            self._ensure_pipe(handle, other)
             other.channel.send(frame)
             if joined and handle.channel is not None:
                 handle.channel.send(self._sibling_frame(worker_id, states[worker_id]))
@@ -652,6 +672,7 @@ class Supervisor(NodeServer):
             # Producers of other workers piped into this one (one flow each).
             entry["piped_producers"] = worker.get("piped_producers", [])
             entry["pipe_repaired"] = worker.get("pipe_repaired", 0)
+            entry["pipes"] = worker.get("pipes", [])
             codec_instances += int(worker.get("codec_instances", 0))
             for room, members in dict(worker.get("rooms", {})).items():
                 rooms.setdefault(room, {}).update(members)

@@ -17,6 +17,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Coroutine
@@ -24,26 +25,27 @@ from typing import Any
 
 import msgspec
 import psutil
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from peer.ipc import (
     Channel,
     ClientData,
+    FrameError,
     Hangup,
     Hello,
     Load,
     Open,
-    Ready,
     SessionEnded,
     SiblingRoom,
     StatsReply,
     StatsRequest,
     ToClient,
     WorkerSetup,
+    receive_pipe,
 )
 from peer.server import NodeConfig, NodeServer
 from peer.session import ParticipantSession
-from peer.siblings import PIPE_HOST, SiblingRooms
+from peer.siblings import SiblingRooms
 from peer.signaling import ProtocolError, decode_client_message, encode, error_message
 
 log = logging.getLogger("cascade.worker")
@@ -86,10 +88,6 @@ class Worker:
                 answer_timeout=setup.answer_timeout,
             )
         )
-        if setup.pipe_key:
-            self.server.identity = Ed25519PrivateKey.from_private_bytes(setup.pipe_key)
-        pipe_peers = set(setup.pipe_peers)
-        self.server.relay_authorizer = lambda key: key in pipe_peers
         self.siblings = SiblingRooms(self.server, channel.send)
         self.sessions: dict[int, ParticipantSession] = {}
         self._ticker: asyncio.Task[None] | None = None
@@ -170,10 +168,26 @@ class Worker:
             )
         )
 
-    async def start_pipes(self) -> None:
-        """Serve this worker's producers to its siblings on a loopback port."""
-        relay = await self.server.start_relay(PIPE_HOST, 0)
-        self.channel.send(Ready(relay.address[1]))
+    def watch_pipes(self, channel: socket.socket) -> None:
+        """Take the pipe sockets the supervisor hands over ``channel`` (SCM_RIGHTS)."""
+        channel.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            try:
+                handed = receive_pipe(channel)
+            except BlockingIOError:
+                return
+            except (OSError, FrameError) as exc:
+                log.warning("pipe channel: %r", exc)
+                return
+            if handed is None:
+                loop.remove_reader(channel.fileno())
+                return
+            peer, sock = handed
+            self._spawn(self.siblings.open_pipe(peer, sock))
+
+        loop.add_reader(channel.fileno(), readable)
 
     async def run(self) -> None:
         """Serve frames until the supervisor closes the channel."""
@@ -201,18 +215,13 @@ class Worker:
                         for p in router.producers.values()
                         if p.origin == "relay"
                     )
-                    relay = self.server.relay
-                    links = relay.links.values() if relay is not None else []
-                    stats["pipe_repaired"] = sum(
-                        p.stats.repaired for link in links for p in link.producers.values()
-                    )
+                    stats.update(self.siblings.pipe_stats())
                     data = msgspec.json.encode(stats)
                     self.channel.send(StatsReply(frame.request, data))
         finally:
             for conn in list(self.sessions):
                 await self._end(conn)
-            if self.server.relay is not None:
-                await self.server.relay.close()
+            await self.siblings.close()
 
     def _dispatch(self, conn: int, data: bytes) -> None:
         queue = self._queues.get(conn)
@@ -233,7 +242,7 @@ class Worker:
                 del self._queues[conn]
 
 
-async def serve(socket_path: str, worker_id: int) -> None:
+async def serve(socket_path: str, worker_id: int, pipe_channel: int) -> None:
     """Connect to the supervisor and serve until it goes away."""
     reader, writer = await asyncio.open_unix_connection(socket_path)
     channel = Channel(reader, writer)
@@ -242,7 +251,7 @@ async def serve(socket_path: str, worker_id: int) -> None:
     if not isinstance(setup, WorkerSetup):
         raise SystemExit(f"worker {worker_id}: expected settings, got {setup!r}")
     worker = Worker(worker_id, channel, setup)
-    await worker.start_pipes()
+    worker.watch_pipes(socket.socket(fileno=pipe_channel))
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -258,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--worker-id", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--pipe-channel", type=int, required=True, help="inherited socket fd")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--uvloop", action="store_true")
     args = parser.parse_args(argv)
@@ -275,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
-        asyncio.run(serve(args.socket, args.worker_id))
+        asyncio.run(serve(args.socket, args.worker_id, args.pipe_channel))
     except (ConnectionError, FileNotFoundError) as exc:
         print(f"worker {args.worker_id}: supervisor unreachable: {exc}", file=sys.stderr)
         return 1
