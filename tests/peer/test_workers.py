@@ -284,3 +284,72 @@ async def test_nack_repair_across_a_lossy_pipe(supervisor, join) -> None:
         assert stats["workers"][1]["pipe_repaired"] > 0
     finally:
         lossy.close()
+
+
+async def test_idle_workers_run_no_timers(supervisor, join) -> None:
+    """A worker hosting nobody sleeps: it does not wake up while the other one carries a
+    call (counted as voluntary context switches of its process)."""
+    pin(supervisor, 0)
+    pub = await join("busy", "alice")
+    await pub.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+    sub = await join("busy", "bob")
+    await sub.wait_for_tracks(1, "video", timeout=30)
+    idle = psutil.Process(supervisor.pool.workers[1].pid)
+    busy = psutil.Process(supervisor.pool.workers[0].pid)
+    idle_before = idle.num_ctx_switches().voluntary
+    busy_before = busy.num_ctx_switches().voluntary
+    await asyncio.sleep(2.0)
+    assert busy.num_ctx_switches().voluntary - busy_before > 40  # it does forward
+    assert idle.num_ctx_switches().voluntary - idle_before <= 2
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
+def test_cli_node_with_workers_leaves_no_process(stop_signal) -> None:
+    """``cascade node --workers 2``: stopped (SIGTERM) or killed (SIGKILL), the supervisor
+    leaves no worker process behind."""
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, CASCADE_EXTENSIONS="none", CASCADE_API_SECRET=SECRET)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peer.cli", "node", "--port", "0", "--workers", "2",
+         "--log-level", "WARNING", "--no-uvloop"],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("cascade node listening on "), line
+        url = line.split()[-1]
+        assert proc.stdout.readline().strip() == "media workers: 2 processes"
+        pids: list[int] = []
+        for _ in range(100):
+            with urllib.request.urlopen(url + "/stats", timeout=5) as resp:
+                workers = json.load(resp)["workers"]
+            pids = [w["pid"] for w in workers if w["up"]]
+            if len(pids) == 2:
+                break
+            time.sleep(0.1)
+        assert len(pids) == 2
+        children = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        assert set(pids) <= children
+        proc.send_signal(stop_signal)
+        proc.wait(30)
+        for _ in range(100):
+            if not any(psutil.pid_exists(pid) for pid in pids):
+                break
+            time.sleep(0.1)
+        alive = [pid for pid in pids if psutil.pid_exists(pid)]
+        assert all(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in alive)
+        if stop_signal == signal.SIGTERM:
+            assert proc.returncode == 0
+            assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
