@@ -1,5 +1,5 @@
-"""``cascade`` command line: ``node``, ``token``, ``keygen``, ``pubkey`` and ``bench``, plus
-the commands of extensions (see :func:`load_extensions`).
+"""``cascade`` command line: ``node``, ``drain``, ``token``, ``keygen``, ``pubkey`` and
+``bench``, plus the commands of extensions (see :func:`load_extensions`).
 
 Every error is one line on stderr (``cascade <command>: <what to do>``) and a non-zero exit
 status: 2 for bad usage or configuration, 1 when something failed at run time (a port in use).
@@ -27,7 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from dht import Directory, NodeIdentity, check_certificate, parse_bootstrap
 from dht.identity import IdentityError
 from peer.addresses import AddressError, AddressPlan, plan_addresses
+from peer.admin import ADMIN_TOKEN_ENV
 from peer.config import NODE_OPTIONS, ConfigError, add_options, resolve
+from peer.drain import DrainPolicy
 from peer.tokens import (
     KeyMaterialError,
     check_secret,
@@ -186,6 +188,46 @@ def configure_logging(level: str, as_json: bool = False) -> None:
 # -- commands --------------------------------------------------------------------------
 
 
+def _admin_token(path: str | None) -> str:
+    if path:
+        token = _read_file(path, "admin token").decode().strip()
+    else:
+        token = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+    if token and len(token) < 16:
+        raise CliError("the admin token must be at least 16 characters")
+    return token
+
+
+def drain_main(args: argparse.Namespace) -> int:
+    """``cascade drain URL``: ask a node to drain (admin token or the node's key)."""
+    import urllib.error
+    import urllib.request
+
+    from peer.admin import node_authorization
+
+    url = args.url.rstrip("/") + "/admin/drain"
+    if args.key:
+        header = node_authorization(read_identity(args.key).private_key, "drain", time.time())
+    else:
+        token = _admin_token(args.admin_token_file)
+        if not token:
+            raise CliError(f"give --key, --admin-token-file or ${ADMIN_TOKEN_ENV}")
+        header = f"Bearer {token}"
+    request = urllib.request.Request(
+        url, method="GET" if args.status else "POST", headers={"Authorization": header}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:300]
+        raise CliError(f"{url}: HTTP {exc.code} {detail}", RUNTIME_ERROR) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"{url}: {exc}", RUNTIME_ERROR) from None
+    print(json.dumps(body, sort_keys=True))
+    return 0
+
+
 def _token_parser(sub: Any) -> None:
     p = sub.add_parser("token", help="issue an access token")
     p.add_argument("--room", required=True)
@@ -259,6 +301,16 @@ def _parser(extensions: list[Any]) -> _Parser:
     for add_commands in _hooks(extensions, "add_commands"):
         add_commands(sub)
     _token_parser(sub)
+    drain = sub.add_parser(
+        "drain",
+        help="move a node's participants to other nodes, then stop it",
+        description="Ask the node at URL to drain: it takes nobody new, sends each participant "
+        "to another node (migrate) and exits when empty or after its --drain-timeout.",
+    )
+    drain.add_argument("url", help="the node's URL, e.g. http://10.0.0.5:8080")
+    drain.add_argument("--key", help="the node's identity key file (proves you own the node)")
+    drain.add_argument("--admin-token-file", help=f"admin token file (else ${ADMIN_TOKEN_ENV})")
+    drain.add_argument("--status", action="store_true", help="only show the drain's progress")
     sub.add_parser("keygen", help="create a key file (cascade keygen --help)", add_help=False)
     pub = sub.add_parser("pubkey", help="print the public key of a key file")
     pub.add_argument("--key", required=True, help="key file (cascade keygen)")
@@ -303,9 +355,11 @@ def main(argv: list[str] | None = None, extensions: list[Any] | None = None) -> 
             return token_main(args)
         if args.command == "pubkey":
             return pubkey_main(args)
+        if args.command == "drain":
+            return drain_main(args)
         return run_node(resolve(args), extensions)
     except CliError as exc:
-        known = command in ("node", "token", "pubkey", "bench")
+        known = command in ("node", "token", "pubkey", "bench", "drain")
         print(f"cascade {command}: {exc}" if known else f"cascade: {exc}", file=sys.stderr)
         return exc.status
     except ConfigError as exc:
@@ -374,6 +428,11 @@ def run_node(args: argparse.Namespace, extensions: list[Any] | None = None) -> i
         print(f"dev mode: API secret {secret}", flush=True)
     identity = read_identity(args.key) if args.key else NodeIdentity.generate()
     certificate, operator = _fleet(args, identity)
+    admin_token = _admin_token(args.admin_token_file)
+    try:
+        drain = DrainPolicy.from_rate(args.drain_rate, args.drain_timeout)
+    except ValueError as exc:
+        raise CliError(f"--drain-rate / --drain-timeout: {exc}") from None
     bootstrap = _bootstrap(args.bootstrap)
     relay_port = args.relay_port if args.relay_port is not None or not overlay else 0
     try:
@@ -410,6 +469,8 @@ def run_node(args: argparse.Namespace, extensions: list[Any] | None = None) -> i
         relay_host=plan.relay_bind,
         relay_port=relay_port,
         relay_announce=plan.relay_announce if (args.relay_announce or args.announce_ip) else "",
+        admin_token=admin_token,
+        drain=drain,
     )
     directory = None
     if overlay:
@@ -490,14 +551,24 @@ async def _serve(
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     server = (
         Supervisor(config, workers, watermark=watermark, log_level=log_level, uvloop=uvloop)
         if workers > 1
         else NodeServer(config)
     )
+
+    def terminate() -> None:
+        # The first SIGTERM drains (participants move to other nodes, then the node exits);
+        # a second one, or SIGINT, stops at once.
+        if server.draining or directory is None:
+            stop.set()
+        else:
+            print("SIGTERM: draining (send it again to stop now)", flush=True)
+            server.start_drain()
+
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, terminate)
     for setup_node, args in setup or []:  # extensions mount themselves before the start
         refusal = setup_node(args, server, directory)
         if refusal:
@@ -531,7 +602,13 @@ async def _serve(
     print(f"cascade node listening on {server.url}", flush=True)
     if workers > 1:
         print(f"media workers: {workers} processes", flush=True)
-    await stop.wait()
+    stopped = asyncio.ensure_future(stop.wait())
+    drained = asyncio.ensure_future(server.drained.wait())
+    await asyncio.wait([stopped, drained], return_when=asyncio.FIRST_COMPLETED)
+    for waiter in (stopped, drained):
+        waiter.cancel()
+    if server.drained.is_set():
+        print(f"drained: {server.drain_status()}", flush=True)
     if overlay is not None:
         await overlay.stop()
     await server.stop()

@@ -124,6 +124,24 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("relay-host", "QUIC relay bind address (default: --host)"),
     Option("relay-port", "QUIC relay UDP port (default: any free port with the DHT)", type=int),
     Option("relay-announce", "relay address published to other nodes", metavar="HOST[:PORT]"),
+    # drain (SIGTERM or cascade drain)
+    Option(
+        "admin-token-file",
+        "file with the admin token for POST /admin/drain (else $CASCADE_ADMIN_TOKEN); the "
+        "node key (cascade drain --key) is always accepted",
+    ),
+    Option(
+        "drain-rate",
+        "participants per second a draining node moves to other nodes",
+        type=float,
+        default=8.0,
+    ),
+    Option(
+        "drain-timeout",
+        "seconds a draining node waits for its participants to move before it exits",
+        type=float,
+        default=30.0,
+    ),
     # process
     Option(
         "workers",

@@ -19,6 +19,7 @@ from dht import Directory, Load, Member, NodeRecord, RoomEntry
 from dht import Producer as DirectoryProducer
 from dht.cli import split_host_port
 from dht.directory import SOFTWARE_VERSION
+from peer.failover import OriginWatch
 from peer.placement import NodeView, Placement, PlacementPolicy, RoomHost, place
 from peer.relay_access import RelayAccess
 from peer.scaling import (
@@ -101,6 +102,12 @@ class Overlay:
         self._room_entries: dict[str, list[RoomEntry]] = {}
         self._nodes: dict[bytes, NodeRecord] = {}
         self._pulling: set[tuple[str, str]] = set()
+        # Peer nodes seen dead (relay link down past a deadline, or record gone): ignored
+        # from then on, their relayed producers removed, their links closed.
+        self.origins = OriginWatch()
+        self._pulled_from: dict[tuple[str, str], bytes] = {}  # (room, producer) -> node id
+        self._watched_links: set[bytes] = set()
+        self.dead_seen: dict[bytes, float] = {}  # node id -> when this node declared it dead
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -132,7 +139,7 @@ class Overlay:
 
         async def refresh() -> None:
             try:
-                entries = await self.directory.room_hosts(room)
+                entries = await self._room_hosts(room)
                 hosts = (e.node_id for e in entries if e.participants > 0)
                 self.access.room_hosts(room, hosts, self.directory.clock())
             except Exception:
@@ -166,6 +173,8 @@ class Overlay:
         self.server.rooms.changed = self.room_changed
         self.server.remote_producers = self.remote_producers
         self.server.pull_producer = self.pull_producer
+        self.server.fallbacks = self.fallbacks
+        self.server.drain_started = self.announce_draining
         self.server.node_key = self.directory.node_id.hex()
         if self.location is not None:
             self.directory.update_node(location=self.location)
@@ -194,6 +203,94 @@ class Overlay:
         if self._sender is not None:
             self._sender.cancel()
         await self.directory.stop()
+
+    async def _room_hosts(self, room: str) -> list[RoomEntry]:
+        """The room's entries in the directory, without those of nodes seen dead."""
+        entries = await self.directory.room_hosts(room)
+        dead = self.origins.dead
+        return [e for e in entries if e.node_id not in dead] if dead else entries
+
+    async def announce_draining(self) -> None:
+        """Say in the directory, now, that this node takes nobody new."""
+        self.directory.update_node(draining=True, load=self._load())
+        await self.directory.announce_node()
+
+    def fallbacks(self, room: str, limit: int = 3) -> list[dict[str, object]]:
+        """Other live nodes a participant may fail over to: own region first, then by
+        headroom (none draining, stale, or seen dead)."""
+        own = self.directory.node_id.hex()
+        dead = {n.hex() for n in self.origins.dead}
+        now = time.time()
+        views = [
+            v
+            for v in self.placement_nodes()
+            if v.node_id != own
+            and v.node_id not in dead
+            and not v.draining
+            and v.expires_at > now
+            and v.version == self.placement_policy.version
+        ]
+        views.sort(key=lambda v: (v.region != self.directory.region, -v.headroom, v.node_id))
+        return [
+            {"url": v.signaling_url, "node_id": v.node_id, "region": v.region}
+            for v in views[:limit]
+        ]
+
+    def _watch_link(self, record: NodeRecord) -> None:
+        """Report the relay link to ``record``'s node to the origin watch."""
+        relay = self.server.relay
+        if relay is None or record.node_id in self._watched_links:
+            return
+        link = relay.links.get(record.relay_key)
+        if link is None:
+            return
+        self._watched_links.add(record.node_id)
+        node_id = record.node_id
+
+        def on_state(state: str) -> None:
+            if state == "live":
+                self.origins.link_up(node_id)
+            elif state == "interrupted":
+                self.origins.link_down(node_id, time.monotonic())
+            elif state == "closed":
+                self._watched_links.discard(node_id)
+
+        link.on_state(on_state)
+        if link.state == "interrupted":
+            self.origins.link_down(node_id, time.monotonic())
+
+    async def _check_origins(self) -> None:
+        """Act on peer nodes that became dead: remove their relayed producers (subscribers
+        get ``producer_removed`` with reason ``origin_lost``), close the relay link (no
+        more redialling) and forget their members and room entries."""
+        for node_id in self.origins.poll(time.monotonic()):
+            await self._node_dead(node_id, "relay link down")
+
+    async def _node_dead(self, node_id: bytes, why: str) -> None:
+        if node_id == self.directory.node_id:
+            return
+        self.dead_seen.setdefault(node_id, time.time())
+        log.info("node %s is gone (%s): dropping what came from it", node_id.hex()[:12], why)
+        record = self._nodes.pop(node_id, None)
+        self._live.pop(node_id, None)
+        for (room, producer_id), origin in list(self._pulled_from.items()):
+            if origin != node_id:
+                continue
+            del self._pulled_from[(room, producer_id)]
+            router = self.server.node.routers.get(room)
+            producer = router.producers.get(producer_id) if router is not None else None
+            if producer is not None and producer.origin == "relay":
+                producer.close("origin_lost")
+        relay = self.server.relay
+        if relay is not None and record is not None and record.relay_key:
+            link = relay.links.get(record.relay_key)
+            if link is not None:
+                await link.close()
+        for room, entries in list(self._room_entries.items()):
+            kept = [e for e in entries if e.node_id != node_id]
+            if len(kept) != len(entries):
+                self._room_entries[room] = kept
+                self._update_members(room, kept)
 
     def _load(self) -> Load:
         totals = self.server.node.totals()
@@ -235,6 +332,9 @@ class Overlay:
         live: dict[bytes, tuple[NodeRecord, float]] = {}
         listed: set[bytes] = set()
         for record, expires_at in await self.directory.node_entries():
+            self.origins.record_seen(record.node_id, expires_at)
+            if self.origins.is_dead(record.node_id):
+                continue
             live[record.node_id] = (record, seen)
             self._nodes[record.node_id] = record
             if record.relay_key:
@@ -242,6 +342,7 @@ class Overlay:
                 self.access.seen(record.relay_key, record.node_id, expires_at)
         self._live = live
         await self._revoke_gone(listed)
+        await self._check_origins()
         self._update_signal(seen)
         for hosted in rooms:
             await self._pull_room(hosted.name)
@@ -257,12 +358,20 @@ class Overlay:
             entry, withdrawn = await self.directory.node_state(node_id)
             if withdrawn or (entry is not None and entry[0].relay_key != key):
                 self.access.missing(key)
+                if withdrawn:
+                    self.origins.record_gone(node_id)
+                    await self._node_dead(node_id, "record withdrawn")
                 self._nodes.pop(node_id, None)
             elif entry is not None:
                 self.access.seen(key, node_id, entry[1])
         relay = self.server.relay
+        owners = dict(self.access.tracked())
         for key in self.access.revoke_due(self.directory.clock()):
             log.info("relay access revoked for %s (record withdrawn or expired)", key.hex()[:16])
+            owner = owners.get(key)
+            if owner is not None and not self.origins.is_dead(owner):
+                self.origins.record_gone(owner)
+                await self._node_dead(owner, "record expired")
             if relay is not None:
                 relay.revoke(key)
 
@@ -313,7 +422,7 @@ class Overlay:
         """Participants of ``room`` on other nodes: as last synced when the room is already
         open here, else looked up in the directory now."""
         if room not in self._remote_members:
-            entries = await self.directory.room_hosts(room)
+            entries = await self._room_hosts(room)
             self._room_entries[room] = entries
             self._update_members(room, entries)
         return [
@@ -339,7 +448,7 @@ class Overlay:
         for it); False if no live node of the room has it."""
         entries = self._room_entries.get(room)
         if entries is None or not any(p.id == producer_id for e in entries for p in e.producers):
-            entries = await self.directory.room_hosts(room)
+            entries = await self._room_hosts(room)
             self._room_entries[room] = entries
         for entry in entries:
             if entry.node_id == self.directory.node_id:
@@ -352,6 +461,8 @@ class Overlay:
             self.known_keys.add(record.relay_key)
             host, port = split_host_port(record.relay_address)
             await self.server.pull_remote_producer(room, record.relay_key, host, port, producer_id)
+            self._pulled_from[(room, producer_id)] = entry.node_id
+            self._watch_link(record)
             return True
         return False
 
@@ -386,7 +497,9 @@ class Overlay:
             if node_id == own:
                 continue
             views.append(_view(record, seen + ttl))
-        mine = msgspec.structs.replace(self.directory.record, load=self._load())
+        mine = msgspec.structs.replace(
+            self.directory.record, load=self._load(), draining=self.server.draining
+        )
         views.append(_view(mine, float("inf")))
         return views
 
@@ -487,7 +600,7 @@ class Overlay:
 
     async def place(self, room: str, region: str | None) -> Placement:
         """Rank the nodes a new participant of ``room`` from ``region`` should join."""
-        entries = await self.directory.room_hosts(room)
+        entries = await self._room_hosts(room)
         own = self.directory.node_id
         hosts = [RoomHost(e.node_id.hex(), e.participants) for e in entries if e.node_id != own]
         hosted = self.server.rooms.get(room)
@@ -509,7 +622,7 @@ class Overlay:
     async def _pull_room(self, room: str) -> None:
         if self.server.rooms.get(room) is None:
             return
-        entries = await self.directory.room_hosts(room)
+        entries = await self._room_hosts(room)
         self._room_entries[room] = entries
         self._update_members(room, entries)
         hosts = (e.node_id for e in entries if e.participants > 0)
@@ -519,7 +632,7 @@ class Overlay:
             return  # nobody here subscribes automatically: pull on demand only
         router = hosted.router
         for entry in entries:
-            if entry.node_id == self.directory.node_id:
+            if entry.node_id == self.directory.node_id or self.origins.is_dead(entry.node_id):
                 continue
             record = self._nodes.get(entry.node_id)
             if record is None:
@@ -545,6 +658,8 @@ class Overlay:
         try:
             host, port = split_host_port(record.relay_address)
             await self.server.pull_remote_producer(room, record.relay_key, host, port, producer_id)
+            self._pulled_from[(room, producer_id)] = record.node_id
+            self._watch_link(record)
         except Exception as exc:
             log.info("could not relay %s from %s: %r", producer_id, record.node_id_hex[:12], exc)
         finally:

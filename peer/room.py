@@ -75,6 +75,10 @@ class Room:
         """Tell members about a new producer (local or relayed), auto-subscribe them, and
         tell them again when it closes."""
         owner = producer.participant_id
+        for other in list(self.router.producers.values()):
+            # The same track republished after its publisher moved: the new one replaces it.
+            if other is not producer and other.source == producer.source and not other.closed:
+                other.close("migrating")
         for member in self.members:
             if member.participant_id != owner:
                 member.post({"type": "producer_added", "producer": producer.describe()})
@@ -133,13 +137,16 @@ class Rooms:
         self.changed(name)
         return room, others
 
-    def leave(self, name: str, member: Member) -> None:
-        """Remove ``member``; tells the others, and closes the room once it is empty."""
+    def leave(self, name: str, member: Member, reason: str = "left") -> None:
+        """Remove ``member``; tells the others (with ``reason``: "left", or "migrated" when
+        it moved to another node), and closes the room once it is empty."""
         room = self._rooms.get(name)
         if room is None or room._members.get(member.participant_id) is not member:
             return
         del room._members[member.participant_id]
-        room.broadcast({"type": "participant_left", "participant_id": member.participant_id})
+        room.broadcast(
+            {"type": "participant_left", "participant_id": member.participant_id, "reason": reason}
+        )
         if not room._members:
             del self._rooms[name]
             self.node.close_router(name)

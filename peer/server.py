@@ -18,6 +18,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from peer import aiortc_adapter as rtc
+from peer.admin import check_admin
+from peer.drain import DrainPlan, DrainPolicy
 from peer.edge_guard import HeadDeadline, SignalingSocket
 from peer.engine import Node, Producer
 from peer.limits import ConnectionCounts, EdgeCounters, EdgeLimits, TokenBuckets
@@ -65,6 +67,10 @@ class NodeConfig:
     relay_peers: set[bytes] = field(default_factory=set)
     # Connection, message, timeout and rate limits of the HTTP/WebSocket edge (docs/limits.md).
     limits: EdgeLimits = field(default_factory=EdgeLimits)
+    # Bearer token for admin actions (POST /admin/drain); the node key is always accepted.
+    admin_token: str = ""
+    # How a drain moves participants out (rate, timeout, grace).
+    drain: DrainPolicy = field(default_factory=DrainPolicy)
 
 
 class NodeServer:
@@ -128,6 +134,15 @@ class NodeServer:
         # relaying one of them now.
         self.remote_producers: Callable[[str], list[dict[str, object]]] = lambda room: []
         self.pull_producer: Callable[[str, str], Awaitable[bool]] | None = None
+        # Set by the overlay: other nodes a room's participants may fail over to; and what
+        # to do the moment a drain starts (say so in the directory).
+        self.fallbacks: Callable[[str], list[dict[str, object]]] = lambda room: []
+        self.drain_started: Callable[[], Awaitable[None]] = _nothing
+        self.draining = False
+        # Set once a drain has moved everyone out (or timed out): the CLI then exits.
+        self.drained = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+        self.drain_log: list[dict[str, object]] = []
         rtc.set_ice_addresses(config.ice_addresses, config.ice_announce)
 
     # -- relaying ----------------------------------------------------------------
@@ -209,6 +224,8 @@ class NodeServer:
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/place", self.place_handler)
         app.router.add_get("/overlay", self.overlay_handler)
+        app.router.add_post("/admin/drain", self.drain_handler)
+        app.router.add_get("/admin/drain", self.drain_status_handler)
         app.router.add_get("/", self.index)
         if self.config.dev and self.api_secret:
             app.router.add_get("/dev/token", self.dev_token)
@@ -271,6 +288,103 @@ class NodeServer:
                 status=404,
             )
         return web.json_response(self.overlay_view())
+
+    # -- drain --------------------------------------------------------------------
+
+    def _admin_refusal(self, request: web.Request, action: str) -> web.Response | None:
+        refusal = check_admin(
+            request.headers.get("Authorization"),
+            action=action,
+            now=time.time(),
+            node_key=self.identity.public_key(),
+            admin_token=self.config.admin_token or None,
+        )
+        if refusal is None:
+            return None
+        log.warning("admin %s refused from %s: %s", action, request.remote, refusal.value)
+        return web.json_response(
+            error_message(refusal.value, "admin token or node key required"), status=401
+        )
+
+    async def drain_handler(self, request: web.Request) -> web.Response:
+        refused = self._admin_refusal(request, "drain")
+        if refused is not None:
+            return refused
+        started = self.start_drain()
+        return web.json_response({"draining": True, "started": started, **self.drain_status()})
+
+    async def drain_status_handler(self, request: web.Request) -> web.Response:
+        refused = self._admin_refusal(request, "drain")
+        if refused is not None:
+            return refused
+        return web.json_response({"draining": self.draining, **self.drain_status()})
+
+    def drain_status(self) -> dict[str, object]:
+        """Participants left and moves made so far."""
+        return {
+            "participants": self.rooms.participant_count(),
+            "migrated": sum(1 for e in self.drain_log if e["action"] == "migrate"),
+            "disconnected": sum(1 for e in self.drain_log if e["action"] == "disconnect"),
+            "done": self.drained.is_set(),
+        }
+
+    def start_drain(self) -> bool:
+        """Stop taking participants and move the present ones to other nodes; ``drained``
+        is set when the node is empty or the drain timed out. False if already draining."""
+        if self.draining:
+            return False
+        self.draining = True
+        log.info("draining: %d participants to move", self.rooms.participant_count())
+        self._drain_task = asyncio.ensure_future(self._drain())
+        return True
+
+    async def _drain(self) -> None:
+        try:
+            await self.drain_started()
+        except Exception:
+            log.exception("announcing the drain failed")
+        plan = DrainPlan(self.config.drain, time.monotonic())
+        try:
+            while True:
+                sessions = {
+                    m.participant_id: (room.name, m) for room in self.rooms for m in room.members
+                }
+                now = time.monotonic()
+                step = plan.poll(now, sessions)
+                for pid in step.migrate:
+                    room, member = sessions[pid]
+                    await self._migrate(room, member)
+                for pid in step.disconnect:
+                    room, member = sessions[pid]
+                    self.drain_log.append({"action": "disconnect", "participant_id": pid})
+                    await member.close()
+                if step.finished:
+                    log.info("drain %s", "timed out" if step.timed_out else "complete")
+                    break
+                wake = plan.deadline(sessions)
+                await asyncio.sleep(min(0.1, max(0.01, wake - time.monotonic())))
+        finally:
+            self.drained.set()
+
+    async def _migrate(self, room: str, member: object) -> None:
+        session = member if isinstance(member, ParticipantSession) else None
+        if session is None:
+            return
+        try:
+            placement = await self.place(room, session.region)
+        except Exception:
+            log.exception("placing a migrating participant failed")
+            placement = None
+        best = None
+        if placement is not None:
+            best = next((c for c in placement.candidates if c.node_id != self.node_key), None)
+        if best is None:
+            log.warning("drain: no other node for %s in %s", session.participant_id, room)
+            return
+        session.migrate({"url": best.signaling_url, "node_id": best.node_id, "region": best.region})
+        self.drain_log.append(
+            {"action": "migrate", "participant_id": session.participant_id, "to": best.node_id}
+        )
 
     async def stats_handler(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
@@ -474,9 +588,14 @@ class NodeServer:
         """Close every session and stop serving."""
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._drain_task is not None:
+            self._drain_task.cancel()
         for room in self.rooms:
             for member in room.members:
                 await member.close()
+        for ws in list(self._sockets):  # clients learn at once that this node is gone
+            with contextlib.suppress(Exception):
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"node stopping")
         if self.relay is not None:
             await self.relay.close()
         if self._http_server is not None:
@@ -500,6 +619,10 @@ async def _one_request_per_connection(request: web.Request, response: web.Stream
 
 async def _no_remote_participants(room: str) -> list[dict[str, object]]:
     return []
+
+
+async def _nothing() -> None:
+    return None
 
 
 __all__ = ["NodeConfig", "NodeServer", "TokenError"]

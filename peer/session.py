@@ -57,6 +57,10 @@ class SessionHost(Protocol):
     remote_participants: Callable[[str], Awaitable[list[dict[str, object]]]]
     remote_producers: Callable[[str], list[dict[str, object]]]
     pull_producer: Callable[[str, str], Awaitable[bool]] | None
+    # Other nodes a participant of a room may fail over to (overlay), and whether this
+    # node is draining (it takes nobody new).
+    fallbacks: Callable[[str], list[dict[str, object]]]
+    draining: bool
 
     async def place(self, room: str, region: str | None) -> Placement | None:
         """Where a new participant of ``room`` should go (None outside an overlay)."""
@@ -90,6 +94,13 @@ class ParticipantSession:
         self.router: Router | None = None
         self.room: Room | None = None
         self.auto_subscribe = True
+        # The participant id this client had before it moved here, and the sources it
+        # publishes: never offered back to it.
+        self.resumes: str | None = None
+        self.region: str | None = None
+        self._sources: set[str] = set()
+        # Told to move (drain): its producers close as "migrating", not "closed".
+        self.moving = False
         self.publish_pc: RTCPeerConnection | None = None
         self.subscribe_pc: RTCPeerConnection | None = None
         self.producers: dict[str, Producer] = {}
@@ -204,9 +215,12 @@ class ParticipantSession:
         except TokenError as exc:
             self.server.join_outcomes[exc.code] += 1
             raise
-        if message.hops < MAX_REDIRECTS:
+        if message.hops < MAX_REDIRECTS or self.server.draining:
             placement = await self.server.place(message.room, message.region)
             best = placement.best if placement is not None else None
+            if self.server.draining and (best is None or best.node_id == self.server.node_key):
+                self.server.join_outcomes["draining"] += 1
+                raise ProtocolError("draining", "this node is draining and takes nobody new")
             if best is not None and best.node_id != self.server.node_key:
                 await self.send(
                     {
@@ -224,6 +238,8 @@ class ParticipantSession:
         self.grant = grant
         self.name = message.name or self.grant.identity
         self.auto_subscribe = message.auto_subscribe
+        self.resumes = message.resumes
+        self.region = message.region
         remote = await self.server.remote_participants(message.room)
         room, others = self.server.rooms.join(message.room, self)
         self.room = room
@@ -238,8 +254,11 @@ class ParticipantSession:
                 "can_publish": self.grant.can_publish,
                 "can_subscribe": self.grant.can_subscribe,
                 "participants": [s.describe() for s in others] + remote,
-                "producers": [p.describe() for p in router.producers.values()]
+                "producers": [
+                    p.describe() for p in router.producers.values() if not self._is_mine(p)
+                ]
                 + self.server.remote_producers(message.room),
+                "fallbacks": self.server.fallbacks(message.room),
             }
         )
         if self.auto_subscribe and self.grant.can_subscribe:
@@ -253,20 +272,35 @@ class ParticipantSession:
 
     def describe(self) -> dict[str, object]:
         """Public description of this participant."""
-        return {"participant_id": self.participant_id, "name": self.name}
+        described: dict[str, object] = {"participant_id": self.participant_id, "name": self.name}
+        if self.resumes:
+            described["resumes"] = self.resumes
+        return described
+
+    def _is_mine(self, producer: Producer) -> bool:
+        """A producer of this participant, here or from before it moved."""
+        return (
+            producer.participant_id in (self.participant_id, self.resumes)
+            or producer.source in self._sources
+        )
+
+    def migrate(self, target: dict[str, object], reason: str = "drain") -> None:
+        """Tell the participant to move to ``target`` (``url``, ``node_id``, ``region``)."""
+        self.moving = True
+        self.post({"type": "migrate", "reason": reason, **target})
 
     async def close(self) -> None:
         """Leave the room: close producers, consumers and peer connections."""
         if self._closed:
             return
         for producer in list(self.producers.values()):
-            producer.close()
+            producer.close("migrating" if self.moving else None)
         for sub in list(self.subscriptions.values()):
             sub.consumer.close()
         await self.flush()
         self._closed = True
         if self.room is not None:
-            self.server.rooms.leave(self.room.name, self)
+            self.server.rooms.leave(self.room.name, self, "migrated" if self.moving else "left")
         for task in list(self._tasks):
             task.cancel()
         if self._writer is not None:
@@ -295,6 +329,13 @@ class ParticipantSession:
             if fresh:
                 await self._drop_publish_pc(pc)
             raise ProtocolError("bad_sdp", f"offer rejected: {exc}") from None
+        claimed = dict(message.sources or {})
+        prefix = f"{self.grant.identity}/"
+        for source in claimed.values():
+            if not source.startswith(prefix):
+                raise ProtocolError(
+                    "bad_request", f"a source must start with your identity and '/' ({prefix})"
+                )
         known = {t.mid for t in self._ptx.values()}
         created = []
         for transceiver in pc.getTransceivers():
@@ -306,7 +347,7 @@ class ParticipantSession:
             codec = rtc.negotiated_codec(transceiver)
             if codec is None:
                 continue
-            producer = self._create_producer(transceiver, codec)
+            producer = self._create_producer(transceiver, codec, claimed.get(str(transceiver.mid)))
             created.append({**producer.describe(), "mid": transceiver.mid})
         if not created and fresh:
             # A first offer with nothing we can receive (garbage, or no sendonly media)
@@ -332,8 +373,11 @@ class ParticipantSession:
         with contextlib.suppress(Exception):
             await pc.close()
 
-    def _create_producer(self, transceiver: RTCRtpTransceiver, codec: Any) -> Producer:
-        assert self.router is not None
+    def _create_producer(
+        self, transceiver: RTCRtpTransceiver, codec: Any, source: str | None
+    ) -> Producer:
+        assert self.router is not None and self.grant is not None
+        producer_id = f"pr-{uuid.uuid4().hex[:12]}"
         info = CodecInfo(
             mime_type=codec.mimeType,
             clock_rate=codec.clockRate,
@@ -345,8 +389,11 @@ class ParticipantSession:
             self.participant_id,
             transceiver.kind,
             info,
+            producer_id=producer_id,
+            source=source or f"{self.grant.identity}/{producer_id}",
             keyframe_request_delay=self.server.keyframe_request_delay,
         )
+        self._sources.add(producer.source)
         receiver = transceiver.receiver
         rtc.tap_receiver(receiver, producer.receive)
 
@@ -374,7 +421,7 @@ class ParticipantSession:
         """Consume ``producer`` if this participant auto-subscribes and may subscribe."""
         if not self.auto_subscribe or self.grant is None or not self.grant.can_subscribe:
             return
-        if producer.participant_id == self.participant_id or self._closed:
+        if self._is_mine(producer) or self._closed:
             return
         try:
             self._subscribe(producer.id, paused=False)
@@ -411,7 +458,7 @@ class ParticipantSession:
     def _subscribe(self, producer_id: str, paused: bool) -> Consumer:
         assert self.router is not None
         producer = self.router.producers.get(producer_id)
-        if producer is not None and producer.participant_id == self.participant_id:
+        if producer is not None and self._is_mine(producer):
             raise ProtocolError("bad_request", "cannot consume your own producer")
         consumer = self.router.create_consumer(producer_id, self.participant_id, paused=paused)
         if self.subscribe_pc is None:
@@ -448,6 +495,9 @@ class ParticipantSession:
                 "consumer_id": consumer.id,
                 "producer_id": consumer.producer.id,
                 "mid": sub.transceiver.mid,
+                "reason": consumer.producer.close_reason
+                if consumer.producer.closed
+                else "unsubscribed",
             }
         )
         self._spawn(self._renegotiate())

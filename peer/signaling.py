@@ -34,6 +34,13 @@ class Join(msgspec.Struct, tag="join", forbid_unknown_fields=True):
     """The client's region hint for placement (default: this node's region)."""
     hops: Annotated[int, msgspec.Meta(ge=0, le=8)] = 0
     """Redirects the client already followed; a node redirects only while it is below 2."""
+    resumes: Id | None = None
+    """The participant id this client had before it moved (``migrate`` or failover): its
+    old producers are never offered back to it, and others see it as the same person."""
+
+
+Mid = Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+Source = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
 class Publish(msgspec.Struct, tag="publish", forbid_unknown_fields=True):
@@ -41,6 +48,9 @@ class Publish(msgspec.Struct, tag="publish", forbid_unknown_fields=True):
 
     sdp: Sdp
     id: RequestId | None = None
+    sources: Annotated[dict[Mid, Source], msgspec.Meta(max_length=32)] | None = None
+    """Per m-line (mid), the ``source`` a republished track continues (after a move);
+    each must start with the token's identity and ``/``."""
 
 
 class Answer(msgspec.Struct, tag="answer", forbid_unknown_fields=True):

@@ -66,7 +66,7 @@ def test_leave_tells_the_others_and_closes_an_empty_room() -> None:
         Producer(room.router, "a", "video", CodecInfo("video/VP8", 90000))
     )
     rooms.leave("r", a)
-    assert b.inbox[-1] == {"type": "participant_left", "participant_id": "a"}
+    assert b.inbox[-1] == {"type": "participant_left", "participant_id": "a", "reason": "left"}
     assert rooms.get("r") is room and "r" in node.routers
     rooms.leave("r", b)
     assert rooms.get("r") is None and "r" not in node.routers

@@ -1,0 +1,50 @@
+"""Admin credentials: token and node-key signatures, refused with a reason."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from peer.admin import AdminRefusal, check_admin, node_authorization
+
+KEY = Ed25519PrivateKey.generate()
+OTHER = Ed25519PrivateKey.generate()
+TOKEN = "admin-token-0123456789abcdef"
+
+
+def check(header: str | None, token: str | None = TOKEN, now: float = 1000.0):
+    return check_admin(
+        header, action="drain", now=now, node_key=KEY.public_key(), admin_token=token
+    )
+
+
+def test_the_admin_token_is_accepted() -> None:
+    assert check(f"Bearer {TOKEN}") is None
+
+
+def test_the_node_key_is_accepted_within_the_skew() -> None:
+    assert check(node_authorization(KEY, "drain", 1000)) is None
+    assert check(node_authorization(KEY, "drain", 950), now=1000) is None
+    assert check(node_authorization(KEY, "drain", 900), now=1000) is AdminRefusal.STALE
+
+
+@pytest.mark.parametrize(
+    ("header", "token", "reason"),
+    [
+        (None, TOKEN, AdminRefusal.MISSING),
+        ("", TOKEN, AdminRefusal.MISSING),
+        ("Bearer wrong", TOKEN, AdminRefusal.BAD_TOKEN),
+        (f"Bearer {TOKEN}", None, AdminRefusal.NO_TOKEN_CONFIGURED),
+        ("Basic YWRtaW46YWRtaW4=", TOKEN, AdminRefusal.MALFORMED),
+        ("CascadeNode 1000", TOKEN, AdminRefusal.MALFORMED),
+        ("CascadeNode abc.def", TOKEN, AdminRefusal.MALFORMED),
+        ("CascadeNode 1000.!!!!", TOKEN, AdminRefusal.MALFORMED),
+        ("CascadeNode 1000." + "A" * 86, TOKEN, AdminRefusal.BAD_SIGNATURE),
+        (node_authorization(OTHER, "drain", 1000), TOKEN, AdminRefusal.BAD_SIGNATURE),
+        (node_authorization(KEY, "stop", 1000), TOKEN, AdminRefusal.BAD_SIGNATURE),
+    ],
+)
+def test_other_credentials_are_refused(
+    header: str | None, token: str | None, reason: AdminRefusal
+) -> None:
+    assert check(header, token) is reason
