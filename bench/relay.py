@@ -19,6 +19,7 @@ Measured, in the same run:
 
     python -m bench.relay                      # defaults: 2000 pkt/s, 1100 B, 4 s
     python -m bench.relay --rate 1000 --seconds 2 --listeners 1,10,50
+    python -m bench.relay --profile /tmp/relay-prof   # + cProfile of both ends (pstats files)
 
 Prints a table, then one JSON object as the last line.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
 import multiprocessing as mp
 import os
@@ -186,6 +188,9 @@ async def _remote(pipe: Connection, job: dict[str, Any]) -> None:
             rp.add_packet_listener(sink)
         pipe.send({"ready": True})
         closer = ep.close
+    profiler = cProfile.Profile() if job.get("profile") else None
+    if profiler is not None:
+        profiler.enable()
     # finish when everything arrived or the stream stalled
     while not rec.done.is_set():
         await asyncio.sleep(0.1)
@@ -193,6 +198,9 @@ async def _remote(pipe: Connection, job: dict[str, Any]) -> None:
             break
         if not rec.count and time.monotonic() - rec.last_at > 30.0:
             break
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(os.path.join(job["profile"], f"remote-{job['mode']}.pstats"))
     report = rec.report()
     res = closer()
     if asyncio.iscoroutine(res):
@@ -239,6 +247,7 @@ async def emit(
 def spawn(job: dict[str, Any], args: argparse.Namespace) -> tuple[Any, Connection]:
     job["cpus"] = args.cpus
     job["uvloop"] = args.uvloop
+    job["profile"] = args.profile if job.pop("profiled", False) else None
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=remote_main, args=(child, job), daemon=True)
@@ -255,7 +264,9 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
     rkey = Ed25519PrivateKey.generate()
     rpub = public_key_bytes(rkey)
     src = BenchSource()
-    cfg = RelayConfig(datagram_flush_batch=args.flush_batch)
+    cfg = RelayConfig(
+        datagram_flush_batch=args.flush_batch, max_datagram_size=args.max_datagram_size
+    )
     ep = RelayEndpoint(okey, {PRODUCER: src}.get, lambda k: k == rpub, cfg)
     await ep.start()
     proxy = None
@@ -270,6 +281,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         "port": port,
         "listeners": listeners,
         "expected": n,
+        "profiled": not via_proxy,
     }
     proc, pipe = spawn(job, args)
     try:
@@ -280,7 +292,13 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         stats = before[0][3] if before else None  # live object, read after the run
         down0 = proxy.down.bytes_passed if proxy else 0
         total0 = proxy.bytes_total if proxy else 0
+        profiler = cProfile.Profile() if args.profile and not via_proxy else None
+        if profiler is not None:
+            profiler.enable()
         cpu = await emit(src.emit, n, args.rate, args.size, args.tick_ms / 1000)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(args.profile, "origin-quic.pstats"))
         link_bytes = (proxy.down.bytes_passed - down0) if proxy else None
         link_total = (proxy.bytes_total - total0) if proxy else None
         remote = await _recv(pipe)
@@ -362,6 +380,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "uvloop": args.uvloop,
         "tick_ms": args.tick_ms,
         "flush_batch": args.flush_batch,
+        "max_datagram_size": args.max_datagram_size,
         "generator_cpu_us_per_packet": gen / n * 1e6,
         "origin_cpu_us_per_packet": {"quic": quic_origin, "udp": udp_origin},
         "remote_cpu_us_per_packet": {"quic": quic_remote, "udp": udp_remote},
@@ -437,8 +456,19 @@ def main(argv: list[str] | None = None) -> None:
         default=RelayConfig.datagram_flush_batch,
         help="origin: flush queued datagrams to the socket once this many wait",
     )
+    ap.add_argument(
+        "--max-datagram-size",
+        type=int,
+        default=RelayConfig.max_datagram_size,
+        help="origin: UDP payload size of QUIC packets (above the path MTU only on loopback)",
+    )
     ap.add_argument("--tick-ms", type=float, default=5.0, help="emission tick (burst spacing)")
+    ap.add_argument(
+        "--profile", default=None, help="directory for cProfile stats of both ends (slows them)"
+    )
     args = ap.parse_args(argv)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
     args.cpus = available_cpus()
     args.listeners = [int(x) for x in args.listeners.split(",")]
     with asyncio.Runner(loop_factory=lambda: new_loop(args.uvloop)) as runner:

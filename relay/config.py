@@ -40,9 +40,10 @@ class RelayConfig:
     max_datagram_size: int = 1452
     #: Cap of DATAGRAM frames queued in QUIC (congestion-limited); extra packets dropped.
     max_pending_datagrams: int = 2048
-    #: Flush queued DATAGRAM frames to the socket once this many are waiting (bursts);
-    #: smaller ones go out at the end of the current event-loop iteration.
-    datagram_flush_batch: int = 2
+    #: Flush queued DATAGRAM frames to the socket once this many are waiting (long
+    #: bursts); otherwise everything queued in one event-loop iteration goes out in one
+    #: transmit at its end (each transmit has a fixed cost in aioquic).
+    datagram_flush_batch: int = 16
     stats_interval: float = 2.0
     max_flows_per_connection: int = 4096
     #: QUIC idle timeout (backstop; the heartbeat detects death much earlier).

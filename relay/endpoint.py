@@ -42,6 +42,7 @@ from .origin import OriginFlows
 from .protocol import ALPN, ErrorCode
 from .remote import RemoteFlows
 from .source import ProducerLookup
+from .udp import open_udp
 
 __all__ = [
     "RelayConfig",
@@ -104,6 +105,27 @@ class QuicRelayProtocol(QuicConnectionProtocol):
         else:
             self._service()
 
+    def _process_events(self) -> None:
+        # Replaces aioquic's dispatch so that DATAGRAM frames (the hot path) go straight
+        # to the connection. The relay never uses aioquic's connected/ping waiters; the
+        # server's connection-id and termination handlers are kept.
+        quic = self._quic
+        core = self.core
+        event = quic.next_event()
+        while event is not None:
+            if type(event) is _DatagramReceived:
+                core.receive_datagram(event.data, self._loop.time())
+            else:
+                if isinstance(event, events.ConnectionIdIssued):
+                    self._connection_id_issued_handler(event.connection_id)
+                elif isinstance(event, events.ConnectionIdRetired):
+                    self._connection_id_retired_handler(event.connection_id)
+                elif isinstance(event, events.ConnectionTerminated):
+                    self._connection_terminated_handler()
+                    self._closed.set()
+                self.quic_event_received(event)
+            event = quic.next_event()
+
     def quic_event_received(self, event: events.QuicEvent) -> None:
         """Map one aioquic event onto the relay connection."""
         core = self.core
@@ -157,7 +179,9 @@ class QuicRelayProtocol(QuicConnectionProtocol):
 
     def _service(self) -> None:
         """Move the connection's output into QUIC, transmit, re-arm the timer."""
-        self._soon = None
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         core = self.core
         quic = self._quic
         if core.control_out and self.ctrl_id is not None and not self._close_sent:
@@ -180,6 +204,32 @@ class QuicRelayProtocol(QuicConnectionProtocol):
     def _on_timer(self) -> None:
         self.core.poll(self._loop.time())
         self._service()
+
+    def transmit(self) -> None:
+        """Send what QUIC has to send; re-arm QUIC's timer only if it moved earlier.
+
+        aioquic re-arms its timer after every transmit (the loss-detection deadline moves
+        with each packet sent): a ``call_at`` and a cancel per transmit. Keeping an
+        earlier timer is harmless — ``handle_timer`` checks each deadline against now
+        and the transmit after it arms the next one.
+        """
+        self._transmit_task = None
+        quic = self._quic
+        transport = self._transport
+        if transport is not None:
+            sendto = transport.sendto
+            for data, addr in quic.datagrams_to_send(now=self._loop.time()):
+                sendto(data, addr)
+        timer_at = quic.get_timer()
+        if self._timer is not None:
+            armed = self._timer_at
+            if timer_at is not None and armed is not None and armed <= timer_at:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if timer_at is not None:
+            self._timer = self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
 
     def abort(self, code: int, reason: str) -> None:
         """Close with an application error now."""
@@ -391,8 +441,8 @@ class RelayLink:
         )
         core.on_up = self._on_up
         core.on_down = self._on_down
-        transport, proto = await self._loop.create_datagram_endpoint(
-            lambda: QuicRelayProtocol(quic, core, True), local_addr=(cfg.host, 0)
+        transport, proto = await open_udp(
+            lambda: QuicRelayProtocol(quic, core, True), (cfg.host, 0)
         )
         self._transport = transport
         assert isinstance(proto, QuicRelayProtocol)
@@ -518,11 +568,11 @@ class RelayEndpoint:
         )
         qc.certificate = self.certificate
         qc.private_key = self.private_key
-        loop = asyncio.get_running_loop()
-        _, server = await loop.create_datagram_endpoint(
+        _, server = await open_udp(
             lambda: _AdmittingServer(self, configuration=qc, create_protocol=self._accept),
-            local_addr=(cfg.host, cfg.port),
+            (cfg.host, cfg.port),
         )
+        assert isinstance(server, _AdmittingServer)
         self._server = server
 
     def _accept(self, quic: QuicConnection, **kw: Any) -> QuicRelayProtocol:
