@@ -9,10 +9,11 @@ Parts:
 - ``signaling``: ping round trip through a single-process node against one forwarded to a
   worker over its Unix socket (no quota).
 - ``capacity``: rooms of 1 publisher (video + audio) and ``--room-subs`` subscribers are added
-  one per step; a step passes at 0 decode errors (one decoding probe per worker) and at most
-  0.1 % packets lost at the subscribers. Reported: the highest forwarded packets/s that
-  passed, with 1 worker and with 2 workers, and where packing put each room (at low load
-  every participant is on worker 0; the second worker takes the overflow). The packing
+  one per step; a step passes at 0 decode errors (one decoding probe per worker), at most
+  0.1 % packets lost at the subscribers and no subscriber stalled (its stream stopped).
+  Reported: the highest forwarded packets/s that passed, with 1 worker and with 2 workers,
+  and where packing put each room (at low load every participant is on worker 0; the second
+  worker takes the overflow). The packing
   watermark is ``--watermark`` of the slice (a worker's CPU cannot pass its quota).
 - ``spanning``: CPU of the workers per forwarded packet for one room (1 publisher,
   ``--span-subs`` subscribers) spanning 2 workers (publisher and half the subscribers on
@@ -148,11 +149,11 @@ class Load:
         tracks = await c.wait_for_tracks(1, "video", timeout=30)
         self.probes.append(tracks[0])
 
-    def snapshot(self) -> tuple[int, int, int]:
-        packets = sum(c.packets() for c in self.counters)
+    def snapshot(self) -> tuple[int, int, int, list[int]]:
+        each = [c.packets() for c in self.counters]
         lost = sum(c.lost() for c in self.counters)
         errors = sum(t.stats()["decode_errors"] for t in self.probes)
-        return packets, lost, errors
+        return sum(each), lost, errors, each
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
@@ -178,10 +179,12 @@ def cpu_seconds(pids: list[int]) -> float:
 async def window(load: Load, pids: list[int], seconds: float) -> dict[str, float]:
     """Forwarded packets/s, loss, decode errors and CPU over ``seconds``."""
     me = psutil.Process()
-    p0, l0, e0 = load.snapshot()
+    p0, l0, e0, each0 = load.snapshot()
     c0, g0, t0 = cpu_seconds(pids), me.cpu_times(), time.monotonic()
     await asyncio.sleep(seconds)
-    p1, l1, e1 = load.snapshot()
+    p1, l1, e1, each1 = load.snapshot()
+    # A subscriber whose stream died loses nothing it can count: count it as stalled.
+    stalled = sum(1 for a, b in zip(each0, each1, strict=False) if b - a < 10)
     c1, g1, dt = cpu_seconds(pids), me.cpu_times(), time.monotonic() - t0
     packets = p1 - p0
     lost = l1 - l0
@@ -189,6 +192,7 @@ async def window(load: Load, pids: list[int], seconds: float) -> dict[str, float
         "forwarded_pps": round(packets / dt),
         "loss": round(lost / max(1, packets + lost), 5),
         "decode_errors": e1 - e0,
+        "stalled": stalled,
         "worker_cpu": round((c1 - c0) / dt, 3),
         "generator_cpu": round((g1.user + g1.system - g0.user - g0.system) / dt, 3),
         "cpu_us_per_packet": round((c1 - c0) * 1e6 / packets, 2) if packets else 0.0,
@@ -286,10 +290,15 @@ async def capacity(workers: int, args: argparse.Namespace, slices: CpuSlices) ->
                 result["workers_of_room"] = where
                 result["participants"] = [len(h.conns) for h in server.pool.workers]
                 steps.append(result)
-                ok = result["loss"] <= 0.001 and result["decode_errors"] == 0
+                ok = (
+                    result["loss"] <= 0.001
+                    and result["decode_errors"] == 0
+                    and result["stalled"] == 0
+                )
                 print(
                     f"  {workers} worker(s), {step} rooms: {result['forwarded_pps']} pps, "
                     f"loss {result['loss']:.3%}, decode errors {result['decode_errors']}, "
+                    f"stalled {result['stalled']}, "
                     f"workers {result['worker_cpu']:.2f} CPU, generator "
                     f"{result['generator_cpu']:.2f} CPU, participants per worker "
                     f"{result['participants']} {'ok' if ok else 'FAIL'}",
