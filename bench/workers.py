@@ -124,17 +124,19 @@ class Load:
         self.counters: list[rtc.RtpCounter] = []
         self.probes: list[Any] = []
 
-    async def client(self, room: str, name: str, count_only: bool = True) -> CascadeClient:
+    async def client(
+        self, room: str, name: str, count_only: bool = True, counted: bool = True
+    ) -> CascadeClient:
         c = CascadeClient(self.url, count_only=count_only, request_timeout=30)
         self.clients.append(c)
         await c.connect()
         await c.join(room, issue_token(SECRET, room, name))
-        if c.counter is not None:
+        if c.counter is not None and counted:
             self.counters.append(c.counter)
         return c
 
     async def publisher(self, room: str) -> CascadeClient:
-        pub = await self.client(room, f"{room}-pub")
+        pub = await self.client(room, f"{room}-pub", counted=False)
         height = self.width * 3 // 4
         await pub.publish(
             [
