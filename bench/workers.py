@@ -203,7 +203,7 @@ async def window(load: Load, pids: list[int], seconds: float) -> dict[str, float
 
 @contextlib.asynccontextmanager
 async def node(
-    workers: int, watermark: float, slices: CpuSlices | None
+    workers: int, watermark: float, slices: CpuSlices | None, uvloop: bool = True
 ) -> AsyncIterator[Supervisor]:
     config = NodeConfig(
         port=0,
@@ -214,8 +214,8 @@ async def node(
     )
     config.limits.max_ws_connections_per_ip = 0
     config.limits.join_rate = 0
-    # Workers run uvloop, as `cascade node` does by default.
-    server = Supervisor(config, workers, watermark=watermark, uvloop=True)
+    # Workers run uvloop, as `cascade node` does by default (--no-uvloop: asyncio's loop).
+    server = Supervisor(config, workers, watermark=watermark, uvloop=uvloop)
     await server.start()
     try:
         if slices is not None:
@@ -270,7 +270,7 @@ async def capacity(workers: int, args: argparse.Namespace, slices: CpuSlices) ->
     watermark = args.watermark * slices.quota_us / PERIOD_US
     steps: list[dict[str, Any]] = []
     best = 0
-    async with node(workers, watermark, slices) as server:
+    async with node(workers, watermark, slices, args.uvloop) as server:
         load = Load(server.url, args.width, args.bitrate)
         probed: set[int] = set()
         try:
@@ -320,7 +320,7 @@ async def spanning(args: argparse.Namespace, slices: CpuSlices) -> dict[str, Any
     """CPU per forwarded packet: one room on 1 worker against the same room on 2."""
     out: dict[str, Any] = {}
     for case in ("one_worker", "two_workers"):
-        async with node(2, 0.6, slices) as server:
+        async with node(2, 0.6, slices, args.uvloop) as server:
             load = Load(server.url, args.width, args.bitrate)
             try:
                 pin(server, 0)
@@ -350,7 +350,12 @@ async def spanning(args: argparse.Namespace, slices: CpuSlices) -> dict[str, Any
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     rtc.set_ice_addresses(["127.0.0.1"])
-    report: dict[str, Any] = {"bench": "workers", "quota_us": args.quota, "period_us": PERIOD_US}
+    report: dict[str, Any] = {
+        "bench": "workers",
+        "quota_us": args.quota,
+        "period_us": PERIOD_US,
+        "uvloop": args.uvloop,
+    }
     parts = args.only or ["signaling", "capacity", "spanning"]
     if "signaling" in parts:
         report["signaling"] = await signaling(args.pings)
@@ -391,6 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--pings", type=int, default=300)
+    parser.add_argument(
+        "--uvloop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="workers on uvloop (default, as cascade node); --no-uvloop: asyncio's own loop, "
+        "whose higher cost per packet lets a worker saturate its slice before the generator",
+    )
     args = parser.parse_args(argv)
     report = asyncio.run(run(args))
     print(json.dumps(report))
