@@ -23,7 +23,8 @@ What we rely on, and why:
   ``create_datagram_endpoint`` leaks the socket it was binding when cancelled),
   and sockets it opens after the connection started closing are closed when it
   ends (``close()`` only closes the sockets gathered so far). Without this, a
-  participant leaving while the node gathers for its offer leaks UDP sockets.
+  participant leaving while the node gathers for its offer leaks UDP sockets. The
+  gathered sockets also get a larger receive buffer (:data:`ICE_RECEIVE_BUFFER`).
 - ``aioice.ice.StunProtocol.connection_lost``: closes our dup of the ICE socket
   (see :func:`_send_socket`) when the ICE socket closes, instead of whenever the
   garbage collector gets to the protocol.
@@ -173,8 +174,18 @@ def set_ice_addresses(addresses: list[str] | None, announce: str | None = None) 
         aioice.ice.get_host_addresses = _configured_host_addresses
 
 
+# Media sockets get a larger receive buffer (the kernel caps it at net.core.rmem_max): a
+# process briefly starved of CPU then queues a burst instead of dropping it.
+ICE_RECEIVE_BUFFER = 2 * 1024 * 1024
+
+
 async def _announcing_gather_candidates(self: aioice.ice.Connection) -> None:
     await _ORIGINAL_GATHER_CANDIDATES(self)
+    for protocol in self._protocols:
+        sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ICE_RECEIVE_BUFFER)
     announce = _ice_announce
     if announce is None:
         return

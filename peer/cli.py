@@ -48,6 +48,7 @@ BENCHMARKS = {
     "fanout": "Cascade vs Janus vs aiortc MediaRelay fan-out (root: network namespaces)",
     "relay": "QUIC relay between two nodes",
     "dht": "directory lookups and churn on a local DHT",
+    "failover": "drain (SIGTERM) and kill (SIGKILL) of node processes: media gaps",
 }
 NEEDS_ROOT = {"fanout"}
 EXTENSIONS_GROUP = "cascade.extensions"

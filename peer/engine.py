@@ -81,6 +81,7 @@ class Producer:
         *,
         producer_id: str | None = None,
         source: str | None = None,
+        created_at: float | None = None,
         cache_size: int = 1024,
         keyframe_request_delay: float = 0.5,
     ) -> None:
@@ -88,6 +89,9 @@ class Producer:
         # Stable name of the published track: kept when its publisher moves to another node
         # and republishes (the producer id changes, the source does not).
         self.source = source or self.id
+        # Wall-clock creation time at the origin node: of two producers of one source, the
+        # newer one is the current incarnation (relayed producers keep the origin's time).
+        self.created_at = created_at if created_at is not None else time.time()
         # Why it closed, as told to subscribers: "closed", "migrating" or "origin_lost".
         self.close_reason = "closed"
         self.router = router
@@ -105,6 +109,9 @@ class Producer:
         # Set by the transport adapter: sends PLI upstream to the publisher.
         self.send_keyframe_request: Callable[[], None] = lambda: None
         self._close_listeners: list[Callable[[Producer], None]] = []
+        self._closing_listeners: list[Callable[[Producer], None]] = []
+        # Called once media can be shown: the first keyframe (video) or packet (audio).
+        self._media_waiters: list[Callable[[Producer], None]] = []
         # Raw packet listeners (relay flows): called with each CachedPacket.
         self.packet_listeners: list[Callable[[CachedPacket], None]] = []
         # "local" (a publisher on this node) or "relay" (bridged from another node).
@@ -140,6 +147,10 @@ class Producer:
         if keyframe:
             stats.keyframes += 1
             self.last_keyframe_at = now
+        if self._media_waiters and (keyframe or not self.is_video):
+            waiters, self._media_waiters = self._media_waiters, []
+            for waiter in waiters:
+                waiter(self)
         if self.paused:
             return
         for listener in self.packet_listeners:
@@ -159,6 +170,24 @@ class Producer:
             self._timing_countdown = FORWARD_TIMING_EVERY
             self.router.node.timing("forward", time.time() - now)
 
+    @property
+    def has_media(self) -> bool:
+        """Whether a subscriber switched to it now would get media at once."""
+        return self.last_keyframe_at > 0 if self.is_video else self.stats.packets > 0
+
+    def when_media(self, callback: Callable[[Producer], None]) -> None:
+        """Call ``callback(self)`` once it has media (asking the publisher for a keyframe
+        until then); at once if it already has."""
+        if self.has_media:
+            callback(self)
+            return
+        self._media_waiters.append(callback)
+        self.request_keyframe()
+
+    def on_closing(self, listener: Callable[[Producer], None]) -> None:
+        """Call ``listener`` when ``close`` starts, while the consumers are still attached."""
+        self._closing_listeners.append(listener)
+
     def request_keyframe(self, now: float | None = None) -> None:
         """Ask the publisher for a keyframe, rate-limited."""
         if not self.is_video or self.closed:
@@ -175,7 +204,10 @@ class Producer:
         elif (
             self.is_video
             and now - self.keyframe_limiter.last_sent >= self.keyframe_limiter.interval
-            and any(c.waiting_keyframe and c.sink is not None for c in self.consumers)
+            and (
+                self._media_waiters
+                or any(c.waiting_keyframe and c.sink is not None for c in self.consumers)
+            )
         ):
             # A consumer that can receive still waits: the request, the keyframe or the
             # publisher's first packets were lost or late. Ask again, once per interval,
@@ -190,6 +222,10 @@ class Producer:
         if reason is not None:
             self.close_reason = reason
         self.closed = True
+        self._media_waiters.clear()
+        closing, self._closing_listeners = self._closing_listeners, []
+        for listener in closing:
+            listener(self)
         for consumer in list(self.consumers):
             consumer.close()
         for listener in self._close_listeners:
@@ -297,6 +333,23 @@ class Consumer:
         self._update_gate()
         return True
 
+    def switch_to(self, producer: Producer, now: float | None = None) -> None:
+        """Continue on ``producer``, another incarnation of the same track (its publisher
+        moved): same SSRC and continuous sequence numbers and timestamps for the subscriber,
+        video resuming at the new producer's next keyframe."""
+        if producer is self.producer or self.closed:
+            return
+        if self in self.producer.consumers:
+            self.producer.consumers.remove(self)
+        self.producer = producer
+        producer.consumers.append(self)
+        self.rewriter.rebase()
+        if producer.is_video:
+            self.waiting_keyframe = True
+            if self.sink is not None and not self.paused:
+                producer.request_keyframe(now)
+        self._update_gate()
+
     def handle_nack(self, lost: list[int]) -> None:
         """Answer a subscriber's NACK from the producer's cache (as RTX when negotiated)."""
         sink = self.sink
@@ -309,9 +362,12 @@ class Consumer:
         )
         missing: list[int] = []
         for out_seq in lost:
-            src = self.producer.cache.get(self.rewriter.source_seq(out_seq))
+            source_seq = self.rewriter.source_seq(out_seq)
+            if source_seq is None:
+                continue  # sent before a switch or pause: that source is gone
+            src = self.producer.cache.get(source_seq)
             if src is None:
-                missing.append(self.rewriter.source_seq(out_seq))
+                missing.append(source_seq)
                 continue
             seq, ts = self.rewriter.peek(src.seq, src.ts)
             if seq != out_seq:
@@ -394,6 +450,19 @@ class Consumer:
             "mid": self.params.mid,
             "paused": self.paused,
         }
+
+
+def same_codec(a: CodecInfo, b: CodecInfo) -> bool:
+    """Whether a consumer of ``a`` can carry ``b`` without renegotiating."""
+    if a.mime_type.lower() != b.mime_type.lower() or a.clock_rate != b.clock_rate:
+        return False
+    if a.name.upper() == "H264":
+        keys = ("packetization-mode", "profile-level-id")
+        return all(
+            str(a.parameters.get(k, "")).lower()[:4] == str(b.parameters.get(k, "")).lower()[:4]
+            for k in keys
+        )
+    return True
 
 
 class Router:

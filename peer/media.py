@@ -210,3 +210,75 @@ class ToneAudioTrack(_PacedTrack):
         packet.pts = (self._count - 1) * 960
         packet.time_base = AUDIO_TIME_BASE
         return packet
+
+
+class TrackTee:
+    """Feeds every frame (or packet) of one track to several branches: a publisher that
+    moves to another node sends the same media on both connections while it switches."""
+
+    def __init__(self, source: MediaStreamTrack) -> None:
+        self.source = source
+        self.kind = source.kind
+        self._branches: set[_TeeBranch] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def branch(self) -> MediaStreamTrack:
+        """A new track receiving every frame from now on."""
+        branch = _TeeBranch(self)
+        self._branches.add(branch)
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+        return branch
+
+    def request_keyframe(self) -> None:
+        """Pass a keyframe request on to the source, if it takes them."""
+        request = getattr(self.source, "request_keyframe", None)
+        if request is not None:
+            request()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                frame = await self.source.recv()
+            except MediaStreamError:
+                frame = None
+            for branch in list(self._branches):
+                branch.queue.put_nowait(frame)
+            if frame is None:
+                return
+
+    def _drop(self, branch: _TeeBranch) -> None:
+        self._branches.discard(branch)
+
+    def close(self) -> None:
+        """Stop reading the source (its branches end)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for branch in list(self._branches):
+            branch.queue.put_nowait(None)
+        self._branches.clear()
+
+
+class _TeeBranch(MediaStreamTrack):
+    def __init__(self, tee: TrackTee) -> None:
+        super().__init__()
+        self.kind = tee.kind
+        self._tee: TrackTee | None = tee
+        # Bounded by the sender reading it; a stalled branch is dropped when it stops.
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
+
+    async def recv(self) -> av.Packet:
+        if self.readyState != "live":
+            raise MediaStreamError
+        frame = await self.queue.get()
+        if frame is None:
+            self.stop()
+            raise MediaStreamError
+        return frame  # type: ignore[return-value]
+
+    def stop(self) -> None:
+        super().stop()
+        if self._tee is not None:
+            self._tee._drop(self)
+            self._tee = None

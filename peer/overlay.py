@@ -380,8 +380,13 @@ class Overlay:
         if hosted is None:
             return
         router = hosted.router
+        moving = {m.participant_id for m in hosted.members if getattr(m, "moving", False)}
         local = tuple(
-            sorted((p.id, p.kind) for p in router.producers.values() if p.origin == "local")
+            sorted(
+                (p.id, p.kind)
+                for p in router.producers.values()
+                if p.origin == "local" and p.participant_id not in moving
+            )
         )
         members = tuple((m.participant_id, (m.name or "")[:64]) for m in hosted.members)
         state = (len(hosted), local, members)
@@ -647,7 +652,11 @@ class Overlay:
             self._nodes[entry.node_id] = record
             for producer in entry.producers:
                 key = (room, producer.id)
-                if producer.id in router.producers or key in self._pulling:
+                if (
+                    producer.id in router.producers
+                    or key in self._pulling
+                    or producer.id in self.server.superseded
+                ):
                     continue
                 self._pulling.add(key)
                 task = asyncio.ensure_future(self._pull(room, record, producer.id))

@@ -41,6 +41,7 @@ class ProducerRelaySource:
             "sdp_fmtp": {k: v for k, v in codec.parameters.items() if v is not None},
             "participant_id": self.producer.participant_id,
             "source": self.producer.source,
+            "created_at": self.producer.created_at,
         }
 
     def _encode(self, packet: CachedPacket) -> bytes:
@@ -101,6 +102,7 @@ def bridge_remote_producer(
         codec,
         producer_id=remote.producer_id,
         source=str(params.get("source") or remote.producer_id),
+        created_at=_number(params.get("created_at")),
         cache_size=cache_size,
     )
     producer.origin = "relay"
@@ -119,3 +121,7 @@ def bridge_remote_producer(
     producer.on_close(lambda _p: remote.remove_packet_listener(on_rtp))
     router.add_producer(producer)
     return producer
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

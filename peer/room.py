@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from peer.engine import Node, Producer, Router
+from peer.engine import Node, Producer, Router, same_codec
 
 
 class Member(Protocol):
@@ -71,14 +71,22 @@ class Room:
             if member.participant_id != exclude:
                 member.post(message)
 
-    def announce_producer(self, producer: Producer) -> None:
+    def announce_producer(self, producer: Producer) -> bool:
         """Tell members about a new producer (local or relayed), auto-subscribe them, and
-        tell them again when it closes."""
+        tell them again when it closes.
+
+        A track republished after its publisher moved (same ``source``) replaces the older
+        incarnation, which closes as ``migrating``; an incoming producer older than the one
+        already here is closed at once and False returned.
+        """
         owner = producer.participant_id
         for other in list(self.router.producers.values()):
-            # The same track republished after its publisher moved: the new one replaces it.
-            if other is not producer and other.source == producer.source and not other.closed:
-                other.close("migrating")
+            if other is producer or other.source != producer.source or other.closed:
+                continue
+            if other.created_at > producer.created_at:
+                producer.close("migrating")
+                return False
+            self._replace(other, producer)
         for member in self.members:
             if member.participant_id != owner:
                 member.post({"type": "producer_added", "producer": producer.describe()})
@@ -91,6 +99,39 @@ class Room:
             )
 
         producer.on_close(removed)
+        return True
+
+    def _replace(self, old: Producer, new: Producer) -> None:
+        """``new`` is a republished ``old`` (same source, its publisher moved). Once ``new``
+        has media (or ``old`` ends first), ``old``'s consumers continue on ``new`` with the
+        same stream (``consumer_switched``), and ``old`` closes as ``migrating``."""
+        if not same_codec(old.codec, new.codec):
+            old.close("migrating")  # its subscribers get consumer_closed and a new consumer
+            return
+        done = False
+
+        def hand_over(_: Producer) -> None:
+            nonlocal done
+            if done or new.closed:
+                return
+            done = True
+            for consumer in list(old.consumers):
+                consumer.switch_to(new)
+                member = self._members.get(consumer.subscriber_id)
+                if member is not None:
+                    member.post(
+                        {
+                            "type": "consumer_switched",
+                            "consumer_id": consumer.id,
+                            "producer_id": new.id,
+                            "previous_producer_id": old.id,
+                            "source": new.source,
+                        }
+                    )
+            old.close("migrating")
+
+        old.on_closing(hand_over)
+        new.when_media(hand_over)
 
 
 class Rooms:

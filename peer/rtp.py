@@ -154,6 +154,7 @@ class SequenceRewriter:
     """
 
     __slots__ = (
+        "_first_out",
         "_need_rebase",
         "_seq_delta",
         "_ts_delta",
@@ -173,6 +174,7 @@ class SequenceRewriter:
         self._seq_delta = 0
         self._ts_delta = 0
         self._need_rebase = True
+        self._first_out = 0
 
     def rebase(self) -> None:
         """Make the next packet continue the output stream (after pause or switch)."""
@@ -190,6 +192,7 @@ class SequenceRewriter:
                 out_ts = self.last_ts
             self._seq_delta = (out_seq - seq) & 0xFFFF
             self._ts_delta = (out_ts - ts) & 0xFFFFFFFF
+            self._first_out = out_seq
             self.started = True
         out_seq = (seq + self._seq_delta) & 0xFFFF
         out_ts = (ts + self._ts_delta) & 0xFFFFFFFF
@@ -200,8 +203,15 @@ class SequenceRewriter:
             self.last_wall = now
         return out_seq, out_ts
 
-    def source_seq(self, out_seq: int) -> int:
-        """The source sequence number an output sequence number was mapped from."""
+    def source_seq(self, out_seq: int) -> int | None:
+        """The source sequence number an output sequence number was mapped from; None for
+        one sent before the last rebase (another source, or before a pause)."""
+        span = (self.last_seq - self._first_out) & 0xFFFF
+        if span >= 0x8000:  # long after the rebase: only recent packets can be asked for
+            self._first_out = (self.last_seq - 0x4000) & 0xFFFF
+            span = 0x4000
+        if ((out_seq - self._first_out) & 0xFFFF) > span:
+            return None
         return (out_seq - self._seq_delta) & 0xFFFF
 
     def peek(self, seq: int, ts: int) -> tuple[int, int]:

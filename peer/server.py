@@ -117,6 +117,8 @@ class NodeServer:
         self.identity = config.identity or Ed25519PrivateKey.generate()
         self.relay: RelayEndpoint | None = None
         self._relay_sources: dict[str, ProducerRelaySource] = {}
+        # Relayed producers found older than a republished track of the same source.
+        self.superseded: set[str] = set()
         self.relay_authorizer: Callable[[bytes], bool] = lambda key: key in config.relay_peers
         # (peer key, room) -> may that peer pull the room's producers (the overlay sets it).
         self.relay_room_policy: Callable[[bytes, str], bool] = lambda key, room: True
@@ -196,8 +198,10 @@ class NodeServer:
             return existing
         producer = bridge_remote_producer(router, remote)
         hosted = self.rooms.get(room)
-        if hosted is not None:
-            hosted.announce_producer(producer)
+        if hosted is not None and not hosted.announce_producer(producer):
+            # an older incarnation of a track already republished here: never pull it again
+            self.superseded.add(producer_id)
+            return producer
 
         def state_changed(state: str) -> None:
             # A relay link that dies or comes back is reported to the room's subscribers.

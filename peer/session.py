@@ -118,6 +118,8 @@ class ParticipantSession:
         """Queue a message to this participant; messages leave in posting order."""
         if self._closed:
             return
+        if self.resumes is not None and self._about_former_self(message):
+            return
         self._outbox.put_nowait(message)
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._write())
@@ -253,7 +255,11 @@ class ParticipantSession:
                 "identity": self.grant.identity,
                 "can_publish": self.grant.can_publish,
                 "can_subscribe": self.grant.can_subscribe,
-                "participants": [s.describe() for s in others] + remote,
+                "participants": [
+                    p
+                    for p in [s.describe() for s in others] + remote
+                    if p.get("participant_id") != self.resumes
+                ],
                 "producers": [
                     p.describe() for p in router.producers.values() if not self._is_mine(p)
                 ]
@@ -277,6 +283,15 @@ class ParticipantSession:
             described["resumes"] = self.resumes
         return described
 
+    def _about_former_self(self, message: dict[str, object]) -> bool:
+        """A join or leave of this participant's own incarnation before it moved."""
+        if message.get("type") == "participant_left":
+            return message.get("participant_id") == self.resumes
+        if message.get("type") == "participant_joined":
+            joined = message.get("participant")
+            return isinstance(joined, dict) and joined.get("participant_id") == self.resumes
+        return False
+
     def _is_mine(self, producer: Producer) -> bool:
         """A producer of this participant, here or from before it moved."""
         return (
@@ -288,6 +303,8 @@ class ParticipantSession:
         """Tell the participant to move to ``target`` (``url``, ``node_id``, ``region``)."""
         self.moving = True
         self.post({"type": "migrate", "reason": reason, **target})
+        if self.room is not None:  # stop listing its producers in the directory now
+            self.server.rooms.changed(self.room.name)
 
     async def close(self) -> None:
         """Leave the room: close producers, consumers and peer connections."""
@@ -423,6 +440,11 @@ class ParticipantSession:
             return
         if self._is_mine(producer) or self._closed:
             return
+        if any(
+            sub.consumer.producer is producer or sub.consumer.producer.source == producer.source
+            for sub in self.subscriptions.values()
+        ):
+            return  # already consumed, or about to be (a consumer switches over to it)
         try:
             self._subscribe(producer.id, paused=False)
         except SfuError as exc:

@@ -43,6 +43,10 @@ FRAMES_BY_NAME = """async () => {
   return out;
 }"""
 
+# Tags every video tile, then lists the tags: a tile kept across a move keeps its tag.
+TAG_TILES = """() => [...document.querySelectorAll('figure[data-kind=video]')].map((f) => {
+  f.dataset.tag ??= Math.random().toString(36).slice(2); return f.dataset.tag; })"""
+
 CAPTIONS = """() => [...document.querySelectorAll('figure[data-kind=video] figcaption')]
   .map((c) => c.textContent)"""
 
@@ -152,6 +156,7 @@ async def run(
     rejoin: bool,
     screenshot: str | None,
     region_hint: str | None = None,
+    drain: bool = False,
 ) -> dict:
     servers: list[NodeServer] = []
     overlays: list[Overlay] = []
@@ -181,6 +186,25 @@ async def run(
             result["captions"] = {n: await p.evaluate(CAPTIONS) for n, p in pages.items()}
             if screenshot:
                 await pages[f"page{pages_n}"].screenshot(path=screenshot)
+            if drain:
+                # The last node drains: its pages move to another node and keep their tiles.
+                tags = {n: await p.evaluate(TAG_TILES) for n, p in pages.items()}
+                drained = servers[-1]
+                moving = [n for i, n in enumerate(pages) if i % len(servers) == len(servers) - 1]
+                drained.start_drain()
+                await asyncio.wait_for(drained.drained.wait(), 60)
+                result["drain"] = drained.drain_status()
+                result["frames_after_drain"] = await wait_all_decode(pages, expect, 30)
+                result["missing_after_drain"] = missing(result["frames_after_drain"], expect)
+                result["live_after_drain"] = await live_streams(pages, 25, pages_n - 1)
+                after = {n: await p.evaluate(TAG_TILES) for n, p in pages.items()}
+                result["tiles_kept"] = {n: set(tags[n]) <= set(after[n]) for n in pages}
+                result["tile_counts"] = {n: [len(tags[n]), len(after[n])] for n in pages}
+                result["moves"] = {
+                    n: await pages[n].evaluate("window.cascade.moves") for n in moving
+                }
+                if screenshot:
+                    await pages[moving[0]].screenshot(path=screenshot)
             if rejoin:
                 first = pages["page1"]
                 await leave_page(first)
@@ -215,9 +239,18 @@ def main() -> int:
     parser.add_argument("--rejoin", action="store_true")
     parser.add_argument("--screenshot")
     parser.add_argument("--region-hint", help="region every page asks for (nodes are r0, r1, ...)")
+    parser.add_argument("--drain", action="store_true", help="drain the last node, then check")
     args = parser.parse_args()
     result = asyncio.run(
-        run(args.pages, args.gap, args.nodes, args.rejoin, args.screenshot, args.region_hint)
+        run(
+            args.pages,
+            args.gap,
+            args.nodes,
+            args.rejoin,
+            args.screenshot,
+            args.region_hint,
+            args.drain,
+        )
     )
     print(json.dumps(result))
     return 0

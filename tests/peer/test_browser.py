@@ -127,3 +127,22 @@ def test_page_on_one_node_is_redirected_to_the_rooms_node_and_decodes(tmp_path):
         "page2": "http://127.0.0.1:8080",
     }, result
     assert result["missing"] == [], result
+
+
+def test_pages_on_a_drained_node_move_and_keep_their_tiles(tmp_path):
+    shot = tmp_path / "after-drain.png"
+    result = run_in_namespace(
+        "tests.peer.browser_pages",
+        "--pages", "3", "--gap", "0.5", "--nodes", "2", "--drain", "--screenshot", str(shot),
+        timeout=300,
+    )  # fmt: skip
+    assert result["missing"] == [], result
+    assert result["drain"]["participants"] == 0 and result["drain"]["disconnected"] == 0
+    assert result["moves"] == {"page2": [result["moves"]["page2"][0]]}, result
+    assert result["moves"]["page2"][0]["reason"] == "migrate"
+    # Every page still decodes both others, in the tiles it had before.
+    assert result["missing_after_drain"] == [], result
+    assert set(result["live_after_drain"].values()) == {2}, result
+    assert all(result["tiles_kept"].values()), result
+    assert all(a == b for a, b in result["tile_counts"].values()), result
+    assert shot.exists()

@@ -242,3 +242,52 @@ def test_request_inside_the_throttle_window_is_held_not_lost():
     assert asked == [0.0]
     _run(producer, 0.3, 0.65)
     assert asked == [0.0, 0.5]  # b's request, held until the window ended
+
+
+def test_a_switched_consumer_continues_one_stream_and_never_repairs_with_the_new_source():
+    node = Node()
+    router = node.router("r")
+    codec = CodecInfo("video/VP8", 90000)
+    old = router.add_producer(Producer(router, "p", "video", codec, source="alice/cam"))
+    sent: list[bytes] = []
+    consumer = router.create_consumer(old.id, "s")
+    consumer.attach(OutboundParams(ssrc=42, payload_type=97), sent.append)
+    old.receive(500, 1000, 1, vp8_payload(True), now=1.0)
+    old.receive(501, 4000, 1, vp8_payload(False), now=1.033)
+    before = [RtpPacket.parse(p) for p in sent]
+    new = router.add_producer(Producer(router, "p2", "video", codec, source="alice/cam"))
+    asked: list[int] = []
+    new.send_keyframe_request = lambda: asked.append(1)
+    consumer.switch_to(new)
+    assert consumer.producer is new and consumer in new.consumers and not old.consumers
+    assert asked  # the new incarnation is asked for a keyframe at once
+    new.receive(9000, 77, 1, vp8_payload(False), now=1.066)
+    assert len(sent) == 2  # waits for the new source's keyframe
+    new.receive(9001, 3077, 1, vp8_payload(True), now=1.1)
+    new.receive(500, 6077, 1, vp8_payload(False), now=1.133)  # same source seq as an old one
+    after = [RtpPacket.parse(p) for p in sent[2:]]
+    assert [p.ssrc for p in after] == [42, 42]
+    assert after[0].sequence_number == (before[-1].sequence_number + 1) & 0xFFFF
+    assert after[0].timestamp > before[-1].timestamp
+    count = len(sent)
+    consumer.handle_nack([before[0].sequence_number])  # a packet of the old source
+    assert len(sent) == count
+    consumer.handle_nack([after[0].sequence_number])
+    assert RtpPacket.parse(sent[-1]).payload == after[0].payload
+
+
+def test_nacks_long_after_a_rebase_are_still_answered():
+    node = Node()
+    router = node.router("r")
+    producer = router.add_producer(
+        Producer(router, "p", "audio", CodecInfo("audio/opus", 48000, 2))
+    )
+    sent: list[bytes] = []
+    consumer = router.create_consumer(producer.id, "s")
+    consumer.attach(OutboundParams(ssrc=7, payload_type=111), sent.append)
+    for i in range(70_000):
+        producer.receive(i & 0xFFFF, i * 960, 1, b"\x01\x02", now=i * 0.02)
+    last = RtpPacket.parse(sent[-1]).sequence_number
+    count = len(sent)
+    consumer.handle_nack([(last - 5) & 0xFFFF])
+    assert len(sent) == count + 1
