@@ -352,8 +352,13 @@ class CascadeClient:
             self._publish_pc = RTCPeerConnection(rtc.rtc_configuration())
             self._watch(self._publish_pc)
         pc = self._publish_pc
+        sent_for: dict[int, MediaStreamTrack] = {}
         for track in tracks:
-            transceiver = pc.addTransceiver(track, direction="sendonly")
+            # Senders get a branch of the track: aiortc stops a sender's track when its
+            # connection dies, and the application's track must outlive a failover.
+            sent = self._tee(track).branch() if self.reconnect else track
+            sent_for[id(sent)] = track
+            transceiver = pc.addTransceiver(sent, direction="sendonly")
             if video_codec is not None and track.kind == "video":
                 transceiver.setCodecPreferences(
                     [
@@ -372,10 +377,10 @@ class CascadeClient:
         self.producers.extend(reply["producers"])
         by_mid = {str(p.get("mid")): p for p in reply["producers"]}
         for transceiver in pc.getTransceivers():
-            sent = transceiver.sender.track
-            if sent in tracks and str(transceiver.mid) in by_mid:
+            original = sent_for.get(id(transceiver.sender.track))
+            if original is not None and str(transceiver.mid) in by_mid:
                 source = str(by_mid[str(transceiver.mid)].get("source", ""))
-                self._published.append((sent, video_codec, source))
+                self._published.append((original, video_codec, source))
         return list(reply["producers"])
 
     async def subscribe(self, producer_id: str, paused: bool = False) -> str:
@@ -583,8 +588,9 @@ class CascadeClient:
     def _watch(self, pc: RTCPeerConnection) -> None:
         @pc.on("connectionstatechange")
         def on_state() -> None:
-            if pc.connectionState == "failed" and pc in (self._publish_pc, self._subscribe_pc):
-                self._connection_lost("media connection failed")
+            lost = pc.connectionState in ("failed", "closed")
+            if lost and pc in (self._publish_pc, self._subscribe_pc) and not self._closing:
+                self._connection_lost(f"media connection {pc.connectionState}")
 
     async def _move(self, url: str, reason: str) -> None:
         """Rejoin elsewhere with the same token: at ``url`` (``migrate``), else on the

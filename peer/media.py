@@ -243,7 +243,7 @@ class TrackTee:
             except MediaStreamError:
                 frame = None
             for branch in list(self._branches):
-                branch.queue.put_nowait(frame)
+                branch.put(frame)
             if frame is None:
                 return
 
@@ -261,12 +261,23 @@ class TrackTee:
 
 
 class _TeeBranch(MediaStreamTrack):
+    # Frames a branch holds for a sender that does not read yet (its transport is still
+    # connecting): past this, the backlog is dropped and video restarts at a keyframe.
+    BACKLOG = 30
+
     def __init__(self, tee: TrackTee) -> None:
         super().__init__()
         self.kind = tee.kind
         self._tee: TrackTee | None = tee
-        # Bounded by the sender reading it; a stalled branch is dropped when it stops.
         self.queue: asyncio.Queue[object] = asyncio.Queue()
+
+    def put(self, frame: object) -> None:
+        if frame is not None and self.queue.qsize() >= self.BACKLOG:
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            if self.kind == "video" and self._tee is not None:
+                self._tee.request_keyframe()
+        self.queue.put_nowait(frame)
 
     async def recv(self) -> av.Packet:
         if self.readyState != "live":

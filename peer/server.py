@@ -205,6 +205,9 @@ class NodeServer:
 
         def state_changed(state: str) -> None:
             # A relay link that dies or comes back is reported to the room's subscribers.
+            # Closed while interrupted (its node died or restarted without it), the producer
+            # is lost rather than ended: subscribers keep its tracks for a republished one.
+            producer.close_reason = "origin_lost" if state == "interrupted" else "closed"
             if state in ("live", "interrupted"):
                 current = self.rooms.get(room)
                 if current is not None:
@@ -520,7 +523,11 @@ class NodeServer:
 
     def open_session(self, send: SendFn, ws: web.WebSocketResponse) -> Any:
         """The session behind one signaling connection (a worker-process node forwards it)."""
-        return ParticipantSession(self, send)
+
+        async def disconnect() -> None:
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"media connection failed")
+
+        return ParticipantSession(self, send, disconnect)
 
     def _close_stalled_messages(self, now: float) -> None:
         timeout = self.limits.ws_message_timeout

@@ -85,9 +85,17 @@ class _Negotiation:
 class ParticipantSession:
     """Signaling state of one connected participant."""
 
-    def __init__(self, server: SessionHost, send: SendFn) -> None:
+    def __init__(
+        self,
+        server: SessionHost,
+        send: SendFn,
+        disconnect: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.server = server
         self._send = send
+        # Closes the signaling socket: a session that ends on its own (media failed) tells
+        # its client so, which then rejoins.
+        self._disconnect = disconnect
         self.participant_id = f"pa-{uuid.uuid4().hex[:12]}"
         self.name: str | None = None
         self.grant: Grant | None = None
@@ -603,6 +611,9 @@ class ParticipantSession:
             if pc.connectionState == "failed":
                 log.info("%s %s connection failed", self.participant_id, role)
                 await self.close()
+                if self._disconnect is not None:
+                    with contextlib.suppress(Exception):
+                        await self._disconnect()
 
     def stats(self) -> dict[str, object]:
         """This participant's producer and consumer stats."""

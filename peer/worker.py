@@ -101,7 +101,12 @@ class Worker:
         async def send(message: dict[str, object]) -> None:
             channel.send(ToClient(conn, encode(message).encode()))
 
-        self.sessions[conn] = ParticipantSession(self.server, send)
+        async def disconnect() -> None:
+            # The media connection failed: the supervisor closes the client's socket, so the
+            # client rejoins.
+            await self._end(conn)
+
+        self.sessions[conn] = ParticipantSession(self.server, send, disconnect)
 
     async def _client_data(self, conn: int, data: bytes) -> None:
         session = self.sessions.get(conn)

@@ -2,7 +2,8 @@
 and restarted every 15 s. Afterwards every participant receives every publisher of its
 room, nobody is left on a dead node, no node lists a dead one, and nothing leaked.
 
-``CASCADE_CHAOS_SECONDS`` sets how long the killing goes on (default 120)."""
+``CASCADE_CHAOS_SECONDS`` sets how long the killing goes on (default 120), and
+``CASCADE_CHAOS_SEED`` which nodes die (default 7)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,44 @@ def diagnose(members: list[Member]) -> str:
         moves = [(mv["reason"], mv["to"][-5:], mv["attempts"]) for mv in c.moves]
         kinds = [e["type"] for e in c.events[-8:]]
         lines.append(f"{m.name} @{c.url[-5:]} moves={moves} tracks=[{tracks}] last={kinds}")
+    dump = os.environ.get("CASCADE_CHAOS_DUMP")
+    if dump:
+        import json
+
+        with open(dump, "w") as f:
+            for m in members:
+                f.write(json.dumps({"name": m.name, "moves": m.client.moves}) + "\n")
+                for e in m.client.events:
+                    if e.get("type") != "offer":
+                        f.write("  " + json.dumps(e)[:300] + "\n")
+                    else:
+                        f.write("  offer " + json.dumps(e.get("consumers"))[:600] + "\n")
+    return "\n".join(lines)
+
+
+async def node_view(cluster: Cluster, members: list[Member], missing: list[str]) -> str:
+    """What the viewers' nodes hold for the pairs that do not receive."""
+    by_url = {n.url: n for n in cluster.nodes}
+    by_name = {m.name: m for m in members}
+    lines = []
+    for pair in missing:
+        viewer, publisher = (by_name[n] for n in pair.split("<-"))
+        node = by_url.get(viewer.client.url)
+        if node is None:
+            lines.append(f"{pair}: viewer on unknown node {viewer.client.url}")
+            continue
+        stats = await node.get("/stats")
+        overlay = await node.get("/overlay")
+        mine = stats["rooms"].get(viewer.room, {}).get(viewer.client.participant_id, {})
+        consumers = {
+            c["producer_id"]: (c["kind"], c["packets"]) for c in mine.get("consumers", {}).values()
+        }
+        wanted = [p["producer_id"] for p in publisher.client.producers]
+        lines.append(
+            f"{pair}: viewer on {node.name}, publisher on {publisher.client.url[-5:]} with "
+            f"{wanted}; viewer consumes {consumers}; relayed here "
+            f"{overlay['relayed_producers'].get(viewer.room)}"
+        )
     return "\n".join(lines)
 
 
@@ -90,7 +129,7 @@ async def process_counts(node: ClusterNode) -> dict[str, int]:
 
 @pytest.mark.timeout(CHAOS_SECONDS + 400)
 async def test_random_kills_and_restarts_leave_every_call_whole():
-    rng = random.Random(7)
+    rng = random.Random(int(os.environ.get("CASCADE_CHAOS_SEED", "7")))
     cluster = Cluster()
     sites = (("eu-1", "eu", (48.86, 2.35)), ("eu-2", "eu", (50.11, 8.68)),
              ("us-1", "us", (38.9, -77.0)), ("ap-1", "ap", (1.35, 103.8)))  # fmt: skip
@@ -124,7 +163,10 @@ async def test_random_kills_and_restarts_leave_every_call_whole():
         async def all_receive() -> bool:
             return not await everyone_receives_everyone(members)
 
-        assert await until(all_receive, 60), await everyone_receives_everyone(members)
+        if not await until(all_receive, 60):
+            missing = await everyone_receives_everyone(members)
+            detail = await node_view(cluster, members, missing)
+            pytest.fail(f"before any kill, not receiving: {missing}\n{detail}")
 
         kills: list[str] = []
         started = time.monotonic()
@@ -145,7 +187,10 @@ async def test_random_kills_and_restarts_leave_every_call_whole():
             return not missing
 
         if not await until(converged, 60):
-            pytest.fail(f"after kills {kills}, not receiving: {missing}\n{diagnose(members)}")
+            detail = await node_view(cluster, members, missing)
+            pytest.fail(
+                f"after kills {kills}, not receiving: {missing}\n{diagnose(members)}\n{detail}"
+            )
 
         # Nobody is left on a dead node: each participant is known to the node it talks to.
         by_url = {n.url: n for n in cluster.nodes}
