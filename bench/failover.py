@@ -121,6 +121,12 @@ async def drain_run() -> dict[str, Any]:
         frames = {id(t): t.frames_decoded for t in tracks}
         await until(lambda: all(t.frames_decoded > frames[id(t)] + FPS for t in tracks), 20)
         gaps = new_gaps(tracks, gaps_before)
+        ended = [
+            f"{n}<-{t.source.split('/')[0]}"
+            for cl, n in zip(clients, names, strict=True)
+            for t in cl.tracks.values()
+            if t.kind == "video" and t.ended and id(t) in gaps_before
+        ]
         return {
             "decoding_before": ok,
             "exited": exited,
@@ -129,6 +135,7 @@ async def drain_run() -> dict[str, Any]:
             "gaps": gaps,
             "tracks": len(tracks),
             "ended": sum(t.ended for t in tracks),
+            "ended_tracks": ended,
             "decode_errors": sum(t.stats()["decode_errors"] for t in tracks),
         }
     finally:

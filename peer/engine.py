@@ -105,6 +105,8 @@ class Producer:
         self.closed = False
         self.paused = False
         self.last_keyframe_at = 0.0
+        # The last packet received: whether its frame was complete when forwarding stopped.
+        self.last_packet: CachedPacket | None = None
         self.keyframe_limiter = KeyframeLimiter(keyframe_request_delay)
         # Set by the transport adapter: sends PLI upstream to the publisher.
         self.send_keyframe_request: Callable[[], None] = lambda: None
@@ -141,6 +143,7 @@ class Producer:
         keyframe = self.is_video and is_keyframe_start(self.codec.name, payload)
         packet = CachedPacket(seq, ts, marker, payload, keyframe, audio_level)
         self.cache.put(packet)
+        self.last_packet = packet
         stats = self.stats
         stats.packets += 1
         stats.bytes += len(payload)
@@ -341,6 +344,7 @@ class Consumer:
             return
         if self in self.producer.consumers:
             self.producer.consumers.remove(self)
+        self._end_frame(self.producer)
         self.producer = producer
         producer.consumers.append(self)
         self.rewriter.rebase()
@@ -410,9 +414,18 @@ class Consumer:
             self.stats.bytes & 0xFFFFFFFF,
         )
 
+    def _end_frame(self, producer: Producer) -> None:
+        """Forwarding of ``producer`` stops here: if its last packet was inside a frame, skip
+        one output sequence number, so the subscriber sees that frame as incomplete (and
+        drops it) instead of decoding half a frame joined to what comes next."""
+        last = producer.last_packet
+        if last is not None and not last.marker and self.rewriter.started:
+            self.rewriter.skip()
+
     def pause(self) -> None:
         """Stop forwarding; sequence numbers stay continuous on resume."""
         self.paused = True
+        self._end_frame(self.producer)
         self._update_gate()
 
     def resume(self) -> None:

@@ -380,12 +380,12 @@ class Overlay:
         if hosted is None:
             return
         router = hosted.router
-        moving = {m.participant_id for m in hosted.members if getattr(m, "moving", False)}
+        staying = {m.participant_id for m in hosted.members if not getattr(m, "moving", False)}
         local = tuple(
             sorted(
                 (p.id, p.kind)
                 for p in router.producers.values()
-                if p.origin == "local" and p.participant_id not in moving
+                if p.origin == "local" and p.participant_id in staying
             )
         )
         members = tuple((m.participant_id, (m.name or "")[:64]) for m in hosted.members)

@@ -128,6 +128,9 @@ class Room:
                             "source": new.source,
                         }
                     )
+            owner = self._members.get(old.participant_id)
+            if old.origin == "local" and (owner is None or getattr(owner, "moving", False)):
+                return  # it lingers until its own timer: other nodes may still relay it
             old.close("migrating")
 
         old.on_closing(hand_over)
@@ -190,5 +193,21 @@ class Rooms:
         )
         if not room._members:
             del self._rooms[name]
-            self.node.close_router(name)
+            self._close_router_when_idle(name, room.router)
         self.changed(name)
+
+    def _close_router_when_idle(self, name: str, router: Router) -> None:
+        """Close an empty room's router, once no local producer lingers in it (producers of
+        participants that moved to another node stay a few seconds)."""
+        lingering = [p for p in router.producers.values() if p.origin == "local" and not p.closed]
+        if not lingering:
+            if self.node.routers.get(name) is router:
+                self.node.close_router(name)
+            return
+
+        def closed(_: Producer) -> None:
+            if name not in self._rooms and all(p.closed for p in lingering):
+                self._close_router_when_idle(name, router)
+
+        for producer in lingering:
+            producer.on_close(closed)

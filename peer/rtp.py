@@ -180,6 +180,11 @@ class SequenceRewriter:
         """Make the next packet continue the output stream (after pause or switch)."""
         self._need_rebase = True
 
+    def skip(self) -> None:
+        """Leave one sequence number out of the output (a frame that will never complete)."""
+        self.last_seq = (self.last_seq + 1) & 0xFFFF
+        self._need_rebase = True
+
     def map(self, seq: int, ts: int, now: float) -> tuple[int, int]:
         """Output (seq, ts) for a source packet, updating the continuity state."""
         if self._need_rebase:

@@ -26,7 +26,7 @@ from peer.limits import ConnectionCounts, EdgeCounters, EdgeLimits, TokenBuckets
 from peer.placement import Placement
 from peer.relay_bridge import ProducerRelaySource, bridge_remote_producer
 from peer.room import Rooms
-from peer.session import ParticipantSession, SendFn
+from peer.session import MIGRATED_LINGER, ParticipantSession, SendFn
 from peer.signaling import Join, ProtocolError, decode_client_message, encode, error_message
 from peer.stats import AdmissionPolicy
 from peer.tokens import TokenError, TokenVerifier, issue_token
@@ -367,11 +367,24 @@ class NodeServer:
                     await member.close()
                 if step.finished:
                     log.info("drain %s", "timed out" if step.timed_out else "complete")
+                    if not step.timed_out:
+                        await self._wait_lingering_producers()
                     break
                 wake = plan.deadline(sessions)
                 await asyncio.sleep(min(0.1, max(0.01, wake - time.monotonic())))
         finally:
             self.drained.set()
+
+    async def _wait_lingering_producers(self) -> None:
+        """Producers of participants that moved stay a few seconds so that other nodes switch
+        to the republished tracks: a drained node exits after them."""
+        deadline = time.monotonic() + MIGRATED_LINGER + 1.0
+        while time.monotonic() < deadline and any(
+            p.origin == "local" and not p.closed
+            for router in self.node.routers.values()
+            for p in router.producers.values()
+        ):
+            await asyncio.sleep(0.1)
 
     async def _migrate(self, room: str, member: object) -> None:
         session = member if isinstance(member, ParticipantSession) else None

@@ -41,6 +41,8 @@ from peer.tokens import Grant, TokenError, TokenVerifier
 log = logging.getLogger("cascade.session")
 
 MAX_REDIRECTS = 2
+# Seconds the producers of a participant that moved to another node stay after it left.
+MIGRATED_LINGER = 5.0
 SendFn = Callable[[dict[str, object]], Awaitable[None]]
 
 
@@ -319,7 +321,13 @@ class ParticipantSession:
         if self._closed:
             return
         for producer in list(self.producers.values()):
-            producer.close("migrating" if self.moving else None)
+            if self.moving:
+                # Kept (without media) a while after a move: relays on other nodes switch
+                # their consumers to the republished track instead of seeing it end.
+                producer.close_reason = "migrating"
+                asyncio.get_running_loop().call_later(MIGRATED_LINGER, producer.close)
+            else:
+                producer.close()
         for sub in list(self.subscriptions.values()):
             sub.consumer.close()
         await self.flush()

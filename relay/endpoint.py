@@ -29,6 +29,7 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.quic.recovery import QuicPacketPacer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import auth
@@ -60,6 +61,41 @@ _DatagramReceived = events.DatagramFrameReceived
 _StreamDataReceived = events.StreamDataReceived
 
 
+#: Packets a relay connection may send back to back before pacing spaces them.
+PACING_BURST = 16
+
+
+class BurstPacer(QuicPacketPacer):
+    """aioquic's pacer, allowing bursts of :data:`PACING_BURST` packets.
+
+    aioquic 1.7 allows a burst of a quarter of the congestion window (2 to 16 packets),
+    expressed in time at the pacing rate (window / RTT), with each packet's time floored
+    at 1 µs. Media arrives in frame-sized bursts (10-20 packets every few ms). With a
+    small window (start, after a loss) a burst is cut into packets that each wait for a
+    pacing timer; with a large one — an app-limited flow never loses, so its window grows
+    in slow start forever — the allowance on a sub-millisecond link falls below one
+    floored packet time and *every* packet waits for its own timer: one event-loop
+    iteration and one transmit per packet. The congestion window still bounds what is in
+    flight; only the spacing inside a burst is given up.
+    """
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        """aioquic's rate, with a burst allowance of at least :data:`PACING_BURST` packets."""
+        super().update_rate(congestion_window, smoothed_rtt)
+        if self.packet_time is not None:
+            self.bucket_max = max(self.bucket_max, PACING_BURST * self.packet_time)
+
+
+def _use_burst_pacer(quic: QuicConnection) -> None:
+    # aioquic keeps its pacer in QuicConnection._loss._pacer (1.7); if that moves, the
+    # stock pacer stays (correct, only slower)
+    loss = getattr(quic, "_loss", None)
+    pacer = getattr(loss, "_pacer", None)
+    if isinstance(pacer, QuicPacketPacer) and not isinstance(pacer, BurstPacer):
+        replacement = BurstPacer(max_datagram_size=pacer._max_datagram_size)
+        loss._pacer = replacement  # type: ignore[union-attr]
+
+
 class QuicRelayProtocol(QuicConnectionProtocol):
     """Carries one :class:`RelayConnection` over one aioquic connection.
 
@@ -74,6 +110,7 @@ class QuicRelayProtocol(QuicConnectionProtocol):
         self, quic: QuicConnection, core: RelayConnection, is_client: bool, **kw: Any
     ) -> None:
         super().__init__(quic, **kw)
+        _use_burst_pacer(quic)
         self.core = core
         self.is_client = is_client
         self.ctrl_id: int | None = None
@@ -99,11 +136,16 @@ class QuicRelayProtocol(QuicConnectionProtocol):
         """
         self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
         self._process_events()
-        if self.core.authed:
+        core = self.core
+        if not core.authed:
+            self._service()
+        elif self._quic_queue or core.control_out or core.datagrams_out:
             if self._soon is None:
                 self._soon = self._loop.call_soon(self._service)
         else:
-            self._service()
+            # nothing of ours to send: what QUIC owes the peer (the ACK, delayed by
+            # up to 1 ms anyway) goes out when its timer fires
+            self._arm_quic_timer()
 
     def _process_events(self) -> None:
         # Replaces aioquic's dispatch so that DATAGRAM frames (the hot path) go straight
@@ -220,7 +262,10 @@ class QuicRelayProtocol(QuicConnectionProtocol):
             sendto = transport.sendto
             for data, addr in quic.datagrams_to_send(now=self._loop.time()):
                 sendto(data, addr)
-        timer_at = quic.get_timer()
+        self._arm_quic_timer()
+
+    def _arm_quic_timer(self) -> None:
+        timer_at = self._quic.get_timer()
         if self._timer is not None:
             armed = self._timer_at
             if timer_at is not None and armed is not None and armed <= timer_at:

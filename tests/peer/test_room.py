@@ -65,6 +65,7 @@ def test_leave_tells_the_others_and_closes_an_empty_room() -> None:
     producer = room.router.add_producer(
         Producer(room.router, "a", "video", CodecInfo("video/VP8", 90000))
     )
+    producer.close()  # a leaving session closes its producers first
     rooms.leave("r", a)
     assert b.inbox[-1] == {"type": "participant_left", "participant_id": "a", "reason": "left"}
     assert rooms.get("r") is room and "r" in node.routers
@@ -72,6 +73,19 @@ def test_leave_tells_the_others_and_closes_an_empty_room() -> None:
     assert rooms.get("r") is None and "r" not in node.routers
     assert producer.closed
     assert node.totals()["participants"] == 0
+
+
+def test_an_empty_room_keeps_its_router_while_a_moved_participants_producer_lingers() -> None:
+    node = Node()
+    rooms = Rooms(node)
+    a = Participant("a")
+    room, _ = rooms.join("r", a)
+    codec = CodecInfo("video/VP8", 90000)
+    lingering = room.router.add_producer(Producer(room.router, "a", "video", codec))
+    rooms.leave("r", a, "migrated")
+    assert rooms.get("r") is None and node.routers["r"] is room.router
+    lingering.close("migrating")
+    assert "r" not in node.routers
 
 
 def test_leave_of_a_stranger_changes_nothing() -> None:

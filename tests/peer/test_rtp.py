@@ -291,3 +291,20 @@ def test_nacks_long_after_a_rebase_are_still_answered():
     count = len(sent)
     consumer.handle_nack([(last - 5) & 0xFFFF])
     assert len(sent) == count + 1
+
+
+def test_a_switch_inside_a_frame_leaves_a_hole_so_the_half_frame_is_dropped():
+    node = Node()
+    router = node.router("r")
+    codec = CodecInfo("video/VP8", 90000)
+    old = router.add_producer(Producer(router, "p", "video", codec, source="a/cam"))
+    sent: list[bytes] = []
+    consumer = router.create_consumer(old.id, "s")
+    consumer.attach(OutboundParams(ssrc=5, payload_type=97), sent.append)
+    old.receive(10, 1000, 1, vp8_payload(True), now=1.0)
+    old.receive(11, 4000, 0, vp8_payload(False), now=1.03)  # first half of a frame
+    new = router.add_producer(Producer(router, "p2", "video", codec, source="a/cam"))
+    consumer.switch_to(new)
+    new.receive(700, 50, 1, vp8_payload(True), now=1.1)
+    seqs = [RtpPacket.parse(p).sequence_number for p in sent]
+    assert seqs[2] == (seqs[1] + 2) & 0xFFFF
