@@ -8,6 +8,7 @@ subscriber fps and decode errors, for Cascade at each N, and in the same run for
 
     python -m bench.fanout                     # N = 10, 50, 100 (+ Janus, MediaRelay)
     python -m bench.fanout --sizes 10 --duration 5 --no-janus
+    python -m bench.fanout --ingress-baseline  # + Cascade on aiortc's receive path (before)
 
 Prints a table, then one JSON object as the last line. Diagnostics: CASCADE_BENCH_PROFILE=PREFIX
 records a py-spy profile of the Cascade node per N (py-spy must be installed);
@@ -58,6 +59,7 @@ class CaseResult:
     subscribers: int
     cpu_us_per_packet: float = 0.0
     server_cpu_percent: float = 0.0
+    load_cpu_percent: float = 0.0  # the load generator (publishers, subscribers), its own core
     forwarded_pps: float = 0.0
     subscriber_fps: float = 0.0
     decoded_fps: float = 0.0
@@ -103,21 +105,23 @@ def probe_track(pc: RTCPeerConnection, probe: Probe, tasks: set[asyncio.Task[Any
         tasks.add(asyncio.ensure_future(consume()))
 
 
-def video_ssrc(counter: rtc.RtpCounter) -> int | None:
-    if not counter.streams:
-        return None
-    return max(counter.streams, key=lambda s: counter.streams[s][4])
+def video_ssrcs(counter: rtc.RtpCounter, count: int = 1) -> list[int]:
+    """The ``count`` SSRCs with the most bytes (video, not audio)."""
+    return sorted(counter.streams, key=lambda s: counter.streams[s][4], reverse=True)[:count]
 
 
 async def measure(
     pid: int,
     counters: list[rtc.RtpCounter],
-    probes: list[Probe],
+    probes: list[Any],
     duration: float,
     result: CaseResult,
+    videos_per_counter: int = 1,
 ) -> None:
-    """Server CPU time and subscriber counters over ``duration`` seconds."""
+    """Server CPU time and subscriber counters over ``duration`` seconds (fps over the
+    ``videos_per_counter`` largest streams each counter receives)."""
     proc = psutil.Process(pid)
+    videos = [video_ssrcs(c, videos_per_counter) for c in counters]
 
     def cpu() -> float:
         total = 0.0
@@ -128,19 +132,22 @@ async def measure(
         return total
 
     def snapshot() -> tuple[int, list[int], int]:
-        frames = []
-        for c in counters:
-            ssrc = video_ssrc(c)
-            frames.append(c.frames(ssrc) if ssrc is not None else 0)
+        frames = [
+            c.frames(ssrc) for c, ssrcs in zip(counters, videos, strict=True) for ssrc in ssrcs
+        ]
         packets = sum(c.packets() for c in counters) + sum(p.packets() for p in probes)
         return packets, frames, sum(c.lost() for c in counters)
 
     result.connected = sum(1 for c in counters if c.packets() > 0)
+    me = psutil.Process()
     cpu0, (pk0, fr0, lost0), pf0 = cpu(), snapshot(), [p.frames for p in probes]
+    load0 = sum(me.cpu_times()[:2])
     t0 = time.monotonic()
     await asyncio.sleep(duration)
     cpu1, (pk1, fr1, lost1), pf1 = cpu(), snapshot(), [p.frames for p in probes]
+    load1 = sum(me.cpu_times()[:2])
     dt = time.monotonic() - t0
+    result.load_cpu_percent = round((load1 - load0) / dt * 100, 1)
     packets = pk1 - pk0
     result.cpu_us_per_packet = round((cpu1 - cpu0) * 1e6 / packets, 2) if packets else float("inf")
     result.server_cpu_percent = round((cpu1 - cpu0) / dt * 100, 1)
@@ -200,11 +207,11 @@ def publisher_tracks(bitrate: int) -> list[Any]:
 # -- Cascade ---------------------------------------------------------------------------
 
 
-async def run_cascade(n: int, args: argparse.Namespace) -> CaseResult:
-    result = CaseResult("cascade", n)
-    port = 18080
+def start_cascade(port: int, fast_ingress: bool = True) -> subprocess.Popen[bytes]:
+    """A Cascade node on the server core, in the servers' namespace, limits off."""
     # The node listens off loopback: monitoring (if loaded) wants a token.
     env = {"CASCADE_MONITOR_TOKEN": SECRET, **os.environ, "CASCADE_API_SECRET": SECRET}
+    env["CASCADE_FAST_INGRESS"] = "1" if fast_ingress else "0"
     cmd = [
         *in_server_ns(),
         "taskset",
@@ -233,9 +240,15 @@ async def run_cascade(n: int, args: argparse.Namespace) -> CaseResult:
         "--log-level",
         "WARNING",
     ]
-    server = subprocess.Popen(
+    return subprocess.Popen(
         cmd, cwd=ROOT, env=env, preexec_fn=os.setpgrp, stdout=subprocess.DEVNULL
     )
+
+
+async def run_cascade(n: int, args: argparse.Namespace, fast_ingress: bool = True) -> CaseResult:
+    result = CaseResult("cascade" if fast_ingress else "cascade-aiortc-ingress", n)
+    port = 18080
+    server = start_cascade(port, fast_ingress)
     clients: list[CascadeClient] = []
     try:
         wait_port(port)
@@ -284,7 +297,7 @@ async def run_cascade(n: int, args: argparse.Namespace) -> CaseResult:
                     "--nonblocking",
                 ]
             )
-        await measure(server.pid, counters, probes, args.duration, result)  # type: ignore[arg-type]
+        await measure(server.pid, counters, probes, args.duration, result)
         # The probes decode on the load core; count them as subscribers too.
         result.connected += len(probe_clients)
     finally:
@@ -451,16 +464,16 @@ async def run_mediarelay(n: int, args: argparse.Namespace) -> CaseResult:
 
 def print_table(results: list[CaseResult]) -> None:
     header = (
-        f"{'server':<11}{'N':>5}{'µs/pkt':>9}{'cpu%':>7}{'fwd pkt/s':>11}"
-        f"{'sub fps':>9}{'dec fps':>9}{'dec err':>9}{'lost':>7}{'conn':>6}"
+        f"{'server':<23}{'N':>5}{'µs/pkt':>9}{'cpu%':>7}{'fwd pkt/s':>11}"
+        f"{'sub fps':>9}{'dec fps':>9}{'dec err':>9}{'lost':>7}{'conn':>6}{'load%':>7}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r.server:<11}{r.subscribers:>5}{r.cpu_us_per_packet:>9.2f}{r.server_cpu_percent:>7.1f}"
+            f"{r.server:<23}{r.subscribers:>5}{r.cpu_us_per_packet:>9.2f}{r.server_cpu_percent:>7.1f}"
             f"{r.forwarded_pps:>11}{r.subscriber_fps:>9.1f}{r.decoded_fps:>9.1f}"
-            f"{r.decode_errors:>9}{r.packets_lost:>7}{r.connected:>6}"
+            f"{r.decode_errors:>9}{r.packets_lost:>7}{r.connected:>6}{r.load_cpu_percent:>7.1f}"
         )
 
 
@@ -470,6 +483,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     for n in args.sizes:
         results.append(await run_cascade(n, args))
         print_partial(results[-1])
+        if args.ingress_baseline:
+            results.append(await run_cascade(n, args, fast_ingress=False))
+            print_partial(results[-1])
         if args.janus:
             results.append(await run_janus(n, args))
             print_partial(results[-1])
@@ -486,6 +502,11 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         c, j = by.get(("cascade", n)), by.get(("janus", n))
         if c and j and j.cpu_us_per_packet:
             ratios[f"cascade_over_janus_n{n}"] = round(c.cpu_us_per_packet / j.cpu_us_per_packet, 3)
+        old = by.get(("cascade-aiortc-ingress", n))
+        if old and j and j.cpu_us_per_packet:
+            ratios[f"aiortc_ingress_over_janus_n{n}"] = round(
+                old.cpu_us_per_packet / j.cpu_us_per_packet, 3
+            )
     c5, m5 = by.get(("cascade", 5)), by.get(("mediarelay", 5))
     if c5 and m5 and c5.cpu_us_per_packet:
         ratios["mediarelay_over_cascade_n5"] = round(m5.cpu_us_per_packet / c5.cpu_us_per_packet, 1)
@@ -588,6 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bitrate", type=int, default=4_000_000)
     parser.add_argument("--janus", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--mediarelay", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--ingress-baseline",
+        action="store_true",
+        help="also run Cascade with CASCADE_FAST_INGRESS=0 (aiortc's receive path), as before",
+    )
     parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.in_netns:

@@ -163,15 +163,17 @@ class JanusSession:
                 await self._post(f"{self.base}/{self.session_id}", {"janus": "destroy"})
 
 
-async def create_room(http: aiohttp.ClientSession, base: str, room: int) -> None:
-    """Create a VideoRoom room for one VP8+Opus publisher, no bitrate cap."""
+async def create_room(
+    http: aiohttp.ClientSession, base: str, room: int, publishers: int = 1
+) -> None:
+    """Create a VideoRoom room for ``publishers`` VP8+Opus publishers, no bitrate cap."""
     s = JanusSession(http, base)
     await s.open()
     await s.message(
         {
             "request": "create",
             "room": room,
-            "publishers": 1,
+            "publishers": publishers,
             "bitrate": 0,
             "videocodec": "vp8",
             "audiocodec": "opus",
@@ -220,14 +222,20 @@ class JanusPublisher:
 
 
 class JanusSubscriber:
-    """A receive-only aiortc subscriber of one Janus feed: counts packets, or decodes."""
+    """A receive-only aiortc subscriber of Janus feeds (one peer connection for all of
+    them): counts packets, or decodes."""
 
     def __init__(
-        self, http: aiohttp.ClientSession, base: str, room: int, feed: int, count_only: bool = True
+        self,
+        http: aiohttp.ClientSession,
+        base: str,
+        room: int,
+        feed: int | list[int],
+        count_only: bool = True,
     ) -> None:
         self.session = JanusSession(http, base)
         self.room = room
-        self.feed = feed
+        self.feeds = feed if isinstance(feed, list) else [feed]
         self.pc = RTCPeerConnection(rtc.rtc_configuration())
         self.counter = rtc.RtpCounter() if count_only else None
 
@@ -239,7 +247,7 @@ class JanusSubscriber:
                 "request": "join",
                 "ptype": "subscriber",
                 "room": self.room,
-                "streams": [{"feed": self.feed}],
+                "streams": [{"feed": feed} for feed in self.feeds],
             }
         )
         jsep = event["jsep"]

@@ -46,11 +46,12 @@ RUNTIME_ERROR = 1
 THIRD_PARTY_LOGGERS = ("kademlia", "rpcudp", "aioquic", "quic", "aioice", "aiortc", "aiohttp")
 BENCHMARKS = {
     "fanout": "Cascade vs Janus vs aiortc MediaRelay fan-out (root: network namespaces)",
+    "rooms": "many 5-participant rooms on Cascade and Janus (root: network namespaces)",
     "relay": "QUIC relay between two nodes",
     "dht": "directory lookups and churn on a local DHT",
     "failover": "drain (SIGTERM) and kill (SIGKILL) of node processes: media gaps",
 }
-NEEDS_ROOT = {"fanout"}
+NEEDS_ROOT = {"fanout", "rooms"}
 EXTENSIONS_GROUP = "cascade.extensions"
 EXTENSIONS_ENV = "CASCADE_EXTENSIONS"
 

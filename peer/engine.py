@@ -311,9 +311,18 @@ class Consumer:
         """Rewrite one source packet for this subscriber and send it. Hot path."""
         if self._gated and not self._pass_gate(packet):
             return
-        seq, ts = self.rewriter.map(packet.seq, packet.ts, now)
+        rw = self.rewriter
+        if rw._need_rebase:
+            seq, ts = rw.map(packet.seq, packet.ts, now)
+        else:  # SequenceRewriter.map without the rebase, inlined: this runs per consumer
+            seq = (packet.seq + rw._seq_delta) & 0xFFFF
+            ts = (packet.ts + rw._ts_delta) & 0xFFFFFFFF
+            if ((seq - rw.last_seq) & 0xFFFF) < 0x8000:
+                rw.last_seq = seq
+                rw.last_ts = ts
+                rw.last_wall = now
         payload = packet.payload
-        self.sink(self.writer.header(packet.marker, seq, ts, shared_ext) + payload)  # type: ignore[misc]
+        self.sink(self.writer.packet(packet.marker, seq, ts, shared_ext, payload))  # type: ignore[misc]
         stats = self.stats
         stats.packets += 1
         stats.bytes += len(payload)

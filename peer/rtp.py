@@ -120,6 +120,13 @@ class HeaderWriter:
             self._b0 = RTP_VERSION_EXT
             self._suffix = struct.pack("!IHH", params.ssrc, 0xBEDE, words) + own + b"\x00" * pad
 
+    def packet(self, marker: int, seq: int, ts: int, shared_ext: bytes, payload: bytes) -> bytes:
+        """A whole outgoing packet: header, extensions and payload in one allocation."""
+        fixed = _FIXED.pack(self._b0, (marker << 7) | self._pt, seq, ts)
+        if self._b0 == RTP_VERSION_NOEXT:
+            return b"".join((fixed, self._suffix, payload))
+        return b"".join((fixed, self._suffix, shared_ext, payload))
+
     def header(self, marker: int, seq: int, ts: int, shared_ext: bytes) -> bytes:
         """Header bytes (fixed header + extension block) for one outgoing packet."""
         if self._b0 == RTP_VERSION_NOEXT:

@@ -74,21 +74,25 @@ async def test_tap_forwards_packets_without_decoding_and_sink_sends():
     await node.close()
 
 
-async def test_no_datagram_ends_the_receive_loop():
+async def test_no_datagram_ends_the_receive_loop(monkeypatch):
     """Every hostile datagram class straight at a connected transport: media keeps arriving."""
     from bench.hostile import send_datagrams, send_hostile_burst
 
+    monkeypatch.setenv("CASCADE_FAST_INGRESS", "1")
     rtc.set_ice_addresses(["127.0.0.1"])
     got: list[int] = []
     pub = RTCPeerConnection(rtc.rtc_configuration())
     pub.addTransceiver(PatternVideoTrack(160, 120), direction="sendonly")
     node = RTCPeerConnection(rtc.rtc_configuration())
 
+    tapped = []
+
     @node.on("track")
     def on_track(remote):
         for tr in node.getTransceivers():
             if tr.receiver.track is remote:
                 rtc.tap_receiver(tr.receiver, lambda s, ts, m, p, lvl: got.append(s))
+                tapped.append(tr.receiver)
 
     await pub.setLocalDescription(await pub.createOffer())
     await node.setRemoteDescription(pub.localDescription)
@@ -104,6 +108,20 @@ async def test_no_datagram_ends_the_receive_loop():
     # The one datagram of issue 7 first, then the whole generator in small bursts.
     send_datagrams(targets, [b"\x80" + b"\x00" * 1500, b""])
     await send_hostile_burst(targets)
+    # Forged media for the real SSRC and payload type: the fast path's SRTP check drops it.
+    stream = rtc.ingress_stream(tapped[0])
+    assert stream is not None and stream.media_ssrc is not None
+    pt = min(stream.config.payload_types)
+    srtp_errors = rtc.ingress_counters.srtp_errors
+    forged = [
+        bytes([0x80, pt])
+        + i.to_bytes(2, "big")
+        + b"\x00" * 4
+        + stream.media_ssrc.to_bytes(4, "big")
+        + b"\xab" * size
+        for i, size in enumerate([0, 1, 10, 100, 1200, 1480, 1500, 3000])
+    ]
+    send_datagrams(targets, forged)
     await asyncio.sleep(0.3)
     before = len(got)
     for _ in range(300):
@@ -114,5 +132,73 @@ async def test_no_datagram_ends_the_receive_loop():
     for pc in (pub, node):
         assert all(dtls.state == "connected" for _, dtls in rtc._ice_connections(pc))
     assert rtc.dropped_datagrams.count > dropped  # the guard did catch something
+    assert rtc.ingress_counters.srtp_errors > srtp_errors
+    await pub.close()
+    await node.close()
+
+
+async def test_fast_ingress_repairs_loss_and_reports_to_the_publisher(monkeypatch):
+    """Publisher media takes the fast path (never aiortc's receive path); with 5 % of its
+    datagrams dropped before the node sees them, NACKs bring every packet back as RTX, and
+    the publisher gets receiver reports."""
+    import random
+
+    from aiortc.rtp import is_rtcp
+
+    monkeypatch.setenv("CASCADE_FAST_INGRESS", "1")
+    rtc.set_ice_addresses(["127.0.0.1"])
+    got: list[int] = []
+    pub = RTCPeerConnection(rtc.rtc_configuration())
+    pub.addTransceiver(PatternVideoTrack(160, 120), direction="sendonly")
+    node = RTCPeerConnection(rtc.rtc_configuration())
+    tapped = []
+
+    @node.on("track")
+    def on_track(remote):
+        for tr in node.getTransceivers():
+            if tr.receiver.track is remote:
+                rtc.tap_receiver(tr.receiver, lambda s, ts, m, p, lvl: got.append(s))
+                tapped.append(tr.receiver)
+
+    await pub.setLocalDescription(await pub.createOffer())
+    await node.setRemoteDescription(pub.localDescription)
+    await node.setLocalDescription(await node.createAnswer())
+    await pub.setRemoteDescription(node.localDescription)
+    for _ in range(300):
+        if len(got) > 20:
+            break
+        await asyncio.sleep(0.02)
+    fast_before = rtc.ingress_counters.packets
+    rng = random.Random(3)
+    # drop 5 % of the publisher's RTP (not RTCP, DTLS or STUN) before the node sees it
+    rtc.set_receive_filter(
+        node, lambda d: not (d and 127 < d[0] < 192 and not is_rtcp(d)) or rng.random() > 0.05
+    )
+    start = len(got)
+    for _ in range(500):
+        if len(got) > start + 200:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(1.0)  # the last repairs
+    stream = rtc.ingress_stream(tapped[0])
+    assert stream is not None
+    assert rtc.ingress_counters.packets - fast_before >= 200
+    # aiortc's receive path saw none of it: no stream statistics of its own
+    assert tapped[0]._RTCRtpReceiver__remote_streams == {}
+    assert stream.nacks_sent > 0 and stream.rtx_received > 0
+    window = got[start:]
+    lo, hi = window[0], max(window)
+    missing = set(range(lo, hi - 50)) - set(window)  # the newest may still be on their way
+    assert not missing
+    received, lost, _ = rtc.receiver_loss(tapped[0])
+    assert received == stream.stats.received and lost == 0
+    # the publisher's sender got our receiver reports
+    for _ in range(150):
+        stats = await pub.getTransceivers()[0].sender.getStats()
+        if any(s.type == "remote-inbound-rtp" for s in stats.values()):
+            break
+        await asyncio.sleep(0.02)
+    assert any(s.type == "remote-inbound-rtp" for s in stats.values())
+    assert stream.reports_sent > 0 and stream.rembs_sent > 0
     await pub.close()
     await node.close()
