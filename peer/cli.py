@@ -498,6 +498,7 @@ def run_node(args: argparse.Namespace, extensions: list[Any] | None = None) -> i
         raise CliError("--location and --scale-webhook need the overlay (--dht-port)")
     if args.scale_webhook and not args.scale_webhook.startswith(("http://", "https://")):
         raise CliError(f"--scale-webhook must be an http(s) URL, not {args.scale_webhook!r}")
+    workers = _workers(args, overlay)
     setup = [(hook, args) for hook in _hooks(extensions or [], "setup_node")]
     return asyncio.run(
         _serve(
@@ -507,8 +508,30 @@ def run_node(args: argparse.Namespace, extensions: list[Any] | None = None) -> i
             location=args.location,
             webhook=args.scale_webhook,
             setup=setup,
+            workers=workers,
+            watermark=args.worker_watermark,
+            log_level=args.log_level,
+            uvloop=args.uvloop,
         )
     )
+
+
+def _workers(args: argparse.Namespace, overlay: bool) -> int:
+    """How many media worker processes ``--workers`` asks for (checked)."""
+    from peer.supervisor import usable_cores
+
+    if args.workers < 0:
+        raise CliError(f"--workers {args.workers}: use 1 or more (0: one per usable core)")
+    if not 0.0 < args.worker_watermark <= 1.0:
+        raise CliError(f"--worker-watermark {args.worker_watermark}: use a share in (0, 1]")
+    if overlay:
+        if args.workers > 1:
+            raise CliError(
+                "--workers above 1 does not work with the overlay (--dht-port) yet: "
+                "inter-node relaying runs in the single-process node"
+            )
+        return 1
+    return args.workers or usable_cores()
 
 
 async def _serve(
@@ -519,13 +542,22 @@ async def _serve(
     location: tuple[float, float] | None = None,
     webhook: str | None = None,
     setup: list[tuple[Any, argparse.Namespace]] | None = None,
+    workers: int = 1,
+    watermark: float = 0.6,
+    log_level: str = "WARNING",
+    uvloop: bool = False,
 ) -> int:
     from peer.overlay import Overlay
     from peer.server import NodeServer
+    from peer.supervisor import Supervisor
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    server = NodeServer(config)
+    server = (
+        Supervisor(config, workers, watermark=watermark, log_level=log_level, uvloop=uvloop)
+        if workers > 1
+        else NodeServer(config)
+    )
 
     def terminate() -> None:
         # The first SIGTERM drains (participants move to other nodes, then the node exits);
@@ -570,6 +602,8 @@ async def _serve(
             flush=True,
         )
     print(f"cascade node listening on {server.url}", flush=True)
+    if workers > 1:
+        print(f"media workers: {workers} processes", flush=True)
     stopped = asyncio.ensure_future(stop.wait())
     drained = asyncio.ensure_future(server.drained.wait())
     await asyncio.wait([stopped, drained], return_when=asyncio.FIRST_COMPLETED)

@@ -143,6 +143,18 @@ NODE_OPTIONS: tuple[Option, ...] = (
         default=30.0,
     ),
     # process
+    Option(
+        "workers",
+        "media worker processes (default: the usable cores, 1 with --dht-port; 1: one process)",
+        type=int,
+        default=0,
+    ),
+    Option(
+        "worker-watermark",
+        "CPU share of a core under which a worker keeps taking participants",
+        type=float,
+        default=0.6,
+    ),
     Option("uvloop", "use uvloop", kind="bool", default=True),
     Option("log-level", "DEBUG, INFO, WARNING or ERROR", default="INFO"),
     Option("log-json", "log one JSON object per line", kind="flag"),

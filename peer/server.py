@@ -26,7 +26,7 @@ from peer.limits import ConnectionCounts, EdgeCounters, EdgeLimits, TokenBuckets
 from peer.placement import Placement
 from peer.relay_bridge import ProducerRelaySource, bridge_remote_producer
 from peer.room import Rooms
-from peer.session import MIGRATED_LINGER, ParticipantSession
+from peer.session import MIGRATED_LINGER, ParticipantSession, SendFn
 from peer.signaling import Join, ProtocolError, decode_client_message, encode, error_message
 from peer.stats import AdmissionPolicy
 from peer.tokens import TokenError, TokenVerifier, issue_token
@@ -148,6 +148,11 @@ class NodeServer:
         rtc.set_ice_addresses(config.ice_addresses, config.ice_announce)
 
     # -- relaying ----------------------------------------------------------------
+
+    def relay_source(self, producer_id: str) -> ProducerRelaySource | None:
+        """A local producer (never a relayed one) as a relay source, for relay endpoints and
+        the pipes between worker processes."""
+        return self._relay_lookup(producer_id)
 
     def _relay_lookup(self, producer_id: str) -> ProducerRelaySource | None:
         """Local producers (never relayed ones) that peers may pull."""
@@ -492,10 +497,7 @@ class NodeServer:
             if not ws.closed:
                 await ws.send_str(encode(message))
 
-        async def disconnect() -> None:
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"media connection failed")
-
-        session = ParticipantSession(self, send, disconnect)
+        session = self.open_session(send, ws)
         try:
             async for msg in ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -531,6 +533,14 @@ class NodeServer:
             with contextlib.suppress(Exception):
                 await ws.close()
         return ws
+
+    def open_session(self, send: SendFn, ws: web.WebSocketResponse) -> Any:
+        """The session behind one signaling connection (a worker-process node forwards it)."""
+
+        async def disconnect() -> None:
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"media connection failed")
+
+        return ParticipantSession(self, send, disconnect)
 
     def _close_stalled_messages(self, now: float) -> None:
         timeout = self.limits.ws_message_timeout

@@ -192,6 +192,14 @@ CASES = [
     (["node", "--config", "{badtype.toml}"], GOOD, 2, "bad value 'eighty' for port"),
     (["node", "--config", "{broken.toml}"], GOOD, 2, "not valid TOML"),
     (["node", "--log-level", "LOUD"], GOOD, 2, "--log-level"),
+    (["node", "--workers", "-1"], GOOD, 2, "use 1 or more"),
+    (["node", "--worker-watermark", "0"], GOOD, 2, "use a share in (0, 1]"),
+    (
+        ["node", "--workers", "2", "--region", "eu", "--dht-port", "0"],
+        GOOD,
+        2,
+        "does not work with the overlay",
+    ),
     (["bench", "nosuch"], {}, 2, "unknown benchmark"),
     (["nosuch"], {}, 2, "invalid choice"),
 ]

@@ -27,7 +27,18 @@ def free_port() -> int:
 def dev_node(*extra: str) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "peer.cli", "node", "--dev", "--port", str(port), *extra],
+        [
+            sys.executable,
+            "-m",
+            "peer.cli",
+            "node",
+            "--dev",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            *extra,
+        ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -21,7 +21,18 @@ def node(*args: str, token: str | None = None) -> subprocess.Popen[str]:
     if token:
         env["CASCADE_MONITOR_TOKEN"] = token
     return subprocess.Popen(
-        [sys.executable, "-m", "peer.cli", "node", "--dev", "--host", HOST, *args],
+        [
+            sys.executable,
+            "-m",
+            "peer.cli",
+            "node",
+            "--dev",
+            "--host",
+            HOST,
+            "--workers",
+            "1",
+            *args,
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
