@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,16 @@ from dht import NodeIdentity
 from peer.tokens import issue_token
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+async def until(pred: Any, timeout: float, step: float = 0.05) -> bool:
+    """Poll ``pred()`` until it is true or ``timeout`` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        await asyncio.sleep(step)
+    return bool(pred())
 
 
 def free_port(kind: int) -> int:

@@ -24,7 +24,7 @@ import json
 import time
 from typing import Any
 
-from bench.cluster import Cluster, ClusterNode
+from bench.cluster import Cluster, ClusterNode, until
 from peer import aiortc_adapter as rtc
 from peer.client import CascadeClient
 from peer.media import PatternVideoTrack, ToneAudioTrack
@@ -46,15 +46,6 @@ def summary(values: list[float]) -> dict[str, Any]:
         "p95": pct(values, 0.95),
         "max": round(max(values), 3) if values else None,
     }
-
-
-async def until(pred: Any, timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(step)
-    return bool(pred())
 
 
 async def participant(

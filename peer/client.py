@@ -354,22 +354,8 @@ class CascadeClient:
         pc = self._publish_pc
         sent_for: dict[int, MediaStreamTrack] = {}
         for track in tracks:
-            # Senders get a branch of the track: aiortc stops a sender's track when its
-            # connection dies, and the application's track must outlive a failover.
-            sent = self._tee(track).branch() if self.reconnect else track
-            sent_for[id(sent)] = track
-            transceiver = pc.addTransceiver(sent, direction="sendonly")
-            if video_codec is not None and track.kind == "video":
-                transceiver.setCodecPreferences(
-                    [
-                        c
-                        for c in RTCRtpSender.getCapabilities("video").codecs
-                        if c.mimeType.lower() in (video_codec.lower(), "video/rtx")
-                    ]
-                )
-            request_keyframe = getattr(track, "request_keyframe", None)
-            if request_keyframe is not None:
-                rtc.hook_keyframe_requests(transceiver.sender, request_keyframe)
+            transceiver = self._add_sender(pc, track, video_codec)
+            sent_for[id(transceiver.sender.track)] = track
         offer = await pc.createOffer()
         await pc.setLocalDescription(offer)
         reply = await self.request({"type": "publish", "sdp": pc.localDescription.sdp})
@@ -382,6 +368,27 @@ class CascadeClient:
                 source = str(by_mid[str(transceiver.mid)].get("source", ""))
                 self._published.append((original, video_codec, source))
         return list(reply["producers"])
+
+    def _add_sender(
+        self, pc: RTCPeerConnection, track: MediaStreamTrack, video_codec: str | None
+    ) -> Any:
+        """A sendonly transceiver for ``track``: keyframe requests reach the track, and the
+        sender gets a branch of it (aiortc stops a sender's track when its connection dies,
+        and the application's track must outlive a failover)."""
+        sent = self._tee(track).branch() if self.reconnect else track
+        transceiver = pc.addTransceiver(sent, direction="sendonly")
+        if video_codec is not None and track.kind == "video":
+            transceiver.setCodecPreferences(
+                [
+                    c
+                    for c in RTCRtpSender.getCapabilities("video").codecs
+                    if c.mimeType.lower() in (video_codec.lower(), "video/rtx")
+                ]
+            )
+        request_keyframe = getattr(track, "request_keyframe", None)
+        if request_keyframe is not None:
+            rtc.hook_keyframe_requests(transceiver.sender, request_keyframe)
+        return transceiver
 
     async def subscribe(self, producer_id: str, paused: bool = False) -> str:
         """Consume a producer explicitly (when joined with auto_subscribe=False)."""
@@ -724,19 +731,7 @@ class CascadeClient:
         self._watch(pc)
         wanted: dict[int, str] = {}
         for track, video_codec, source in published:
-            sent = self._tee(track).branch() if track in self._tees else track
-            transceiver = pc.addTransceiver(sent, direction="sendonly")
-            if video_codec is not None and track.kind == "video":
-                transceiver.setCodecPreferences(
-                    [
-                        c
-                        for c in RTCRtpSender.getCapabilities("video").codecs
-                        if c.mimeType.lower() in (video_codec.lower(), "video/rtx")
-                    ]
-                )
-            request_keyframe = getattr(track, "request_keyframe", None)
-            if request_keyframe is not None:
-                rtc.hook_keyframe_requests(transceiver.sender, request_keyframe)
+            transceiver = self._add_sender(pc, track, video_codec)
             wanted[id(transceiver)] = source
         offer = await pc.createOffer()
         await pc.setLocalDescription(offer)

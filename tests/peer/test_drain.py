@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from bench.cluster import until
 from peer.admin import node_authorization
 from peer.client import CascadeClient
 from peer.media import PatternVideoTrack, ToneAudioTrack
@@ -20,15 +21,6 @@ from tests.conftest import token
 from tests.peer.test_placement_nodes import start, wait_for_nodes
 
 PARIS, FRANKFURT = (48.86, 2.35), (50.11, 8.68)
-
-
-async def wait_for(pred, timeout: float = 30.0, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(step)
-    return bool(pred())
 
 
 @pytest.fixture
@@ -55,7 +47,7 @@ def decoding(client: CascadeClient, publishers: int) -> bool:
 async def grows(client: CascadeClient, by: int = 15, timeout: float = 20) -> bool:
     """Every live video track decodes ``by`` more frames."""
     start_counts = {id(t): t.frames_decoded for t in client.tracks.values() if t.kind == "video"}
-    return await wait_for(
+    return await until(
         lambda: all(
             t.frames_decoded >= start_counts.get(id(t), 0) + by
             for t in client.tracks.values()
@@ -82,7 +74,7 @@ async def test_drain_moves_everyone_and_media_continues_on_the_same_tracks(two_e
                 await client.publish([video, ToneAudioTrack()])
                 clients.append(client)
         assert draining.rooms.participant_count() == 4
-        assert await wait_for(lambda: all(decoding(c, 2) for c in clients), 40)
+        assert await until(lambda: all(decoding(c, 2) for c in clients), 40)
         tracks_before = {id(c): {id(t) for t in c.tracks.values()} for c in clients}
         errors_before = {
             id(t): t.stats()["decode_errors"] for c in clients for t in c.tracks.values()
@@ -101,7 +93,7 @@ async def test_drain_moves_everyone_and_media_continues_on_the_same_tracks(two_e
                 assert reply.status == 200
                 assert (await reply.json())["started"] is True
 
-        assert await wait_for(lambda: draining.drained.is_set(), 40)
+        assert await until(lambda: draining.drained.is_set(), 40)
         assert draining.rooms.participant_count() == 0
         assert draining.drain_status()["disconnected"] == 0
         assert all(c.url == other.url for c in clients)
@@ -109,7 +101,7 @@ async def test_drain_moves_everyone_and_media_continues_on_the_same_tracks(two_e
         assert all(len(c.moves) == (1 if i % 3 < 2 else 0) for i, c in enumerate(clients))
 
         # Everyone decodes everyone again, on the tracks they had (no track ended).
-        assert await wait_for(lambda: all(decoding(c, 2) for c in clients), 30)
+        assert await until(lambda: all(decoding(c, 2) for c in clients), 30)
         for client in clients:
             assert await grows(client)
             live = [t for t in client.tracks.values() if not t.ended]

@@ -8,18 +8,9 @@ import time
 
 import pytest
 
-from bench.cluster import Cluster
+from bench.cluster import Cluster, until
 from peer.client import CascadeClient
 from peer.media import PatternVideoTrack, ToneAudioTrack
-
-
-async def wait_for(pred, timeout: float = 30.0, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(step)
-    return bool(pred())
 
 
 @pytest.fixture
@@ -68,19 +59,19 @@ async def test_a_killed_publishers_node_fails_over_and_subscribers_get_it_back(t
         for i, watcher in enumerate(watchers):
             await watcher.connect()
             await watcher.join(room, three_regions.token(room, f"w{i}"), follow_placement=False)
-        assert await wait_for(lambda: all(len(video(w)) == 1 for w in watchers), 30)
-        assert await wait_for(lambda: all(video(w)[0].frames_decoded > 10 for w in watchers), 30)
+        assert await until(lambda: all(len(video(w)) == 1 for w in watchers), 30)
+        assert await until(lambda: all(video(w)[0].frames_decoded > 10 for w in watchers), 30)
         tracks = [video(w)[0] for w in watchers]
 
         eu.kill()
         killed = time.monotonic()
         # The publisher notices, rejoins through a fallback and republishes.
-        assert await wait_for(lambda: len(publisher.moves) == 1, 20)
+        assert await until(lambda: len(publisher.moves) == 1, 20)
         assert publisher.url in (us.url, ap.url)
         assert publisher.moves[0]["reason"] == "failover"
         # Each watcher decodes the publisher again, on the track it had.
         frames = [t.frames_decoded for t in tracks]
-        assert await wait_for(
+        assert await until(
             lambda: all(t.frames_decoded > f + 15 for t, f in zip(tracks, frames, strict=True)),
             30,
         )
