@@ -258,6 +258,8 @@ class CascadeClient:
                 track._gap_open = True
         elif kind == "migrate" and self.reconnect:
             self._spawn(self._move(str(message.get("url", "")), "migrate"))
+        elif kind == "reconnect" and self.reconnect:  # the node's worker died: rejoin
+            self._spawn(self._move(str(message.get("url", "")), "reconnect"))
         self.events.append(message)
         self._event_added.set()
         for listener in self._listeners:

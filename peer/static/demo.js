@@ -115,6 +115,9 @@ function onEvent(msg, sig) {
     case "migrate":
       move(msg.url, "migrate").catch((e) => setStatus(`moving failed: ${e}`));
       break;
+    case "reconnect": // the node's worker process died: rejoin the same node
+      move(msg.url, "reconnect").catch((e) => setStatus(`reconnecting failed: ${e}`));
+      break;
     case "participant_joined":
       learnName(msg.participant);
       if (msg.participant.resumes) state.resumed.add(msg.participant.resumes);

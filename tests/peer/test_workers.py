@@ -106,6 +106,7 @@ async def test_killed_worker_participants_told_others_keep_receiving(supervisor,
     old_pid = victim.pid
     assert old_pid is not None
     os.kill(old_pid, signal.SIGKILL)
+    (watched,) = [t for t in sub0.tracks.values() if t.kind == "video"]
     for client in (pub0, sub0):
         event = await client.wait_event("reconnect", timeout=20)
         assert event["url"] == supervisor.url
@@ -123,6 +124,14 @@ async def test_killed_worker_participants_told_others_keep_receiving(supervisor,
             break
         await asyncio.sleep(0.05)
     assert victim.up and victim.pid != old_pid and victim.restarts == 1
+    # The SDK rejoined by itself: bob decodes alice again, on the track he had.
+    frames = watched.frames_decoded
+    for _ in range(400):
+        if watched.frames_decoded > frames + 10:
+            break
+        await asyncio.sleep(0.05)
+    assert watched.frames_decoded > frames + 10 and not watched.ended
+    assert [m["reason"] for m in pub0.moves] == ["reconnect"]
     pin(supervisor, 0)
     again = await join("a", "alice-again")
     await again.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
