@@ -349,6 +349,13 @@ class ParticipantSession:
         assert self.router is not None and self.grant is not None
         if not self.grant.can_publish:
             raise ProtocolError("forbidden", "token does not grant publish")
+        claimed = dict(message.sources or {})
+        prefix = f"{self.grant.identity}/"
+        for source in claimed.values():
+            if not source.startswith(prefix):
+                raise ProtocolError(
+                    "bad_request", f"a source must start with your identity and '/' ({prefix})"
+                )
         fresh = self.publish_pc is None
         if self.publish_pc is None:
             self.publish_pc = RTCPeerConnection(rtc.rtc_configuration())
@@ -362,13 +369,6 @@ class ParticipantSession:
             if fresh:
                 await self._drop_publish_pc(pc)
             raise ProtocolError("bad_sdp", f"offer rejected: {exc}") from None
-        claimed = dict(message.sources or {})
-        prefix = f"{self.grant.identity}/"
-        for source in claimed.values():
-            if not source.startswith(prefix):
-                raise ProtocolError(
-                    "bad_request", f"a source must start with your identity and '/' ({prefix})"
-                )
         known = {t.mid for t in self._ptx.values()}
         created = []
         for transceiver in pc.getTransceivers():

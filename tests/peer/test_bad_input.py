@@ -353,3 +353,48 @@ async def test_placement_routes_answer_bad_queries_with_an_error(
     assert ("error" in body) == (status != 200)
     await asyncio.sleep(0.3)
     assert track.frames_decoded > frames
+
+
+async def test_move_fields_and_admin_drain_refuse_bad_input_during_a_call(
+    node, call_in_progress, clients
+):
+    _, _, track, producer_id = call_in_progress
+    # A republish may only continue the sender's own tracks (sources bound to the identity).
+    mallory = await clients("call", "mallory")
+    offer = VALID_OFFER_LIKE + "a=mid:0\r\na=sendonly\r\n"
+    with pytest.raises(CascadeError) as info:
+        await mallory.request({"type": "publish", "sdp": offer, "sources": {"0": "alice/cam"}})
+    assert info.value.code == "bad_request"
+    for text in (
+        '{"type": "publish", "sdp": "v=0 xxxxxxxxx", "sources": ["alice/x"]}',
+        '{"type": "publish", "sdp": "v=0 xxxxxxxxx", "sources": {"0": ""}}',
+        '{"type": "join", "room": "call", "token": "t", "resumes": 5}',
+        '{"type": "join", "room": "call", "token": "t", "resumes": "' + "p" * 65 + '"}',
+    ):
+        assert (await raw_reply(mallory, text))["code"] == "bad_message"
+    # A forged `resumes` (someone else's participant id) only hides that participant's
+    # producers from the one who claims it: nobody else is affected.
+    alice_id = next(iter(node.rooms.members("call"))).participant_id
+    eve = CascadeClient(node.url)
+    await eve.connect()
+    try:
+        joined = await eve.request(
+            {"type": "join", "room": "call", "token": token("call", "eve"), "resumes": alice_id}
+        )
+        assert producer_id not in {p["producer_id"] for p in joined["producers"]}
+        assert alice_id not in {p["participant_id"] for p in joined["participants"]}
+    finally:
+        await eve.close()
+    # The admin route refuses anything but the admin token or the node key.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for header in ("", "Bearer x", "CascadeNode 1.AAAA", "CascadeNode " + "9" * 40, "Basic"):
+            async with http.post(
+                f"{node.url}/admin/drain", headers={"Authorization": header} if header else {}
+            ) as reply:
+                assert reply.status == 401
+                assert (await reply.json())["type"] == "error"
+    assert not node.draining
+    frames = track.frames_decoded
+    await asyncio.sleep(0.5)
+    assert track.frames_decoded > frames
