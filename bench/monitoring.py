@@ -66,6 +66,7 @@ class SyntheticSession:
         return 0
 
     subscribes_automatically = False
+    moving = False
 
     def post(self, message: dict[str, object]) -> None:
         pass

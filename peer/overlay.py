@@ -380,7 +380,7 @@ class Overlay:
         if hosted is None:
             return
         router = hosted.router
-        staying = {m.participant_id for m in hosted.members if not getattr(m, "moving", False)}
+        staying = {m.participant_id for m in hosted.members if not m.moving}
         local = tuple(
             sorted(
                 (p.id, p.kind)

@@ -18,6 +18,8 @@ class Member(Protocol):
 
     participant_id: str
     name: str | None
+    moving: bool
+    """Told to move to another node (drain): its producers are on their way out."""
 
     @property
     def subscribes_automatically(self) -> bool:
@@ -129,7 +131,7 @@ class Room:
                         }
                     )
             owner = self._members.get(old.participant_id)
-            if old.origin == "local" and (owner is None or getattr(owner, "moving", False)):
+            if old.origin == "local" and (owner is None or owner.moving):
                 return  # it lingers until its own timer: other nodes may still relay it
             old.close("migrating")
 

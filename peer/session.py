@@ -457,8 +457,7 @@ class ParticipantSession:
         if self._is_mine(producer) or self._closed:
             return
         if any(
-            sub.consumer.producer is producer or sub.consumer.producer.source == producer.source
-            for sub in self.subscriptions.values()
+            sub.consumer.producer.source == producer.source for sub in self.subscriptions.values()
         ):
             return  # already consumed, or about to be (a consumer switches over to it)
         try:

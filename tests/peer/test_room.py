@@ -13,6 +13,7 @@ class Participant:
         self.inbox: list[dict[str, object]] = []
         self.consumed: list[str] = []
         self.subscribes_automatically = auto
+        self.moving = False
 
     def post(self, message: dict[str, object]) -> None:
         self.inbox.append(message)

@@ -9,7 +9,7 @@ from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParam
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
 from common.ratelimit import KeyframeLimiter
-from peer.engine import CodecInfo, Node, Producer, SfuError
+from peer.engine import CodecInfo, Consumer, Node, Producer, Router, SfuError
 from peer.rtp import (
     URI_ABS_SEND_TIME,
     URI_MID,
@@ -244,18 +244,30 @@ def test_request_inside_the_throttle_window_is_held_not_lost():
     assert asked == [0.0, 0.5]  # b's request, held until the window ended
 
 
-def test_a_switched_consumer_continues_one_stream_and_never_repairs_with_the_new_source():
-    node = Node()
-    router = node.router("r")
-    codec = CodecInfo("video/VP8", 90000)
-    old = router.add_producer(Producer(router, "p", "video", codec, source="alice/cam"))
+def _switchable(source: str) -> tuple[Router, Producer, Consumer, list[bytes]]:
+    """A video producer of ``source`` and an attached consumer of it (SSRC 42)."""
+    router = Node().router("r")
+    old = router.add_producer(
+        Producer(router, "p", "video", CodecInfo("video/VP8", 90000), source=source)
+    )
     sent: list[bytes] = []
     consumer = router.create_consumer(old.id, "s")
     consumer.attach(OutboundParams(ssrc=42, payload_type=97), sent.append)
+    return router, old, consumer, sent
+
+
+def _incarnation(router: Router, source: str) -> Producer:
+    return router.add_producer(
+        Producer(router, "p2", "video", CodecInfo("video/VP8", 90000), source=source)
+    )
+
+
+def test_a_switched_consumer_continues_one_stream_and_never_repairs_with_the_new_source():
+    router, old, consumer, sent = _switchable("alice/cam")
     old.receive(500, 1000, 1, vp8_payload(True), now=1.0)
     old.receive(501, 4000, 1, vp8_payload(False), now=1.033)
     before = [RtpPacket.parse(p) for p in sent]
-    new = router.add_producer(Producer(router, "p2", "video", codec, source="alice/cam"))
+    new = _incarnation(router, "alice/cam")
     asked: list[int] = []
     new.send_keyframe_request = lambda: asked.append(1)
     consumer.switch_to(new)
@@ -294,16 +306,10 @@ def test_nacks_long_after_a_rebase_are_still_answered():
 
 
 def test_a_switch_inside_a_frame_leaves_a_hole_so_the_half_frame_is_dropped():
-    node = Node()
-    router = node.router("r")
-    codec = CodecInfo("video/VP8", 90000)
-    old = router.add_producer(Producer(router, "p", "video", codec, source="a/cam"))
-    sent: list[bytes] = []
-    consumer = router.create_consumer(old.id, "s")
-    consumer.attach(OutboundParams(ssrc=5, payload_type=97), sent.append)
+    router, old, consumer, sent = _switchable("a/cam")
     old.receive(10, 1000, 1, vp8_payload(True), now=1.0)
     old.receive(11, 4000, 0, vp8_payload(False), now=1.03)  # first half of a frame
-    new = router.add_producer(Producer(router, "p2", "video", codec, source="a/cam"))
+    new = _incarnation(router, "a/cam")
     consumer.switch_to(new)
     new.receive(700, 50, 1, vp8_payload(True), now=1.1)
     seqs = [RtpPacket.parse(p).sequence_number for p in sent]
