@@ -19,6 +19,7 @@ from dht import Directory, Load, Member, NodeRecord, RoomEntry
 from dht import Producer as DirectoryProducer
 from dht.cli import split_host_port
 from dht.directory import SOFTWARE_VERSION
+from dht.records import MAX_MEMBERS
 from peer.failover import OriginWatch
 from peer.placement import NodeView, Placement, PlacementPolicy, RoomHost, place
 from peer.relay_access import RelayAccess
@@ -35,8 +36,13 @@ from peer.scaling import (
     sign_notification,
 )
 from peer.server import NodeServer
+from relay.protocol import MAX_ROOM_ITEMS, RoomMember, RoomProducer, RoomState
 
 log = logging.getLogger("cascade.overlay")
+
+#: Seconds a room state pushed by a peer node over a relay link takes precedence over
+#: what the directory says of that node's share of the room (the directory may lag).
+PUSH_HOLD = 3.0
 
 
 def announced_relay_address(announce: str, bound_host: str, bound_port: int) -> str:
@@ -97,6 +103,12 @@ class Overlay:
         # room -> participants of the room on other nodes: id -> (name, node id hex)
         self._remote_members: dict[str, dict[str, tuple[str, str]]] = {}
         self._refreshing: set[str] = set()
+        self._refresh_again: set[str] = set()
+        # (room, node id) -> (its share as the node last pushed it, None once it left the
+        # room; when received, monotonic)
+        self._pushed: dict[tuple[str, bytes], tuple[RoomEntry | None, float]] = {}
+        # Relay keys whose link pushes this node's shared rooms each time it comes up.
+        self._push_on_live: set[bytes] = set()
         self._checking_hosts: set[str] = set()
         # room -> the room's entries as last read from the directory
         self._room_entries: dict[str, list[RoomEntry]] = {}
@@ -171,6 +183,8 @@ class Overlay:
         self.server.overlay_view = self.describe
         self.server.remote_participants = self.remote_participants
         self.server.rooms.changed = self.room_changed
+        if self.server.relay is not None:
+            self.server.relay.room_state_received = self.room_state_received
         self.server.remote_producers = self.remote_producers
         self.server.pull_producer = self.pull_producer
         self.server.fallbacks = self.fallbacks
@@ -206,9 +220,25 @@ class Overlay:
 
     async def _room_hosts(self, room: str) -> list[RoomEntry]:
         """The room's entries in the directory, without those of nodes seen dead."""
-        entries = await self.directory.room_hosts(room)
+        entries = self._merge_pushed(room, await self.directory.room_hosts(room))
         dead = self.origins.dead
         return [e for e in entries if e.node_id not in dead] if dead else entries
+
+    def _merge_pushed(self, room: str, entries: list[RoomEntry]) -> list[RoomEntry]:
+        """``entries`` with each node's share replaced by the one it pushed, while recent."""
+        now = time.monotonic()
+        pushed: dict[bytes, RoomEntry | None] = {}
+        for key, (entry, at) in list(self._pushed.items()):
+            if now - at > PUSH_HOLD:
+                del self._pushed[key]
+            elif key[0] == room:
+                pushed[key[1]] = entry
+        if not pushed:
+            return entries
+        merged = [e for e in entries if e.node_id not in pushed]
+        merged += [e for e in pushed.values() if e is not None]
+        merged.sort(key=lambda e: e.node_id)
+        return merged
 
     async def announce_draining(self) -> None:
         """Say in the directory, now, that this node takes nobody new."""
@@ -375,27 +405,37 @@ class Overlay:
             if relay is not None:
                 relay.revoke(key)
 
-    async def _announce_room(self, room: str) -> None:
+    def _room_share(
+        self, room: str
+    ) -> tuple[int, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] | None:
+        """This node's share of ``room``: participants, local producers (id, kind) of
+        members not moving away, members (id, name); None if the room is not here."""
         hosted = self.server.rooms.get(room)
         if hosted is None:
-            return
+            return None
         router = hosted.router
         staying = {m.participant_id for m in hosted.members if not m.moving}
         local = tuple(
             sorted(
                 (p.id, p.kind)
                 for p in router.producers.values()
-                if p.origin == "local" and p.participant_id in staying
+                if p.origin == "local" and p.participant_id in staying and not p.closed
             )
         )
         members = tuple((m.participant_id, (m.name or "")[:64]) for m in hosted.members)
-        state = (len(hosted), local, members)
-        if self._announced.get(room) == state:
+        return len(hosted), local, members
+
+    async def _announce_room(self, room: str) -> None:
+        share = self._room_share(room)
+        if share is None:
             return
-        self._announced[room] = state
+        if self._announced.get(room) == share:
+            return
+        self._announced[room] = share
+        count, local, members = share
         await self.directory.announce_room(
             room,
-            participants=len(hosted),
+            participants=count,
             producers=[
                 DirectoryProducer(id=pid, kind="video" if kind == "video" else "audio")
                 for pid, kind in local
@@ -403,21 +443,125 @@ class Overlay:
             members=[Member(id=pid, name=name) for pid, name in members],
         )
 
+    # -- room states pushed over relay links ---------------------------------------
+
+    def _room_state(self, room: str) -> RoomState:
+        share = self._room_share(room)
+        if share is None:
+            return RoomState(room=room, participants=0)
+        count, local, members = share
+        return RoomState(
+            room=room,
+            participants=count,
+            producers=[
+                RoomProducer(id=pid, kind="video" if kind == "video" else "audio")
+                for pid, kind in local[:MAX_ROOM_ITEMS]
+            ],
+            members=[RoomMember(id=pid, name=name) for pid, name in members[:MAX_ROOM_ITEMS]],
+        )
+
+    def _push_room(self, room: str) -> None:
+        """Tell every other node hosting ``room`` this node's share of it now, over the
+        relay links (opened if needed: the state follows once the link is up)."""
+        relay = self.server.relay
+        if relay is None:
+            return
+        own = self.directory.node_id
+        state: RoomState | None = None
+        for entry in self._room_entries.get(room, []):
+            if entry.node_id == own or self.origins.is_dead(entry.node_id):
+                continue
+            record = self._nodes.get(entry.node_id)
+            if record is None or not record.relay_key or not record.relay_address:
+                continue
+            state = state or self._room_state(room)
+            if not relay.send_room_state(record.relay_key, state):
+                self._open_link(record)
+
+    def _open_link(self, record: NodeRecord) -> None:
+        """Open the relay link to ``record``'s node, pushing the rooms shared with it once
+        it is up (and each time it comes back)."""
+        relay = self.server.relay
+        if relay is None or not self.authorize(record.relay_key):
+            return
+        host, port = split_host_port(record.relay_address)
+        link = relay.link(record.relay_key, host, port)
+        if record.relay_key in self._push_on_live:
+            return
+        self._push_on_live.add(record.relay_key)
+        node_id, key = record.node_id, record.relay_key
+
+        def on_state(state: str) -> None:
+            if state == "closed":
+                self._push_on_live.discard(key)
+            elif state == "live":
+                for room, entries in list(self._room_entries.items()):
+                    if self.server.rooms.get(room) is not None and any(
+                        e.node_id == node_id for e in entries
+                    ):
+                        link.send(self._room_state(room))
+
+        link.on_state(on_state)
+        self._watch_link(record)
+
+    def room_state_received(self, key: bytes, msg: RoomState) -> None:
+        """A peer node's share of a room, pushed over a relay link: it hosts the room (it
+        may pull the room's producers), and the room's members and producers here follow
+        at once (participants joined or left, new producers pulled)."""
+        now = self.directory.clock()
+        node_id = self.access.node_of(key, now)
+        if node_id is None or node_id == self.directory.node_id:
+            return
+        if self.origins.is_dead(node_id):
+            return
+        room = msg.room
+        entry: RoomEntry | None = None
+        if msg.participants > 0:
+            self.access.room_hosts(room, [node_id], now)
+            entry = RoomEntry(
+                room=room,
+                node_id=node_id,
+                participants=msg.participants,
+                producers=tuple(DirectoryProducer(id=p.id, kind=p.kind) for p in msg.producers),
+                members=tuple(Member(id=m.id, name=m.name) for m in msg.members[:MAX_MEMBERS]),
+            )
+        self._pushed[(room, node_id)] = (entry, time.monotonic())
+        if self.server.rooms.get(room) is None:
+            return
+        entries = self._merge_pushed(room, self._room_entries.get(room, []))
+        self._room_entries[room] = entries
+        self._update_members(room, entries)
+        self._start_pulls(room, entries)
+
     def room_changed(self, room: str) -> None:
-        """A participant joined or left ``room`` here: announce it and pull the room's
-        remote producers now rather than at the next sync."""
+        """A participant joined or left ``room`` here, or a local producer was added or
+        closed: tell the room's other nodes now (over the relay links), pull the room's
+        remote producers now, and announce it in the directory."""
+        try:
+            self._push_room(room)
+        except Exception:
+            log.exception("pushing room %s failed", room)
         if room in self._refreshing:
+            self._refresh_again.add(room)  # the running refresh goes round once more
             return
         self._refreshing.add(room)
 
         async def refresh() -> None:
             try:
-                await self._announce_room(room)
-                await self._pull_room(room)
+                while True:
+                    self._refresh_again.discard(room)
+                    entries = self._room_entries.get(room)
+                    if entries is not None:
+                        self._start_pulls(room, entries)  # known hosts: no lookup first
+                    await self._announce_room(room)
+                    await self._pull_room(room)
+                    if room not in self._refresh_again:
+                        return
             except Exception:
                 log.exception("refreshing room %s failed", room)
             finally:
                 self._refreshing.discard(room)
+                self._refresh_again.discard(room)
 
         task = asyncio.ensure_future(refresh())
         self._tasks.add(task)
@@ -464,6 +608,7 @@ class Overlay:
             if record is None or not record.relay_address or not record.relay_key:
                 return False
             self.known_keys.add(record.relay_key)
+            await self._introduce(room, record)
             host, port = split_host_port(record.relay_address)
             await self.server.pull_remote_producer(room, record.relay_key, host, port, producer_id)
             self._pulled_from[(room, producer_id)] = entry.node_id
@@ -632,24 +777,37 @@ class Overlay:
         self._update_members(room, entries)
         hosts = (e.node_id for e in entries if e.participants > 0)
         self.access.room_hosts(room, hosts, self.directory.clock())
+        if not self._auto_subscribed(room):
+            return
+        for entry in entries:
+            if entry.node_id == self.directory.node_id or self.origins.is_dead(entry.node_id):
+                continue
+            if entry.node_id not in self._nodes:
+                found = await self.directory.node_entry(entry.node_id)
+                if found is not None and found[0].relay_key:
+                    self._nodes[entry.node_id] = found[0]
+                    self.access.seen(found[0].relay_key, found[0].node_id, found[1])
+        self._start_pulls(room, entries)
+
+    def _auto_subscribed(self, room: str) -> bool:
         hosted = self.server.rooms.get(room)
-        if hosted is None or not any(m.subscribes_automatically for m in hosted.members):
-            return  # nobody here subscribes automatically: pull on demand only
+        return hosted is not None and any(m.subscribes_automatically for m in hosted.members)
+
+    def _start_pulls(self, room: str, entries: list[RoomEntry]) -> None:
+        """Relay in the producers of ``entries`` not here yet, when someone here subscribes
+        automatically (otherwise producers are pulled on demand)."""
+        hosted = self.server.rooms.get(room)
+        if hosted is None or not self._auto_subscribed(room):
+            return
         router = hosted.router
         for entry in entries:
             if entry.node_id == self.directory.node_id or self.origins.is_dead(entry.node_id):
                 continue
             record = self._nodes.get(entry.node_id)
-            if record is None:
-                found = await self.directory.node_entry(entry.node_id)
-                if found is not None and found[0].relay_key:
-                    record = found[0]
-                    self.access.seen(record.relay_key, record.node_id, found[1])
             if record is None or not record.relay_address or not record.relay_key:
                 continue
             if not self.authorize(record.relay_key):
                 continue
-            self._nodes[entry.node_id] = record
             for producer in entry.producers:
                 key = (room, producer.id)
                 if (
@@ -663,8 +821,23 @@ class Overlay:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
+    async def _introduce(self, room: str, record: NodeRecord) -> None:
+        """Open the link to ``record``'s node and send it this node's share of ``room``
+        first: the origin then knows this node hosts the room before it is asked for one
+        of the room's producers (same connection, so in order)."""
+        relay = self.server.relay
+        if relay is None:
+            return
+        self._open_link(record)
+        link = relay.links.get(record.relay_key)
+        if link is None:
+            return
+        await link.wait_live(10.0)
+        link.send(self._room_state(room))
+
     async def _pull(self, room: str, record: NodeRecord, producer_id: str) -> None:
         try:
+            await self._introduce(room, record)
             host, port = split_host_port(record.relay_address)
             await self.server.pull_remote_producer(room, record.relay_key, host, port, producer_id)
             self._pulled_from[(room, producer_id)] = record.node_id

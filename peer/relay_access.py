@@ -70,6 +70,13 @@ class RelayAccess:
 
     # -- decisions -----------------------------------------------------------------------
 
+    def node_of(self, key: bytes, now: float) -> bytes | None:
+        """The node id of ``key`` while it may hold a relay link (None for static keys)."""
+        grant = self._grants.get(key)
+        if grant is None or not self.allowed(key, now):
+            return None
+        return grant.node_id
+
     def tracked(self) -> list[tuple[bytes, bytes]]:
         """(key, node id) of every key currently granted."""
         return [(key, g.node_id) for key, g in self._grants.items()]

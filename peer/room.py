@@ -51,6 +51,8 @@ class Room:
         self.name = name
         self.router = router
         self._members: dict[str, Member] = {}
+        #: called when a local producer is added or closes (the room's share changed)
+        self.changed: Callable[[], None] = lambda: None
 
     @property
     def members(self) -> list[Member]:
@@ -99,8 +101,12 @@ class Room:
                 {"type": "producer_removed", "producer_id": p.id, "reason": p.close_reason},
                 exclude=owner,
             )
+            if p.origin == "local":
+                self.changed()
 
         producer.on_close(removed)
+        if producer.origin == "local":
+            self.changed()
         return True
 
     def _replace(self, old: Producer, new: Producer) -> None:
@@ -174,6 +180,7 @@ class Rooms:
         room = self._rooms.get(name)
         if room is None:
             room = self._rooms[name] = Room(name, self.node.router(name))
+            room.changed = lambda: self.changed(name)
         others = room.members
         room._members[member.participant_id] = member
         room.broadcast(

@@ -69,6 +69,7 @@ class RelayCounters:
     connections_closed: int = 0
     heartbeat_timeouts: int = 0
     unknown_flow_requests: int = 0
+    room_states_received: int = 0
 
 
 class RelayError(Exception):

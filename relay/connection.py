@@ -31,6 +31,7 @@ from .protocol import (
     Heartbeat,
     HeartbeatAck,
     ProtocolError,
+    RoomState,
     encode_message,
 )
 from .remote import REMOTE_MESSAGES, RemoteFlows
@@ -89,6 +90,8 @@ class RelayConnection:
         #: called once authenticated, and once dead with ``(code, reason)``
         self.on_up: Callable[[RelayConnection], None] = lambda conn: None
         self.on_down: Callable[[RelayConnection, int, str], None] = lambda conn, c, r: None
+        #: called with each ROOM_STATE an authenticated peer sends (either role)
+        self.on_room_state: Callable[[RelayConnection, RoomState], None] = lambda conn, m: None
         self.authed = False
         self.dead = False
         self.handshake_done = False
@@ -234,6 +237,9 @@ class RelayConnection:
             self._terminate(msg.code, msg.reason)
         elif not self.authed:
             self._handshake_step(msg, now)
+        elif isinstance(msg, RoomState):
+            self.counters.room_states_received += 1
+            self.on_room_state(self, msg)
         elif isinstance(msg, ORIGIN_MESSAGES):
             if self.origin is None:
                 self.counters.control_unexpected += 1

@@ -40,7 +40,7 @@ from .connection import RelayConnection
 from .flows import LIVE, OriginFlowStats, RemoteProducer, call_each
 from .handshake import ClientHandshake, ServerHandshake
 from .origin import OriginFlows
-from .protocol import ALPN, ErrorCode
+from .protocol import ALPN, ControlMessage, ErrorCode, RoomState
 from .remote import RemoteFlows
 from .source import ProducerLookup
 from .udp import open_udp
@@ -386,6 +386,15 @@ class RelayLink:
         self.host = host
         self.port = port
 
+    def send(self, msg: ControlMessage) -> bool:
+        """Send a control message on the live connection; False if the link is not live.
+        Messages sent on a link arrive in order with its SUBSCRIBEs."""
+        conn = self._conn
+        if self.state != LIVE or conn is None or not conn.core.authed:
+            return False
+        conn.core.send_msg(msg)
+        return True
+
     def on_state(self, cb: Callable[[str], None]) -> None:
         """Call ``cb(state)`` on every link state change."""
         self._state_cbs.append(cb)
@@ -486,6 +495,7 @@ class RelayLink:
         )
         core.on_up = self._on_up
         core.on_down = self._on_down
+        core.on_room_state = ep._room_state
         transport, proto = await open_udp(
             lambda: QuicRelayProtocol(quic, core, True), (cfg.host, 0)
         )
@@ -591,6 +601,8 @@ class RelayEndpoint:
         #: ``may_subscribe(peer_key, producer_id)``: whether an authenticated peer may pull
         #: that producer (default: any producer ``lookup`` finds).
         self.may_subscribe: Callable[[bytes, str], bool] = lambda key, producer_id: True
+        #: ``room_state_received(peer_key, msg)``: a peer told its share of a room
+        self.room_state_received: Callable[[bytes, RoomState], None] = lambda key, msg: None
         self.config = config or RelayConfig()
         self.counters = RelayCounters()
         self.admission = PendingAdmission(self.config.admission)
@@ -639,12 +651,30 @@ class RelayEndpoint:
             self.counters,
             lambda key, pid: key is not None and self.may_subscribe(key, pid),
         )
+        core.on_room_state = self._room_state
         self.counters.connections_accepted += 1
         proto = QuicRelayProtocol(quic, core, False, **kw)
         self._sessions.add(proto)
         core.on_up = self._supersede
         core.on_down = lambda c, code, reason: self._sessions.discard(proto)
         return proto
+
+    def _room_state(self, core: RelayConnection, msg: RoomState) -> None:
+        if core.peer_key is not None:
+            self.room_state_received(core.peer_key, msg)
+
+    def send_room_state(self, peer_key: bytes, msg: RoomState) -> bool:
+        """Send ``msg`` to ``peer_key`` on a live connection: the link to it, else one it
+        opened to this node. False if there is none."""
+        link = self._links.get(peer_key)
+        if link is not None and link.send(msg):
+            return True
+        for session in self._sessions:
+            core = session.core
+            if core.peer_key == peer_key and core.authed and not core.dead:
+                core.send_msg(msg)
+                return True
+        return False
 
     def _supersede(self, core: RelayConnection) -> None:
         # a reconnecting peer supersedes its previous (probably dead) connection, so

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -43,6 +43,9 @@ __all__ = [
     "Nack",
     "ProducerClosed",
     "ProtocolError",
+    "RoomMember",
+    "RoomProducer",
+    "RoomState",
     "Stats",
     "Subscribe",
     "Subscribed",
@@ -60,6 +63,8 @@ ALPN = "cascade-relay/1"
 MAX_CONTROL_MESSAGE = 64 * 1024
 #: Most sequence numbers in one NACK message.
 MAX_NACK_SEQS = 512
+#: Most producers and most members listed in one ROOM_STATE message.
+MAX_ROOM_ITEMS = 256
 _FRAME = struct.Struct("!BI")  # version (u8), body length (u32)
 FRAME_HEADER_SIZE = _FRAME.size
 DATAGRAM_HEADER_SIZE = 4
@@ -222,6 +227,33 @@ class Stats(_Msg, tag=22):
     repaired: int
 
 
+class RoomProducer(msgspec.Struct, array_like=True, frozen=True):
+    """A producer published on the sending node (in :class:`RoomState`)."""
+
+    id: Annotated[str, msgspec.Meta(max_length=64)]
+    kind: Literal["audio", "video"]
+
+
+class RoomMember(msgspec.Struct, array_like=True, frozen=True):
+    """A participant on the sending node (in :class:`RoomState`)."""
+
+    id: Annotated[str, msgspec.Meta(max_length=64)]
+    name: Annotated[str, msgspec.Meta(max_length=64)] = ""
+
+
+class RoomState(_Msg, tag=30):
+    """The sending node's share of a room, complete (not a delta): its participant count,
+    the producers published on it and its members. Sent in either direction on a live
+    link, at once on every change, to the nodes sharing the room (the directory stays the
+    fallback), and before a SUBSCRIBE to the room's producers. ``participants`` 0: the room
+    closed on the sender."""
+
+    room: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    participants: _U32
+    producers: Annotated[list[RoomProducer], msgspec.Meta(max_length=MAX_ROOM_ITEMS)] = []
+    members: Annotated[list[RoomMember], msgspec.Meta(max_length=MAX_ROOM_ITEMS)] = []
+
+
 ControlMessage = (
     Hello
     | Auth
@@ -236,6 +268,7 @@ ControlMessage = (
     | Heartbeat
     | HeartbeatAck
     | Stats
+    | RoomState
 )
 
 _encoder = msgspec.msgpack.Encoder()
