@@ -67,6 +67,12 @@ def _new_id(prefix: str) -> str:
 Sink = Callable[[bytes], None]
 # One forwarded packet in this many is timed (arrival to last sendto) for Node.timing.
 FORWARD_TIMING_EVERY = 64
+# A video consumer that starts within this many seconds of the producer's last keyframe
+# is sent the cached packets from that keyframe on, instead of waiting for a new one
+# (which the keyframe rate limit may hold back for up to its interval).
+KEYFRAME_REPLAY_WINDOW = 1.0
+# At most this many cached packets are replayed (else a new keyframe is requested).
+KEYFRAME_REPLAY_MAX = 256
 
 
 class Producer:
@@ -105,6 +111,7 @@ class Producer:
         self.closed = False
         self.paused = False
         self.last_keyframe_at = 0.0
+        self.last_keyframe_seq: int | None = None
         # The last packet received: whether its frame was complete when forwarding stopped.
         self.last_packet: CachedPacket | None = None
         self.keyframe_limiter = KeyframeLimiter(keyframe_request_delay)
@@ -150,6 +157,7 @@ class Producer:
         if keyframe:
             stats.keyframes += 1
             self.last_keyframe_at = now
+            self.last_keyframe_seq = seq
         if self._media_waiters and (keyframe or not self.is_video):
             waiters, self._media_waiters = self._media_waiters, []
             for waiter in waiters:
@@ -177,6 +185,24 @@ class Producer:
     def has_media(self) -> bool:
         """Whether a subscriber switched to it now would get media at once."""
         return self.last_keyframe_at > 0 if self.is_video else self.stats.packets > 0
+
+    def recent_keyframe(self, now: float) -> list[CachedPacket] | None:
+        """The cached packets from the last keyframe to the newest packet, if that keyframe
+        arrived less than :data:`KEYFRAME_REPLAY_WINDOW` ago and every packet since is
+        still cached (at most :data:`KEYFRAME_REPLAY_MAX`); else None."""
+        first, last = self.last_keyframe_seq, self.last_packet
+        if first is None or last is None or now - self.last_keyframe_at > KEYFRAME_REPLAY_WINDOW:
+            return None
+        count = ((last.seq - first) & 0xFFFF) + 1
+        if count > KEYFRAME_REPLAY_MAX:
+            return None
+        packets = []
+        for offset in range(count):
+            packet = self.cache.get((first + offset) & 0xFFFF)
+            if packet is None:
+                return None
+            packets.append(packet)
+        return packets if packets[0].keyframe else None
 
     def when_media(self, callback: Callable[[Producer], None]) -> None:
         """Call ``callback(self)`` once it has media (asking the publisher for a keyframe
@@ -302,10 +328,23 @@ class Consumer:
                 )
             )
         self.sink = sink
-        if self.producer.is_video:
-            self.waiting_keyframe = True
-            self.producer.request_keyframe(now)
+        if not self.producer.is_video:
+            self._update_gate()
+            return
+        self.waiting_keyframe = True
         self._update_gate()
+        wall = time.time() if now is None else now
+        recent = None if self.paused else self.producer.recent_keyframe(wall)
+        if recent is None:
+            self.producer.request_keyframe(now)
+            return
+        # The keyframe the producer got a moment ago (for another subscriber, or asked for
+        # when a relay flow opened): start with it rather than wait for the next one.
+        self.stats.keyframes_replayed += 1
+        abs_time = abs_send_time_now(ntp_time(wall))
+        for packet in recent:
+            ext = shared_extensions(self.writer.shared_layout, abs_time, packet.audio_level)
+            self.forward(packet, ext, wall)
 
     def forward(self, packet: CachedPacket, shared_ext: bytes, now: float) -> None:
         """Rewrite one source packet for this subscriber and send it. Hot path."""

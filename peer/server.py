@@ -202,6 +202,9 @@ class NodeServer:
             # an older incarnation of a track already republished here: never pull it again
             self.superseded.add(producer_id)
             return producer
+        # Ask for a keyframe as the flow opens: it is here (and replayed to each consumer
+        # that starts within the replay window) by the time the subscribers can receive.
+        producer.request_keyframe()
 
         def state_changed(state: str) -> None:
             # A relay link that dies or comes back is reported to the room's subscribers.

@@ -18,6 +18,8 @@ class StreamStats:
     retransmits: int = 0
     plis: int = 0
     keyframes: int = 0
+    # Consumers: starts on a cached recent keyframe instead of a new one.
+    keyframes_replayed: int = 0
     _rate_t: float = 0.0
     _rate_bytes: int = 0
     _rate_packets: int = 0
@@ -50,6 +52,7 @@ class StreamStats:
             "retransmits": self.retransmits,
             "plis": self.plis,
             "keyframes": self.keyframes,
+            "keyframes_replayed": self.keyframes_replayed,
         }
 
 

@@ -236,12 +236,38 @@ def test_request_inside_the_throttle_window_is_held_not_lost():
     b = producer.router.create_consumer(producer.id, "b")
     clock[0] = 0.0
     a.attach(OutboundParams(ssrc=1, payload_type=97), sent.append, now=0.0)
-    producer.receive(1, 100, 1, vp8_payload(True), now=0.05)  # a starts
+    producer.receive(1, 100, 1, vp8_payload(False), now=0.05)  # no keyframe yet
     clock[0] = 0.2
     b.attach(OutboundParams(ssrc=2, payload_type=97), sent.append, now=0.2)
     assert asked == [0.0]
     _run(producer, 0.3, 0.65)
     assert asked == [0.0, 0.5]  # b's request, held until the window ended
+
+
+def test_a_consumer_starting_just_after_a_keyframe_gets_it_from_the_cache():
+    producer, asked, sent = _video_router()
+    clock[0] = 0.0
+    a = producer.router.create_consumer(producer.id, "a")
+    a.attach(OutboundParams(ssrc=1, payload_type=97), sent.append, now=0.0)
+    producer.receive(10, 100, 0, vp8_payload(True), now=0.05)  # keyframe, two packets
+    producer.receive(11, 100, 1, vp8_payload(False), now=0.05)
+    producer.receive(12, 3100, 1, vp8_payload(False), now=0.08)
+    later: list[bytes] = []
+    b = producer.router.create_consumer(producer.id, "b")
+    b.attach(OutboundParams(ssrc=2, payload_type=97), later.append, now=0.3)
+    # b starts at once with the keyframe and what followed, in order; nobody asks again
+    assert [p[1] & 0x80 for p in map(bytes, later)] == [0, 0x80, 0x80]
+    first = [RtpPacket.parse(p) for p in later]
+    assert [(p.sequence_number - first[0].sequence_number) & 0xFFFF for p in first] == [0, 1, 2]
+    assert not b.waiting_keyframe and b.stats.keyframes_replayed == 1
+    assert asked == [0.0]
+    producer.receive(13, 6100, 1, vp8_payload(False), now=0.1)
+    assert len(later) == 4  # then live
+    # Past the replay window a new consumer asks for a fresh keyframe instead.
+    c = producer.router.create_consumer(producer.id, "c")
+    clock[0] = 1.55
+    c.attach(OutboundParams(ssrc=3, payload_type=97), sent.append, now=0.05 + 1.5)
+    assert asked == [0.0, 1.55] and c.waiting_keyframe
 
 
 def _switchable(source: str) -> tuple[Router, Producer, Consumer, list[bytes]]:
