@@ -528,7 +528,13 @@ class Overlay:
         self._pushed[(room, node_id)] = (entry, time.monotonic())
         if self.server.rooms.get(room) is None:
             return
-        entries = self._merge_pushed(room, self._room_entries.get(room, []))
+        known = self._room_entries.get(room, [])
+        if entry is not None and not any(e.node_id == node_id for e in known):
+            # A node new to the room: it gets this node's share at once in return.
+            relay = self.server.relay
+            if relay is not None:
+                relay.send_room_state(key, self._room_state(room))
+        entries = self._merge_pushed(room, known)
         self._room_entries[room] = entries
         self._update_members(room, entries)
         self._start_pulls(room, entries)
