@@ -240,3 +240,39 @@ def test_reconnect_resubscribes_and_asks_for_a_keyframe() -> None:
     src.emit_next()
     wire2.flush()
     assert len(col.seqs) == 1
+
+
+def test_room_states_reach_the_other_end_in_both_directions_and_bad_ones_are_skipped() -> None:
+    a, b, wire = node_pair()
+    handshake(b, wire)
+    got: dict[str, list[p.RoomState]] = {"a": [], "b": []}
+    a.conn.on_room_state = lambda conn, msg: got["a"].append(msg)
+    b.conn.on_room_state = lambda conn, msg: got["b"].append(msg)
+    state = p.RoomState(
+        room="lobby",
+        participants=2,
+        producers=[p.RoomProducer("pr-1", "video")],
+        members=[p.RoomMember("pa-1", "Ann"), p.RoomMember("pa-2")],
+    )
+    b.conn.send_msg(state)  # dialler to listener
+    a.conn.send_msg(p.RoomState(room="lobby", participants=0))  # and back
+    # Recoverable: a state with an unknown media kind, or too many producers, is skipped
+    # and counted; the connection and the next message go on.
+    bad_kind = p.encode_message(state).replace(b"video", b"vide0")
+    b.conn.control_out.append(bad_kind)
+    too_many = p.RoomState(room="x", participants=1)
+    too_many.producers.extend(p.RoomProducer(f"p{i}", "audio") for i in range(300))
+    b.conn.control_out.append(p.encode_message(too_many))
+    b.conn.send_msg(p.RoomState(room="after", participants=1))
+    wire.flush()
+    assert got["a"] == [state, p.RoomState(room="after", participants=1)]
+    assert got["b"] == [p.RoomState(room="lobby", participants=0)]
+    assert a.counters.control_malformed == 2 and a.conn.authed and b.conn.authed
+
+
+def test_room_state_before_authentication_closes() -> None:
+    a, b, wire = node_pair()
+    b.conn.control_out.append(p.encode_message(p.RoomState(room="lobby", participants=1)))
+    wire.flush()
+    assert a.conn.close_out is not None
+    assert a.conn.close_out[0] == ErrorCode.PROTOCOL_VIOLATION
