@@ -43,6 +43,9 @@ log = logging.getLogger("cascade.overlay")
 #: Seconds a room state pushed by a peer node over a relay link takes precedence over
 #: what the directory says of that node's share of the room (the directory may lag).
 PUSH_HOLD = 3.0
+#: Seconds a room lookup in the directory is reused by the next join's placement and
+#: participant list.
+LOOKUP_REUSE = 0.5
 
 
 def announced_relay_address(announce: str, bound_host: str, bound_port: int) -> str:
@@ -104,6 +107,8 @@ class Overlay:
         self._remote_members: dict[str, dict[str, tuple[str, str]]] = {}
         self._refreshing: set[str] = set()
         self._refresh_again: set[str] = set()
+        # room -> its directory entries as last looked up, and when (monotonic)
+        self._looked_up: dict[str, tuple[list[RoomEntry], float]] = {}
         # (room, node id) -> (its share as the node last pushed it, None once it left the
         # room; when received, monotonic)
         self._pushed: dict[tuple[str, bytes], tuple[RoomEntry | None, float]] = {}
@@ -220,9 +225,31 @@ class Overlay:
 
     async def _room_hosts(self, room: str) -> list[RoomEntry]:
         """The room's entries in the directory, without those of nodes seen dead."""
-        entries = self._merge_pushed(room, await self.directory.room_hosts(room))
+        found = await self.directory.room_hosts(room)
+        self._looked_up[room] = (found, time.monotonic())
+        return self._current(room, found)
+
+    def _current(self, room: str, found: list[RoomEntry]) -> list[RoomEntry]:
+        entries = self._merge_pushed(room, found)
         dead = self.origins.dead
         return [e for e in entries if e.node_id not in dead] if dead else entries
+
+    async def _recent_room_hosts(self, room: str) -> list[RoomEntry]:
+        """As :meth:`_room_hosts`, reusing a lookup of the last ``LOOKUP_REUSE`` seconds
+        (a join looks the room up to place the participant, then to list the others)."""
+        cached = self._looked_up.get(room)
+        if cached is not None and time.monotonic() - cached[1] <= LOOKUP_REUSE:
+            return self._current(room, cached[0])
+        return await self._room_hosts(room)
+
+    def _forget_old(self, now: float) -> None:
+        """Drop room lookups and pushed room states too old to be used."""
+        for room, (_, at) in list(self._looked_up.items()):
+            if now - at > LOOKUP_REUSE:
+                del self._looked_up[room]
+        for key, (_, at) in list(self._pushed.items()):
+            if now - at > PUSH_HOLD:
+                del self._pushed[key]
 
     def _merge_pushed(self, room: str, entries: list[RoomEntry]) -> list[RoomEntry]:
         """``entries`` with each node's share replaced by the one it pushed, while recent."""
@@ -347,6 +374,7 @@ class Overlay:
 
     async def sync(self) -> None:
         """One round: publish load and rooms, learn peers, pull missing remote producers."""
+        self._forget_old(time.monotonic())
         self.directory.update_load(self._load())
         rooms = self.server.rooms
         for hosted in rooms:
@@ -357,6 +385,7 @@ class Overlay:
                 self._remote_members.pop(room, None)
                 self.access.forget_room(room)
                 self._room_entries.pop(room, None)
+                self._looked_up.pop(room, None)
                 await self.directory.withdraw_room(room)
         seen = time.time()
         live: dict[bytes, tuple[NodeRecord, float]] = {}
@@ -577,7 +606,7 @@ class Overlay:
         """Participants of ``room`` on other nodes: as last synced when the room is already
         open here, else looked up in the directory now."""
         if room not in self._remote_members:
-            entries = await self._room_hosts(room)
+            entries = await self._recent_room_hosts(room)
             self._room_entries[room] = entries
             self._update_members(room, entries)
         return [
@@ -756,7 +785,7 @@ class Overlay:
 
     async def place(self, room: str, region: str | None) -> Placement:
         """Rank the nodes a new participant of ``room`` from ``region`` should join."""
-        entries = await self._room_hosts(room)
+        entries = await self._recent_room_hosts(room)
         own = self.directory.node_id
         hosts = [RoomHost(e.node_id.hex(), e.participants) for e in entries if e.node_id != own]
         hosted = self.server.rooms.get(room)
