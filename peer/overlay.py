@@ -531,7 +531,8 @@ class Overlay:
                         link.send(self._room_state(room))
 
         link.on_state(on_state)
-        self._watch_link(record)
+        # Not reported to the origin watch here: only links this node pulls media over are
+        # (a link that carries room states alone says nothing about the peer's media).
 
     def room_state_received(self, key: bytes, msg: RoomState) -> None:
         """A peer node's share of a room, pushed over a relay link: it hosts the room (it
