@@ -70,7 +70,7 @@ FORWARD_TIMING_EVERY = 64
 # A video consumer that starts within this many seconds of the producer's last keyframe
 # is sent the cached packets from that keyframe on, instead of waiting for a new one
 # (which the keyframe rate limit may hold back for up to its interval).
-KEYFRAME_REPLAY_WINDOW = 1.0
+KEYFRAME_REPLAY_WINDOW = 0.5
 # At most this many cached packets are replayed (else a new keyframe is requested).
 KEYFRAME_REPLAY_MAX = 256
 
