@@ -18,8 +18,9 @@ subscribe peer connection's ICE + DTLS), ``first_rtp`` (the track's first RTP pa
 client: for video the first forwarded keyframe) and ``decoded``. Also the share of
 participants placed in their own region; relay flows against the minimum the placement
 needs; nodes per room against the minimum (the number of regions its participants come
-from); and directory (DHT) bytes per node per second. The baseline of the first-frame
-figures is the same run's same-node joins. Last line: one JSON object.
+from); directory (DHT) bytes per node per second; and the CPU time the six nodes used.
+The baseline of the first-frame figures is the same run's same-node joins. Last line: one
+JSON object.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import time
 import urllib.request
 from multiprocessing.connection import Connection
 from typing import Any
+
+import psutil
 
 from peer import aiortc_adapter as rtc
 from peer.client import CascadeClient, mint_token
@@ -288,6 +291,12 @@ async def run(
     try:
         await asyncio.sleep(3.0)  # every node sees every other in the directory
         dht_before = {n.url: _get(f"{n.url}/overlay")["dht"] for n in plan}
+        node_procs = [psutil.Process(p.pid) for p in procs]
+
+        def node_cpu() -> float:
+            return sum(sum(p.cpu_times()[:2]) for p in node_procs)
+
+        cpu_before = node_cpu()
         t_before = time.monotonic()
         names = [f"room{r}" for r in range(rooms)]
         per_room = max(2, participants // rooms)
@@ -329,6 +338,7 @@ async def run(
                 break
             await asyncio.sleep(0.5)
         elapsed = time.monotonic() - t_before
+        cpu_used = node_cpu() - cpu_before
         for r in subs:
             got = [p for p, t in r["timings"].items() if t["decoded"] is not None]
             if len(got) < publishers_per_room:
@@ -404,6 +414,7 @@ async def run(
             "nodes_per_room_mean": round(statistics.mean(nodes_per_room), 2),
             "nodes_per_room_minimum_mean": round(statistics.mean(min_nodes_per_room), 2),
             "dht_bytes_sent_per_node_per_s": round(statistics.mean(dht_bytes)),
+            "node_cpu_seconds": round(cpu_used, 1),
             "load_average_1m": round(os.getloadavg()[0], 1),
         }
     finally:
