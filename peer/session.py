@@ -588,12 +588,9 @@ class ParticipantSession:
     async def _attach(self, sub: _Subscription) -> None:
         sender = sub.transceiver.sender
         dtls = sender.transport
-        deadline = time.monotonic() + 15
-        while dtls.state != "connected":
-            if dtls.state in ("failed", "closed") or time.monotonic() > deadline:
-                sub.consumer.close()
-                return
-            await asyncio.sleep(0.02)
+        if not await _dtls_connected(dtls, 15.0):
+            sub.consumer.close()
+            return
         if sub.consumer.closed:
             return
         params = rtc.outbound_params(sub.transceiver)
@@ -648,6 +645,27 @@ class ParticipantSession:
         if self.subscribe_pc is not None:
             count += sum(rtc.encoder_created(t.sender) for t in self.subscribe_pc.getTransceivers())
         return count
+
+
+async def _dtls_connected(dtls: Any, timeout: float) -> bool:
+    """Wait (on its state changes, not by polling) until ``dtls`` is connected; False if it
+    fails, closes or takes longer than ``timeout`` seconds."""
+    if dtls.state == "connected":
+        return True
+    changed = asyncio.Event()
+    dtls.on("statechange", changed.set)
+    try:
+        deadline = time.monotonic() + timeout
+        while dtls.state != "connected":
+            remaining = deadline - time.monotonic()
+            if dtls.state in ("failed", "closed") or remaining <= 0:
+                return False
+            changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+        return True
+    finally:
+        dtls.remove_listener("statechange", changed.set)
 
 
 def _codec_preferences(codec: CodecInfo) -> list[RTCRtpCodecCapability]:
