@@ -207,11 +207,14 @@ def publisher_tracks(bitrate: int) -> list[Any]:
 # -- Cascade ---------------------------------------------------------------------------
 
 
-def start_cascade(port: int, fast_ingress: bool = True) -> subprocess.Popen[bytes]:
+def start_cascade(
+    port: int, fast_ingress: bool = True, fast_rtcp: bool = True
+) -> subprocess.Popen[bytes]:
     """A Cascade node on the server core, in the servers' namespace, limits off."""
     # The node listens off loopback: monitoring (if loaded) wants a token.
     env = {"CASCADE_MONITOR_TOKEN": SECRET, **os.environ, "CASCADE_API_SECRET": SECRET}
     env["CASCADE_FAST_INGRESS"] = "1" if fast_ingress else "0"
+    env["CASCADE_FAST_RTCP"] = "1" if fast_rtcp else "0"
     cmd = [
         *in_server_ns(),
         "taskset",
@@ -245,10 +248,19 @@ def start_cascade(port: int, fast_ingress: bool = True) -> subprocess.Popen[byte
     )
 
 
-async def run_cascade(n: int, args: argparse.Namespace, fast_ingress: bool = True) -> CaseResult:
-    result = CaseResult("cascade" if fast_ingress else "cascade-aiortc-ingress", n)
+def cascade_case_name(fast_ingress: bool, fast_rtcp: bool) -> str:
+    """``cascade``, or the baseline it is: publisher media or RTCP through aiortc."""
+    if not fast_ingress:
+        return "cascade-aiortc-ingress"
+    return "cascade" if fast_rtcp else "cascade-aiortc-rtcp"
+
+
+async def run_cascade(
+    n: int, args: argparse.Namespace, fast_ingress: bool = True, fast_rtcp: bool = True
+) -> CaseResult:
+    result = CaseResult(cascade_case_name(fast_ingress, fast_rtcp), n)
     port = 18080
-    server = start_cascade(port, fast_ingress)
+    server = start_cascade(port, fast_ingress, fast_rtcp)
     clients: list[CascadeClient] = []
     try:
         wait_port(port)
@@ -477,6 +489,10 @@ def print_table(results: list[CaseResult]) -> None:
         )
 
 
+# Cascade baselines in the same run: (case name, ratio key prefix)
+BASELINES = (("cascade-aiortc-ingress", "aiortc_ingress"), ("cascade-aiortc-rtcp", "aiortc_rtcp"))
+
+
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     rtc.set_ice_addresses([LOAD_IP])
     results: list[CaseResult] = []
@@ -485,6 +501,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         print_partial(results[-1])
         if args.ingress_baseline:
             results.append(await run_cascade(n, args, fast_ingress=False))
+            print_partial(results[-1])
+        if args.rtcp_baseline:
+            results.append(await run_cascade(n, args, fast_rtcp=False))
             print_partial(results[-1])
         if args.janus:
             results.append(await run_janus(n, args))
@@ -502,11 +521,12 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         c, j = by.get(("cascade", n)), by.get(("janus", n))
         if c and j and j.cpu_us_per_packet:
             ratios[f"cascade_over_janus_n{n}"] = round(c.cpu_us_per_packet / j.cpu_us_per_packet, 3)
-        old = by.get(("cascade-aiortc-ingress", n))
-        if old and j and j.cpu_us_per_packet:
-            ratios[f"aiortc_ingress_over_janus_n{n}"] = round(
-                old.cpu_us_per_packet / j.cpu_us_per_packet, 3
-            )
+        for server, key in BASELINES:
+            old = by.get((server, n))
+            if old and j and j.cpu_us_per_packet:
+                ratios[f"{key}_over_janus_n{n}"] = round(
+                    old.cpu_us_per_packet / j.cpu_us_per_packet, 3
+                )
     c5, m5 = by.get(("cascade", 5)), by.get(("mediarelay", 5))
     if c5 and m5 and c5.cpu_us_per_packet:
         ratios["mediarelay_over_cascade_n5"] = round(m5.cpu_us_per_packet / c5.cpu_us_per_packet, 1)
@@ -613,6 +633,11 @@ def main(argv: list[str] | None = None) -> int:
         "--ingress-baseline",
         action="store_true",
         help="also run Cascade with CASCADE_FAST_INGRESS=0 (aiortc's receive path), as before",
+    )
+    parser.add_argument(
+        "--rtcp-baseline",
+        action="store_true",
+        help="also run Cascade with CASCADE_FAST_RTCP=0 (RTCP through aiortc), as before",
     )
     parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ of the received videos, decode errors of the decoding participant, and the ratio
     python -m bench.rooms                         # R = 10 rooms, Cascade then Janus
     python -m bench.rooms --rooms 6 --duration 5 --no-janus
     python -m bench.rooms --ingress-baseline      # + Cascade on aiortc's receive path
+    python -m bench.rooms --rtcp-baseline         # + Cascade with RTCP through aiortc
 
 Choose R so that Cascade's server CPU is about 50 % of its core (printed). Prints a table,
 then one JSON object as the last line.
@@ -111,11 +112,13 @@ class _JanusProbe:
         return _Count(sum(e.count for e in self.decode_errors))
 
 
-async def run_cascade(args: argparse.Namespace, fast_ingress: bool = True) -> CaseResult:
+async def run_cascade(
+    args: argparse.Namespace, fast_ingress: bool = True, fast_rtcp: bool = True
+) -> CaseResult:
     """R rooms of 5 SDK participants on one Cascade node."""
-    result = CaseResult("cascade" if fast_ingress else "cascade-aiortc-ingress", args.rooms)
+    result = CaseResult(fanout.cascade_case_name(fast_ingress, fast_rtcp), args.rooms)
     port = 18080
-    server = fanout.start_cascade(port, fast_ingress)
+    server = fanout.start_cascade(port, fast_ingress, fast_rtcp)
     clients: list[CascadeClient] = []
     try:
         fanout.wait_port(port)
@@ -226,6 +229,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     if args.ingress_baseline:
         results.append(await run_cascade(args, fast_ingress=False))
         fanout.print_partial(results[-1])
+    if args.rtcp_baseline:
+        results.append(await run_cascade(args, fast_rtcp=False))
+        fanout.print_partial(results[-1])
     if args.janus:
         results.append(await run_janus(args))
         fanout.print_partial(results[-1])
@@ -237,7 +243,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     janus = by.get("janus")
     for name, key in (
         ("cascade", "cascade_over_janus"),
-        ("cascade-aiortc-ingress", "aiortc_ingress_over_janus"),
+        *((server, f"{prefix}_over_janus") for server, prefix in fanout.BASELINES),
     ):
         r = by.get(name)
         if r and janus and janus.cpu_us_per_packet:
@@ -268,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bitrate", type=int, default=500_000)
     parser.add_argument("--janus", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--ingress-baseline", action="store_true")
+    parser.add_argument(
+        "--rtcp-baseline", action="store_true", help="+ Cascade with RTCP through aiortc"
+    )
     parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.in_netns:
