@@ -208,13 +208,14 @@ def publisher_tracks(bitrate: int) -> list[Any]:
 
 
 def start_cascade(
-    port: int, fast_ingress: bool = True, fast_rtcp: bool = True
+    port: int, fast_ingress: bool = True, fast_rtcp: bool = True, gc_tuning: bool = True
 ) -> subprocess.Popen[bytes]:
     """A Cascade node on the server core, in the servers' namespace, limits off."""
     # The node listens off loopback: monitoring (if loaded) wants a token.
     env = {"CASCADE_MONITOR_TOKEN": SECRET, **os.environ, "CASCADE_API_SECRET": SECRET}
     env["CASCADE_FAST_INGRESS"] = "1" if fast_ingress else "0"
     env["CASCADE_FAST_RTCP"] = "1" if fast_rtcp else "0"
+    env["CASCADE_GC_TUNING"] = "1" if gc_tuning else "0"
     cmd = [
         *in_server_ns(),
         "taskset",
@@ -248,19 +249,26 @@ def start_cascade(
     )
 
 
-def cascade_case_name(fast_ingress: bool, fast_rtcp: bool) -> str:
-    """``cascade``, or the baseline it is: publisher media or RTCP through aiortc."""
+def cascade_case_name(fast_ingress: bool, fast_rtcp: bool, gc_tuning: bool = True) -> str:
+    """``cascade``, or the baseline it is: publisher media or RTCP through aiortc, or
+    CPython's default collector settings."""
     if not fast_ingress:
         return "cascade-aiortc-ingress"
-    return "cascade" if fast_rtcp else "cascade-aiortc-rtcp"
+    if not fast_rtcp:
+        return "cascade-aiortc-rtcp"
+    return "cascade" if gc_tuning else "cascade-default-gc"
 
 
 async def run_cascade(
-    n: int, args: argparse.Namespace, fast_ingress: bool = True, fast_rtcp: bool = True
+    n: int,
+    args: argparse.Namespace,
+    fast_ingress: bool = True,
+    fast_rtcp: bool = True,
+    gc_tuning: bool = True,
 ) -> CaseResult:
-    result = CaseResult(cascade_case_name(fast_ingress, fast_rtcp), n)
+    result = CaseResult(cascade_case_name(fast_ingress, fast_rtcp, gc_tuning), n)
     port = 18080
-    server = start_cascade(port, fast_ingress, fast_rtcp)
+    server = start_cascade(port, fast_ingress, fast_rtcp, gc_tuning)
     clients: list[CascadeClient] = []
     try:
         wait_port(port)
@@ -490,7 +498,11 @@ def print_table(results: list[CaseResult]) -> None:
 
 
 # Cascade baselines in the same run: (case name, ratio key prefix)
-BASELINES = (("cascade-aiortc-ingress", "aiortc_ingress"), ("cascade-aiortc-rtcp", "aiortc_rtcp"))
+BASELINES = (
+    ("cascade-aiortc-ingress", "aiortc_ingress"),
+    ("cascade-aiortc-rtcp", "aiortc_rtcp"),
+    ("cascade-default-gc", "default_gc"),
+)
 
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -504,6 +516,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             print_partial(results[-1])
         if args.rtcp_baseline:
             results.append(await run_cascade(n, args, fast_rtcp=False))
+            print_partial(results[-1])
+        if args.gc_baseline:
+            results.append(await run_cascade(n, args, gc_tuning=False))
             print_partial(results[-1])
         if args.janus:
             results.append(await run_janus(n, args))
@@ -638,6 +653,11 @@ def main(argv: list[str] | None = None) -> int:
         "--rtcp-baseline",
         action="store_true",
         help="also run Cascade with CASCADE_FAST_RTCP=0 (RTCP through aiortc), as before",
+    )
+    parser.add_argument(
+        "--gc-baseline",
+        action="store_true",
+        help="also run Cascade with CASCADE_GC_TUNING=0 (CPython's collector defaults)",
     )
     parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -11,6 +11,7 @@ of the received videos, decode errors of the decoding participant, and the ratio
     python -m bench.rooms --rooms 6 --duration 5 --no-janus
     python -m bench.rooms --ingress-baseline      # + Cascade on aiortc's receive path
     python -m bench.rooms --rtcp-baseline         # + Cascade with RTCP through aiortc
+    python -m bench.rooms --gc-baseline           # + Cascade with CPython's GC defaults
 
 Choose R so that Cascade's server CPU is about 50 % of its core (printed). Prints a table,
 then one JSON object as the last line.
@@ -113,12 +114,16 @@ class _JanusProbe:
 
 
 async def run_cascade(
-    args: argparse.Namespace, fast_ingress: bool = True, fast_rtcp: bool = True
+    args: argparse.Namespace,
+    fast_ingress: bool = True,
+    fast_rtcp: bool = True,
+    gc_tuning: bool = True,
 ) -> CaseResult:
     """R rooms of 5 SDK participants on one Cascade node."""
-    result = CaseResult(fanout.cascade_case_name(fast_ingress, fast_rtcp), args.rooms)
+    name = fanout.cascade_case_name(fast_ingress, fast_rtcp, gc_tuning)
+    result = CaseResult(name, args.rooms)
     port = 18080
-    server = fanout.start_cascade(port, fast_ingress, fast_rtcp)
+    server = fanout.start_cascade(port, fast_ingress, fast_rtcp, gc_tuning)
     clients: list[CascadeClient] = []
     try:
         fanout.wait_port(port)
@@ -232,6 +237,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     if args.rtcp_baseline:
         results.append(await run_cascade(args, fast_rtcp=False))
         fanout.print_partial(results[-1])
+    if args.gc_baseline:
+        results.append(await run_cascade(args, gc_tuning=False))
+        fanout.print_partial(results[-1])
     if args.janus:
         results.append(await run_janus(args))
         fanout.print_partial(results[-1])
@@ -276,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ingress-baseline", action="store_true")
     parser.add_argument(
         "--rtcp-baseline", action="store_true", help="+ Cascade with RTCP through aiortc"
+    )
+    parser.add_argument(
+        "--gc-baseline", action="store_true", help="+ Cascade with CPython's GC defaults"
     )
     parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -13,13 +13,15 @@ wait a minute. So a node:
 - never runs a full collection on allocation counts, but once per :data:`FULL_INTERVAL`
   seconds from a timer (:func:`collect_periodically`).
 
-Tests run nodes inside the pytest process and keep CPython's defaults.
+Tests run nodes inside the pytest process and keep CPython's defaults;
+``CASCADE_GC_TUNING=0`` keeps them in a node too (the benchmarks' baseline).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
 
 THRESHOLDS = (10_000, 50, 1_000_000)
@@ -28,14 +30,21 @@ FULL_INTERVAL = 60.0
 
 def tune() -> None:
     """Apply the node's collector settings to this process (call once it is serving)."""
+    if not enabled():
+        return
     gc.collect()
     gc.freeze()
     gc.set_threshold(*THRESHOLDS)
 
 
+def enabled() -> bool:
+    """Whether node processes tune the collector (``CASCADE_GC_TUNING``, default on)."""
+    return os.environ.get("CASCADE_GC_TUNING", "1") != "0"
+
+
 async def collect_periodically(interval: float = FULL_INTERVAL) -> None:
-    """Run a full collection every ``interval`` seconds, forever."""
-    while True:
+    """Run a full collection every ``interval`` seconds, forever (with :func:`enabled`)."""
+    while enabled():
         await asyncio.sleep(interval)
         started = time.perf_counter()
         gc.collect()
