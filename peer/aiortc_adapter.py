@@ -21,6 +21,18 @@ What we rely on, and why:
   sender SSRC of that RTCP; ``RTCRtpReceiver._handle_rtcp_packet`` is wrapped to read
   Sender Reports (LSR/DLSR); ``RTCRtpReceiver.stop`` is wrapped so a stopped receiver's
   media no longer reaches the producer.
+- Fast RTCP (:meth:`_IngressDemux._receive_rtcp`, :class:`_SenderReports`; see
+  :func:`fast_rtcp_enabled`): the same per-connection demux (installed by
+  :func:`hook_sender` on a subscribe connection) decrypts SRTCP with
+  ``srtp_unprotect_rtcp`` on ``RTCDtlsTransport._rx_srtp`` and routes what
+  :func:`peer.rtcp.parse_feedback` read through ``RTCDtlsTransport._rtp_router``
+  (``senders``: hooked senders carry ``_cascade_rtcp``; ``ssrc_table``: tapped receivers).
+  Feedback for a sender or receiver we did not hook goes, decrypted, to
+  ``RTCDtlsTransport._handle_rtcp_data``. ``RTCRtpSender._run_rtcp`` is replaced per
+  instance: it sets ``_RTCRtpSender__rtcp_started`` / ``__rtcp_exited`` (awaited by
+  ``stop()``), joins the shared Sender Report timer and sends BYE when cancelled; SRs
+  carry ``RTCRtpSender._ssrc`` and the CNAME ``_RTCRtpSender__cname``, are protected with
+  ``_tx_srtp`` and sent on the nominated pair.
 - ``RTCRtpReceiver._RTCRtpReceiver__jitter_buffer``: replaced per tapped receiver so that
   a packet which still reaches aiortc's path (none should) is never decoded. The
   decoder thread is stopped right away. ``__remote_streams`` / ``__rtx_ssrc`` are still
