@@ -255,7 +255,7 @@ def cascade_case_name(fast_ingress: bool, fast_rtcp: bool, gc_tuning: bool = Tru
     if not fast_ingress:
         return "cascade-aiortc-ingress"
     if not fast_rtcp:
-        return "cascade-aiortc-rtcp"
+        return "cascade-aiortc-rtcp" if gc_tuning else "cascade-aiortc-rtcp-default-gc"
     return "cascade" if gc_tuning else "cascade-default-gc"
 
 
@@ -502,6 +502,7 @@ BASELINES = (
     ("cascade-aiortc-ingress", "aiortc_ingress"),
     ("cascade-aiortc-rtcp", "aiortc_rtcp"),
     ("cascade-default-gc", "default_gc"),
+    ("cascade-aiortc-rtcp-default-gc", "aiortc_rtcp_default_gc"),
 )
 
 

@@ -246,6 +246,12 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         cases.append(lambda ready: run_cascade(args, fast_rtcp=False, port=18082, ready=ready))
     if args.gc_baseline:
         cases.append(lambda ready: run_cascade(args, gc_tuning=False, port=18083, ready=ready))
+    if args.before_baseline:
+        cases.append(
+            lambda ready: run_cascade(
+                args, fast_rtcp=False, gc_tuning=False, port=18084, ready=ready
+            )
+        )
     if args.janus:
         cases.append(lambda ready: run_janus(args, ready=ready))
     results: list[CaseResult] = []
@@ -313,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--gc-baseline", action="store_true", help="+ Cascade with CPython's GC defaults"
+    )
+    parser.add_argument(
+        "--before-baseline",
+        action="store_true",
+        help="+ Cascade with both RTCP through aiortc and CPython's GC defaults",
     )
     parser.add_argument(
         "--concurrent",
