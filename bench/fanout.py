@@ -483,15 +483,16 @@ async def run_mediarelay(n: int, args: argparse.Namespace) -> CaseResult:
 
 
 def print_table(results: list[CaseResult]) -> None:
+    width = max([23, *(len(r.server) + 1 for r in results)])
     header = (
-        f"{'server':<23}{'N':>5}{'µs/pkt':>9}{'cpu%':>7}{'fwd pkt/s':>11}"
+        f"{'server':<{width}}{'N':>5}{'µs/pkt':>9}{'cpu%':>7}{'fwd pkt/s':>11}"
         f"{'sub fps':>9}{'dec fps':>9}{'dec err':>9}{'lost':>7}{'conn':>6}{'load%':>7}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r.server:<23}{r.subscribers:>5}{r.cpu_us_per_packet:>9.2f}{r.server_cpu_percent:>7.1f}"
+            f"{r.server:<{width}}{r.subscribers:>5}{r.cpu_us_per_packet:>9.2f}{r.server_cpu_percent:>7.1f}"
             f"{r.forwarded_pps:>11}{r.subscriber_fps:>9.1f}{r.decoded_fps:>9.1f}"
             f"{r.decode_errors:>9}{r.packets_lost:>7}{r.connected:>6}{r.load_cpu_percent:>7.1f}"
         )
