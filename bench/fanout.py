@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import psutil
@@ -265,9 +265,12 @@ async def run_cascade(
     fast_ingress: bool = True,
     fast_rtcp: bool = True,
     gc_tuning: bool = True,
+    port: int = 18080,
+    ready: asyncio.Barrier | None = None,
 ) -> CaseResult:
+    """One publisher, ``n`` subscribers on a Cascade node (``ready``: wait there for the
+    other cases before warming up and measuring, see ``--concurrent``)."""
     result = CaseResult(cascade_case_name(fast_ingress, fast_rtcp, gc_tuning), n)
-    port = 18080
     server = start_cascade(port, fast_ingress, fast_rtcp, gc_tuning)
     clients: list[CascadeClient] = []
     try:
@@ -295,6 +298,8 @@ async def run_cascade(
             await asyncio.gather(
                 *(c.wait_for_tracks(1, "video", timeout=20) for c in probe_clients)
             )
+        if ready is not None:
+            await ready.wait()
         await asyncio.sleep(args.warmup)
         probes = []
         for c in probe_clients:
@@ -349,7 +354,9 @@ class _CascadeProbe:
 # -- Janus -----------------------------------------------------------------------------
 
 
-async def run_janus(n: int, args: argparse.Namespace) -> CaseResult:
+async def run_janus(
+    n: int, args: argparse.Namespace, ready: asyncio.Barrier | None = None
+) -> CaseResult:
     result = CaseResult("janus", n)
     port = 18088
     folder = Path(tempfile.mkdtemp(prefix="cascade-janus-"))
@@ -391,6 +398,8 @@ async def run_janus(n: int, args: argparse.Namespace) -> CaseResult:
         await gather_batched([s.start() for s in subs])
         counters = [s.counter for s in subs if s.counter is not None]
         await wait_flowing(counters)
+        if ready is not None:
+            await ready.wait()
         await asyncio.sleep(args.warmup)
         await measure(server.pid, counters, probes, args.duration, result)
         result.connected += probes_n
@@ -498,6 +507,31 @@ def print_table(results: list[CaseResult]) -> None:
         )
 
 
+async def run_cases(cases: list[Any], concurrent: bool) -> list[CaseResult]:
+    """Run each ``case(ready)`` in turn, or all at once: then every case waits for the
+    others at a barrier before warming up, so all are measured over the same seconds and
+    whatever else runs on the machine hits them alike."""
+    results: list[CaseResult] = []
+    if not concurrent:
+        for case in cases:
+            results.append(await case(None))
+            print_partial(results[-1])
+        return results
+    barrier = asyncio.Barrier(len(cases))
+
+    async def run(case: Any) -> CaseResult:
+        try:
+            return cast(CaseResult, await case(barrier))
+        except BaseException:
+            await barrier.abort()
+            raise
+
+    results = list(await asyncio.gather(*(run(case) for case in cases)))
+    for r in results:
+        print_partial(r)
+    return results
+
+
 # Cascade baselines in the same run: (case name, ratio key prefix)
 BASELINES = (
     ("cascade-aiortc-ingress", "aiortc_ingress"),
@@ -511,20 +545,22 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     rtc.set_ice_addresses([LOAD_IP])
     results: list[CaseResult] = []
     for n in args.sizes:
-        results.append(await run_cascade(n, args))
-        print_partial(results[-1])
+        cases: list[Any] = [lambda ready, n=n: run_cascade(n, args, ready=ready)]
         if args.ingress_baseline:
-            results.append(await run_cascade(n, args, fast_ingress=False))
-            print_partial(results[-1])
+            cases.append(
+                lambda ready, n=n: run_cascade(n, args, fast_ingress=False, port=18081, ready=ready)
+            )
         if args.rtcp_baseline:
-            results.append(await run_cascade(n, args, fast_rtcp=False))
-            print_partial(results[-1])
+            cases.append(
+                lambda ready, n=n: run_cascade(n, args, fast_rtcp=False, port=18082, ready=ready)
+            )
         if args.gc_baseline:
-            results.append(await run_cascade(n, args, gc_tuning=False))
-            print_partial(results[-1])
+            cases.append(
+                lambda ready, n=n: run_cascade(n, args, gc_tuning=False, port=18083, ready=ready)
+            )
         if args.janus:
-            results.append(await run_janus(n, args))
-            print_partial(results[-1])
+            cases.append(lambda ready, n=n: run_janus(n, args, ready=ready))
+        results += await run_cases(cases, args.concurrent)
     if args.mediarelay:
         results.append(await run_mediarelay(5, args))
         print_partial(results[-1])
@@ -660,6 +696,11 @@ def main(argv: list[str] | None = None) -> int:
         "--gc-baseline",
         action="store_true",
         help="also run Cascade with CASCADE_GC_TUNING=0 (CPython's collector defaults)",
+    )
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run the cases of each size at the same time, measured over the same seconds",
     )
     parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 
@@ -254,26 +254,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.janus:
         cases.append(lambda ready: run_janus(args, ready=ready))
-    results: list[CaseResult] = []
-    if args.concurrent:
-        # Every case at once, each on its own server (all on the server core), measured over
-        # the same seconds: what the other sessions on the machine do hits them alike.
-        barrier = asyncio.Barrier(len(cases))
-
-        async def case(run: Any) -> CaseResult:
-            try:
-                return cast(CaseResult, await run(barrier))
-            except BaseException:
-                await barrier.abort()
-                raise
-
-        results = list(await asyncio.gather(*(case(run) for run in cases)))
-        for r in results:
-            fanout.print_partial(r)
-    else:
-        for run in cases:
-            results.append(await run(None))
-            fanout.print_partial(results[-1])
+    results = await fanout.run_cases(cases, args.concurrent)
     print()
     print(f"{args.rooms} rooms x {ROOM_SIZE} participants (N column: rooms)")
     fanout.print_table(results)
