@@ -67,6 +67,8 @@ class SoakReport:
     fds_final: int = 0
     tasks_baseline: int = 0
     tasks_final: int = 0
+    # Coroutine name -> change in its task count between the baseline and the end.
+    tasks_grown: dict[str, int] = field(default_factory=dict)
     decode_errors: int = 0
     frames_per_subscriber_min: int = 0
     churn_cycles: int = 0
@@ -107,6 +109,7 @@ class NodeProcess:
 
     def __init__(self) -> None:
         self.secret = secrets.token_urlsafe(32)
+        self.admin_token = secrets.token_urlsafe(32)
         self.port = free_port(socket.SOCK_STREAM)
         self.dht_port = free_port(socket.SOCK_DGRAM)
         self.relay_port = free_port(socket.SOCK_DGRAM)
@@ -120,7 +123,11 @@ class NodeProcess:
             "--relay-port", str(self.relay_port), "--max-cpu", "100",
             "--log-level", "WARNING",
         ]  # fmt: skip
-        env = {**os.environ, "CASCADE_API_SECRET": self.secret}
+        env = {
+            **os.environ,
+            "CASCADE_API_SECRET": self.secret,
+            "CASCADE_ADMIN_TOKEN": self.admin_token,
+        }
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
         async with aiohttp.ClientSession() as http:
             for _ in range(300):
@@ -137,6 +144,16 @@ class NodeProcess:
         async with aiohttp.ClientSession() as http, http.get(self.url + "/stats") as r:
             data: dict[str, Any] = await r.json()
             return data
+
+    async def task_census(self) -> dict[str, int]:
+        """The node's asyncio tasks by coroutine (``GET /admin/tasks``)."""
+        headers = {"Authorization": f"Bearer {self.admin_token}"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(self.url + "/admin/tasks", headers=headers) as r,
+        ):
+            data: dict[str, Any] = await r.json()
+            return dict(data["by_coroutine"])
 
     def token(self, identity: str) -> str:
         return issue_token(self.secret, ROOM, identity, ttl=7200)
@@ -302,6 +319,7 @@ class Soak:
             await self.pause_churn()
             await asyncio.sleep(2.0)
             base = (await self.node.stats())["process"]
+            census0 = await self.node.task_census()
             frames0 = [t.frames_decoded for t in self.tracks]
             self.churn_on.set()
             await asyncio.sleep(r.seconds)
@@ -314,6 +332,12 @@ class Soak:
                 t.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
             final = await self.settle(base)
+            census1 = await self.node.task_census()
+            r.tasks_grown = {
+                name: census1.get(name, 0) - census0.get(name, 0)
+                for name in sorted(set(census0) | set(census1))
+                if census1.get(name, 0) != census0.get(name, 0)
+            }
             if os.environ.get("SOAK_DEBUG") and self.node.proc is not None:
                 import psutil
 
@@ -367,6 +391,8 @@ def print_table(r: SoakReport) -> None:
           f"  ({r.rss_growth_mb:+.1f} MB, x{r.rss_ratio:.3f})")  # fmt: skip
     print(f"  fds        {r.fds_baseline:8d}    -> {r.fds_final:8d}")
     print(f"  tasks      {r.tasks_baseline:8d}    -> {r.tasks_final:8d}")
+    for name, change in r.tasks_grown.items():
+        print(f"    {change:+4d}  {name}")
     print(f"  decode errors {r.decode_errors}, min frames per stable subscriber "
           f"{r.frames_per_subscriber_min}")  # fmt: skip
     print(f"  churn cycles {r.churn_cycles} ({r.churn_errors} errors), hostile datagrams "

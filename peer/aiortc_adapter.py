@@ -62,9 +62,12 @@ What we rely on, and why:
 - ``aioice.ice.StunProtocol.connection_lost``: closes our dup of the ICE socket
   (see :func:`_send_socket`) when the ICE socket closes, instead of whenever the
   garbage collector gets to the protocol.
-- ``aioice.ice.Connection._query_consent_task`` and ``RTCIceTransport.__start``: a
-  connection closed while its ICE checks were completing starts consent checks after
-  ``close()`` (aioice 0.13); :func:`close_peer_connection` waits for that and stops them.
+- ``aioice.ice.Connection.connect`` and its ``_closing`` / ``_query_consent_task``: a
+  connection closed while its ICE checks were completing still starts consent checks
+  when ``connect()`` resumes after ``close()`` (aioice 0.13). Their loop runs over the
+  cleared nominated pairs, so it never fails and never ends: one task waking every
+  5 s per such connection, for the life of the process. The wrapped ``connect()``
+  stops them.
 - ``RTCDtlsTransport._recv_next``: one call handles one received datagram; its
   loop (``__run``) ends on any exception but ``pylibsrtp.Error``, so an empty
   datagram (``data[0]``), an oversized RTP-range one (pylibsrtp's ``ValueError``)
@@ -178,6 +181,18 @@ async def _gather_candidates_without_leaks(self: aioice.ice.Connection) -> None:
     await asyncio.shield(gathering)
 
 
+_ORIGINAL_ICE_CONNECT = aioice.ice.Connection.connect
+
+
+async def _connect_without_orphan_consent(self: aioice.ice.Connection) -> None:
+    await _ORIGINAL_ICE_CONNECT(self)
+    if getattr(self, "_closing", False):
+        task = self._query_consent_task
+        self._query_consent_task = None
+        if task is not None:
+            task.cancel()
+
+
 def _close_if_closing(conn: aioice.ice.Connection, gathering: asyncio.Future[None]) -> None:
     if not gathering.cancelled():
         gathering.exception()  # retrieved: the awaiting caller may be gone
@@ -190,6 +205,7 @@ def _close_if_closing(conn: aioice.ice.Connection, gathering: asyncio.Future[Non
 
 RTCDtlsTransport._recv_next = _guarded_recv_next  # type: ignore[method-assign]
 aioice.ice.Connection.gather_candidates = _gather_candidates_without_leaks  # type: ignore[method-assign]
+aioice.ice.Connection.connect = _connect_without_orphan_consent  # type: ignore[method-assign]
 aioice.ice.StunProtocol.connection_lost = _stun_connection_lost  # type: ignore[method-assign]
 aioice.ice.StunProtocol.datagram_received = _guarded_stun_datagram_received  # type: ignore[method-assign]
 _ice_addresses: list[str] | None = None
@@ -1133,25 +1149,11 @@ def _ice_connections(pc: Any) -> list[tuple[Any, Any]]:
     return list(seen.values())
 
 
-async def close_peer_connection(pc: Any, wait: float = 2.0) -> None:
-    """Close ``pc`` and stop what aiortc/aioice may leave running after ``close()``: an ICE
-    connect() that was completing still starts consent checks (waited for up to ``wait``
-    seconds through ``RTCIceTransport.__start``, then cancelled)."""
-    pairs: list[tuple[Any, Any]] = []
-    with contextlib.suppress(Exception):
-        pairs = _ice_connections(pc)
+async def close_peer_connection(pc: Any) -> None:
+    """Close ``pc``, whatever state it is in (consent checks that an ICE connect()
+    completing after the close would start are stopped by the wrapped ``connect()``)."""
     with contextlib.suppress(Exception):
         await pc.close()
-    for conn, dtls in pairs:
-        started = getattr(dtls.transport, "_RTCIceTransport__start", None)
-        if started is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(started.wait(), wait)
-        task = getattr(conn, "_query_consent_task", None)
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
 
 
 def local_candidate_ports(pc: Any) -> list[tuple[str, int]]:

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,16 @@ class NodeConfig:
     admin_token: str = ""
     # How a drain moves participants out (rate, timeout, grace).
     drain: DrainPolicy = field(default_factory=DrainPolicy)
+
+
+def task_census(tasks: Iterable[asyncio.Task[Any]]) -> dict[str, int]:
+    """How many tasks run each coroutine (by qualified name), most frequent first."""
+    counts: Counter[str] = Counter()
+    for task in tasks:
+        coro = task.get_coro()
+        name = getattr(coro, "__qualname__", None) or type(coro).__name__
+        counts[name] += 1
+    return dict(counts.most_common())
 
 
 class NodeServer:
@@ -233,6 +243,7 @@ class NodeServer:
         app.router.add_get("/overlay", self.overlay_handler)
         app.router.add_post("/admin/drain", self.drain_handler)
         app.router.add_get("/admin/drain", self.drain_status_handler)
+        app.router.add_get("/admin/tasks", self.tasks_handler)
         app.router.add_get("/", self.index)
         if self.config.dev and self.api_secret:
             app.router.add_get("/dev/token", self.dev_token)
@@ -325,6 +336,14 @@ class NodeServer:
         if refused is not None:
             return refused
         return web.json_response({"draining": self.draining, **self.drain_status()})
+
+    async def tasks_handler(self, request: web.Request) -> web.Response:
+        """The node's asyncio tasks counted by coroutine: what to read when they grow."""
+        refused = self._admin_refusal(request, "tasks")
+        if refused is not None:
+            return refused
+        census = task_census(asyncio.all_tasks())
+        return web.json_response({"count": sum(census.values()), "by_coroutine": census})
 
     def drain_status(self) -> dict[str, object]:
         """Participants left and moves made so far."""

@@ -234,9 +234,9 @@ class WorkerPool:
                     process.pid, code)  # fmt: skip
         handle.up = False
         handle.channel = None
-        handle.load = None
         handle.cpu = 0.0
         self.on_lost(handle)
+        handle.load = None
         if handle.pipe_channel is not None:
             handle.pipe_channel.close()
             handle.pipe_channel = None
@@ -441,8 +441,32 @@ class WorkersNode(Node):
     the workers."""
 
     def __init__(self, pool: Callable[[], WorkerPool | None], admission: AdmissionPolicy) -> None:
-        super().__init__(admission)
         self._pool = pool
+        # Refusals counted by worker processes that have since been restarted.
+        self._refused_by_former_workers = 0
+        super().__init__(admission)
+
+    @property
+    def consumers_refused(self) -> int:
+        """Consumers refused by admission control, over the workers (a counter: a worker's
+        count outlives its process)."""
+        pool = self._pool()
+        live = 0
+        if pool is not None:
+            for handle in pool.workers:
+                if handle.load is not None:
+                    live += int(handle.load.totals.get("consumers_refused", 0))
+        return self._refused_by_former_workers + live
+
+    @consumers_refused.setter
+    def consumers_refused(self, value: int) -> None:
+        self._refused_by_former_workers = value
+
+    def worker_lost(self, handle: WorkerHandle) -> None:
+        """Keep what a lost worker counted; its replacement starts from zero."""
+        if handle.load is not None:
+            self._refused_by_former_workers += int(handle.load.totals.get("consumers_refused", 0))
+        handle.load = None
 
     def totals(self) -> dict[str, float | int]:
         """Node-wide counters summed over the workers' last load reports."""
@@ -493,7 +517,7 @@ class Supervisor(NodeServer):
         self._stats_waiting: dict[int, asyncio.Future[bytes]] = {}
         # Node admission over the workers: each worker may use max_cpu of its core, the
         # consumer and egress limits are the node's, split evenly.
-        self.node = WorkersNode(
+        self.node = self.workers_node = WorkersNode(
             lambda: self.pool,
             AdmissionPolicy(
                 max_consumers=config.max_consumers,
@@ -556,6 +580,7 @@ class Supervisor(NodeServer):
                 waiting.set_result(frame.data)
 
     def _on_lost(self, handle: WorkerHandle) -> None:
+        self.workers_node.worker_lost(handle)
         for conn in list(handle.conns):
             session = self.conns.get(conn)
             if session is not None:

@@ -170,7 +170,10 @@ class Worker:
                 consumers=int(totals["consumers"]),
                 producers=int(totals["producers"]),
                 egress_pps=float(totals["egress_packet_rate"]),
-                totals={k: float(v) for k, v in totals.items()},
+                totals={
+                    **{k: float(v) for k, v in totals.items()},
+                    "consumers_refused": float(node.consumers_refused),
+                },
             )
         )
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import gc
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -15,6 +18,39 @@ from peer.tokens import issue_token
 SECRET = "test-secret-0123456789abcdef-0123456789"
 
 rtc.set_ice_addresses(["127.0.0.1"])
+
+
+def _print_pending_tasks(name: str) -> None:
+    """Write every unfinished asyncio task's stack to stderr: where a hung test waits.
+    (pytest-timeout shows only the threads, and a hung test is one task awaiting.)"""
+    tasks = [o for o in gc.get_objects() if isinstance(o, asyncio.Task) and not o.done()]
+    print(f"\n--- {name}: {len(tasks)} pending asyncio tasks ---", file=sys.stderr)
+    for task in tasks:
+        try:
+            task.print_stack(limit=8, file=sys.stderr)
+        except Exception as exc:  # the loop thread keeps running meanwhile
+            print(f"{task!r}: {exc!r}", file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+def hung_test_report(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Shortly before pytest-timeout ends a test, print where its tasks are waiting."""
+    marker = request.node.get_closest_marker("timeout")
+    limit = (
+        float(marker.args[0])
+        if marker and marker.args
+        else float(request.config.getini("timeout") or 0)
+    )
+    if limit <= 15:
+        yield
+        return
+    timer = threading.Timer(limit - 10, _print_pending_tasks, args=(request.node.nodeid,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @pytest.fixture

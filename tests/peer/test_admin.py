@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer.admin import AdminRefusal, check_admin, node_authorization
+from peer.server import NodeConfig, NodeServer
 
 KEY = Ed25519PrivateKey.generate()
 OTHER = Ed25519PrivateKey.generate()
@@ -48,3 +52,23 @@ def test_other_credentials_are_refused(
     header: str | None, token: str | None, reason: AdminRefusal
 ) -> None:
     assert check(header, token) is reason
+
+
+async def test_the_task_census_needs_credentials_and_counts_the_nodes_tasks() -> None:
+    server = NodeServer(NodeConfig(port=0, api_secret="s" * 32, admin_token=TOKEN))
+    await server.start()
+    try:
+        parked = [asyncio.ensure_future(asyncio.Event().wait()) for _ in range(3)]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/admin/tasks") as r:
+                assert r.status == 401
+                assert (await r.json())["code"] == "missing_credentials"
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            async with http.get(f"{server.url}/admin/tasks", headers=auth) as r:
+                census = await r.json()
+        for task in parked:
+            task.cancel()
+        assert census["by_coroutine"]["Event.wait"] == 3
+        assert census["count"] == sum(census["by_coroutine"].values())
+    finally:
+        await server.stop()

@@ -31,6 +31,49 @@ async def test_ice_addresses_are_configurable():
     await pc.close()
 
 
+def consent_tasks(conn: aioice.Connection) -> list[asyncio.Task[None]]:
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", "") == "Connection.query_consent"
+        and t.get_coro().cr_frame.f_locals.get("self") is conn  # type: ignore[union-attr]
+    ]
+
+
+async def test_an_ice_connection_closed_as_its_checks_complete_leaves_no_task_running():
+    """Issue 7 soak: closed while connect() was about to return, a connection used to start
+    consent checks over no pair, a task that never ended."""
+    rtc.set_ice_addresses(["127.0.0.1"])
+    a = aioice.Connection(ice_controlling=True, components=1)
+    b = aioice.Connection(ice_controlling=False, components=1)
+    await asyncio.gather(a.gather_candidates(), b.gather_candidates())
+    for local, remote in ((a, b), (b, a)):
+        for candidate in remote.local_candidates:
+            await local.add_remote_candidate(candidate)
+        await local.add_remote_candidate(None)
+        local.remote_username, local.remote_password = remote.local_username, remote.local_password
+
+    # Close `a` in the loop iteration right after its check list completes, before its
+    # connect() resumes (the close's task is scheduled ahead of connect()'s wake-up).
+    queue = a._check_list_state
+    put = queue.put_nowait
+
+    def put_and_close(state: int) -> None:
+        closing.append(asyncio.ensure_future(a.close()))
+        put(state)
+
+    closing: list[asyncio.Future[None]] = []
+    queue.put_nowait = put_and_close  # type: ignore[method-assign]
+    results = await asyncio.gather(a.connect(), b.connect(), return_exceptions=True)
+    await asyncio.gather(*closing)
+    assert closing, "the checks never completed"
+    assert not isinstance(results[0], BaseException) or isinstance(results[0], ConnectionError)
+    await asyncio.sleep(0)
+    assert consent_tasks(a) == []
+    await b.close()
+    assert consent_tasks(b) == []
+
+
 async def test_tap_forwards_packets_without_decoding_and_sink_sends():
     """Publisher -> tapped receiver (no decoder) -> SenderSink on a second pc -> decoding viewer."""
     rtc.set_ice_addresses(["127.0.0.1"])

@@ -362,3 +362,37 @@ def test_cli_node_with_workers_leaves_no_process(stop_signal) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_consumers_refused_by_a_worker_count_on_the_node() -> None:
+    # Two consumers for the node: one per worker, so a worker's second consumer is refused.
+    config = NodeConfig(port=0, api_secret=SECRET, max_cpu=100.0, max_consumers=2)
+    node = Supervisor(config, workers=2)
+    await node.start()
+    clients: list[CascadeClient] = []
+    try:
+        pin(node, 0)
+        for who in ("alice", "bob", "carol"):
+            client = CascadeClient(node.url)
+            clients.append(client)
+            await client.connect()
+            await client.join("full", token("full", who))
+            if who == "alice":
+                await client.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+        await clients[1].wait_for_tracks(1, "video", timeout=30)
+        for _ in range(100):  # workers report their counters once a second
+            if node.node.consumers_refused >= 1:
+                break
+            await asyncio.sleep(0.1)
+        assert node.node.consumers_refused == 1
+        victim = node.pool.workers[0]
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        for _ in range(200):
+            if victim.restarts == 1 and victim.up:
+                break
+            await asyncio.sleep(0.05)
+        assert node.node.consumers_refused == 1  # a counter: kept across the restart
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        await node.stop()
