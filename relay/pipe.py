@@ -16,7 +16,7 @@ Wire format: every datagram is either a flow datagram exactly as in a QUIC DATAG
 trust boundary (keep it inside the node: a socketpair, or a Unix socket in a directory
 only the node's user can enter). Heartbeats detect a dead peer; closing sends
 ``ErrorMsg(0, code, reason)``. Unix datagram sockets neither lose nor reorder datagrams
-(a full receiver makes the sender wait in asyncio's buffer); over UDP a lost flow
+(a full receiver makes the sender keep them until it can write); over UDP a lost flow
 datagram is repaired by NACK, a lost control message costs a subscribe timeout.
 
 Usage (each process)::
@@ -34,7 +34,6 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from .aio import Timer, open_remote_producer
 from .config import RelayConfig, RelayCounters, RelayError
@@ -54,6 +53,8 @@ CONTROL_TAG = b"\x00\x00\x00\x00"
 #: Largest flow datagram a pipe sends (fits loopback UDP and default Unix socket buffers).
 PIPE_MAX_DATAGRAM = 65000
 #: Bytes buffered by asyncio (receiver not keeping up) beyond which flow packets are dropped.
+# Datagrams read per wake-up of the pipe's socket at most.
+PIPE_READ_BATCH = 64
 PIPE_MAX_BUFFERED = 4 * 1024 * 1024
 
 
@@ -63,20 +64,6 @@ def pipe_socketpair() -> tuple[socket.socket, socket.socket]:
     a.setblocking(False)
     b.setblocking(False)
     return a, b
-
-
-class _PipeProtocol(asyncio.DatagramProtocol):
-    def __init__(self, pipe: RelayPipe) -> None:
-        self.pipe = pipe
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.pipe._received(data)
-
-    def error_received(self, exc: Exception) -> None:
-        self.pipe._error(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.pipe._lost()
 
 
 class RelayPipe:
@@ -104,7 +91,9 @@ class RelayPipe:
             max_payload=PIPE_MAX_DATAGRAM,
         )
         self.connection.origin = OriginFlows(self.connection, lookup, self.config, self.counters)
-        self._transport: asyncio.DatagramTransport | None = None
+        # The pipe reads and writes its socket itself (add_reader / add_writer): an event
+        # loop refuses a writer on a socket that a transport owns, and a full receiver
+        # must make the sender wait for writability, not fail.
         self._sock: socket.socket | None = None
         #: datagrams the socket refused (receiver full), sent when it is writable again
         self._backlog: deque[bytes] = deque()
@@ -127,11 +116,8 @@ class RelayPipe:
         """Start a pipe over ``sock``, a connected datagram socket (AF_UNIX or AF_INET)."""
         pipe = cls(lookup, config, name=name)
         sock.setblocking(False)
-        transport, _ = await pipe._loop.create_datagram_endpoint(
-            lambda: _PipeProtocol(pipe), sock=sock
-        )
-        pipe._transport = transport
         pipe._sock = sock
+        pipe._loop.add_reader(sock.fileno(), pipe._readable)
         conn = pipe.connection
         conn.notify = pipe._flush
         conn.on_down = pipe._on_down
@@ -199,6 +185,24 @@ class RelayPipe:
 
     # -- transport ----------------------------------------------------------------------
 
+    def _readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        # Every waiting datagram per wake-up (bounded, so other sockets get their turn).
+        for _ in range(PIPE_READ_BATCH):
+            try:
+                data = sock.recv(PIPE_MAX_DATAGRAM + 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._error(exc)
+                return
+            if data:
+                self._received(data)
+            if self._sock is None:
+                return
+
     def _received(self, data: bytes) -> None:
         conn = self.connection
         now = self._loop.time()
@@ -216,7 +220,7 @@ class RelayPipe:
             self._sock.send(data)  # type: ignore[union-attr]
         except BlockingIOError:
             self._queue(data, droppable)
-            self._loop.add_writer(self._sock, self._drain)  # type: ignore[arg-type]
+            self._loop.add_writer(self._sock.fileno(), self._drain)  # type: ignore[union-attr]
         except OSError as exc:
             self._error(exc)
 
@@ -239,7 +243,8 @@ class RelayPipe:
             backlog.clear()
             self._error(exc)
         self._backlog_bytes = 0
-        self._loop.remove_writer(self._sock)  # type: ignore[arg-type]
+        if self._sock is not None:
+            self._loop.remove_writer(self._sock.fileno())
 
     def _flush(self) -> None:
         conn = self.connection
@@ -268,9 +273,6 @@ class RelayPipe:
         else:
             log.debug("relay pipe %s: %s", self.name, exc)
 
-    def _lost(self) -> None:
-        self.connection.connection_lost(ErrorCode.SHUTDOWN, "socket closed")
-
     def _on_down(self, conn: RelayConnection, code: int, reason: str) -> None:
         if self.state == "closed":
             return
@@ -282,11 +284,13 @@ class RelayPipe:
         self.flows.close()
         self._conn_timer.cancel()
         self._flow_timer.cancel()
-        if self._backlog and self._sock is not None:
-            self._loop.remove_writer(self._sock)
-            self._backlog.clear()
-        if self._transport is not None:
-            self._transport.close()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._loop.remove_reader(sock.fileno())
+            if self._backlog:
+                self._loop.remove_writer(sock.fileno())
+            sock.close()
+        self._backlog.clear()
         cbs, self._close_cbs = self._close_cbs, []
         call_each(cbs, "relay pipe on_close")
 

@@ -151,6 +151,42 @@ async def test_piped_producer_over_real_sockets(
     assert await wait_until(lambda: back.closed)
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_burst_larger_than_the_socket_buffer_arrives_whole(loop: str) -> None:
+    """The sender waits for a full receiver (worker processes run uvloop, whose loop, like
+    asyncio's, refuses a writer on a socket that a transport owns)."""
+    factory = asyncio.new_event_loop
+    if loop == "uvloop":
+        factory = pytest.importorskip("uvloop").new_event_loop
+
+    async def burst() -> None:
+        sa, sb = pipe_socketpair()
+        for sock in (sa, sb):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sources: dict[str, FakeSource] = {}
+        a = await RelayPipe.open(sa, sources.get, name="worker-a")
+        b = await RelayPipe.open(sb, {}.get, name="worker-b")
+        try:
+            src = sources["cam"] = FakeSource()
+            rp = await b.subscribe("cam")
+            got = Collector()
+            rp.add_packet_listener(got)
+            # 400 packets of 1,200 bytes in one go, without yielding: far more than the
+            # socket holds, so most wait until the receiver has read.
+            sent = [src.emit_next(size=1200) for _ in range(400)]
+            assert await wait_until(lambda: got.packets == sent, 10)
+            rp.request_keyframe()  # control still flows after the backlog
+            assert await wait_until(lambda: src.keyframe_requests == 1)
+            assert a.state == b.state == "live"
+        finally:
+            await a.close()
+            await b.close()
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(burst())
+
+
 async def test_closing_one_end_closes_the_other(
     pipes: tuple[RelayPipe, RelayPipe, dict[str, FakeSource], dict[str, FakeSource]],
 ) -> None:
