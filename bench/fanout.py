@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import psutil
@@ -207,11 +207,15 @@ def publisher_tracks(bitrate: int) -> list[Any]:
 # -- Cascade ---------------------------------------------------------------------------
 
 
-def start_cascade(port: int, fast_ingress: bool = True) -> subprocess.Popen[bytes]:
+def start_cascade(
+    port: int, fast_ingress: bool = True, fast_rtcp: bool = True, gc_tuning: bool = True
+) -> subprocess.Popen[bytes]:
     """A Cascade node on the server core, in the servers' namespace, limits off."""
     # The node listens off loopback: monitoring (if loaded) wants a token.
     env = {"CASCADE_MONITOR_TOKEN": SECRET, **os.environ, "CASCADE_API_SECRET": SECRET}
     env["CASCADE_FAST_INGRESS"] = "1" if fast_ingress else "0"
+    env["CASCADE_FAST_RTCP"] = "1" if fast_rtcp else "0"
+    env["CASCADE_GC_TUNING"] = "1" if gc_tuning else "0"
     cmd = [
         *in_server_ns(),
         "taskset",
@@ -245,10 +249,29 @@ def start_cascade(port: int, fast_ingress: bool = True) -> subprocess.Popen[byte
     )
 
 
-async def run_cascade(n: int, args: argparse.Namespace, fast_ingress: bool = True) -> CaseResult:
-    result = CaseResult("cascade" if fast_ingress else "cascade-aiortc-ingress", n)
-    port = 18080
-    server = start_cascade(port, fast_ingress)
+def cascade_case_name(fast_ingress: bool, fast_rtcp: bool, gc_tuning: bool = True) -> str:
+    """``cascade``, or the baseline it is: publisher media or RTCP through aiortc, or
+    CPython's default collector settings."""
+    if not fast_ingress:
+        return "cascade-aiortc-ingress"
+    if not fast_rtcp:
+        return "cascade-aiortc-rtcp" if gc_tuning else "cascade-aiortc-rtcp-default-gc"
+    return "cascade" if gc_tuning else "cascade-default-gc"
+
+
+async def run_cascade(
+    n: int,
+    args: argparse.Namespace,
+    fast_ingress: bool = True,
+    fast_rtcp: bool = True,
+    gc_tuning: bool = True,
+    port: int = 18080,
+    ready: asyncio.Barrier | None = None,
+) -> CaseResult:
+    """One publisher, ``n`` subscribers on a Cascade node (``ready``: wait there for the
+    other cases before warming up and measuring, see ``--concurrent``)."""
+    result = CaseResult(cascade_case_name(fast_ingress, fast_rtcp, gc_tuning), n)
+    server = start_cascade(port, fast_ingress, fast_rtcp, gc_tuning)
     clients: list[CascadeClient] = []
     try:
         wait_port(port)
@@ -275,6 +298,8 @@ async def run_cascade(n: int, args: argparse.Namespace, fast_ingress: bool = Tru
             await asyncio.gather(
                 *(c.wait_for_tracks(1, "video", timeout=20) for c in probe_clients)
             )
+        if ready is not None:
+            await ready.wait()
         await asyncio.sleep(args.warmup)
         probes = []
         for c in probe_clients:
@@ -329,7 +354,9 @@ class _CascadeProbe:
 # -- Janus -----------------------------------------------------------------------------
 
 
-async def run_janus(n: int, args: argparse.Namespace) -> CaseResult:
+async def run_janus(
+    n: int, args: argparse.Namespace, ready: asyncio.Barrier | None = None
+) -> CaseResult:
     result = CaseResult("janus", n)
     port = 18088
     folder = Path(tempfile.mkdtemp(prefix="cascade-janus-"))
@@ -371,6 +398,8 @@ async def run_janus(n: int, args: argparse.Namespace) -> CaseResult:
         await gather_batched([s.start() for s in subs])
         counters = [s.counter for s in subs if s.counter is not None]
         await wait_flowing(counters)
+        if ready is not None:
+            await ready.wait()
         await asyncio.sleep(args.warmup)
         await measure(server.pid, counters, probes, args.duration, result)
         result.connected += probes_n
@@ -463,32 +492,75 @@ async def run_mediarelay(n: int, args: argparse.Namespace) -> CaseResult:
 
 
 def print_table(results: list[CaseResult]) -> None:
+    width = max([23, *(len(r.server) + 1 for r in results)])
     header = (
-        f"{'server':<23}{'N':>5}{'µs/pkt':>9}{'cpu%':>7}{'fwd pkt/s':>11}"
+        f"{'server':<{width}}{'N':>5}{'µs/pkt':>9}{'cpu%':>7}{'fwd pkt/s':>11}"
         f"{'sub fps':>9}{'dec fps':>9}{'dec err':>9}{'lost':>7}{'conn':>6}{'load%':>7}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r.server:<23}{r.subscribers:>5}{r.cpu_us_per_packet:>9.2f}{r.server_cpu_percent:>7.1f}"
+            f"{r.server:<{width}}{r.subscribers:>5}{r.cpu_us_per_packet:>9.2f}{r.server_cpu_percent:>7.1f}"
             f"{r.forwarded_pps:>11}{r.subscriber_fps:>9.1f}{r.decoded_fps:>9.1f}"
             f"{r.decode_errors:>9}{r.packets_lost:>7}{r.connected:>6}{r.load_cpu_percent:>7.1f}"
         )
+
+
+async def run_cases(cases: list[Any], concurrent: bool) -> list[CaseResult]:
+    """Run each ``case(ready)`` in turn, or all at once: then every case waits for the
+    others at a barrier before warming up, so all are measured over the same seconds and
+    whatever else runs on the machine hits them alike."""
+    results: list[CaseResult] = []
+    if not concurrent:
+        for case in cases:
+            results.append(await case(None))
+            print_partial(results[-1])
+        return results
+    barrier = asyncio.Barrier(len(cases))
+
+    async def run(case: Any) -> CaseResult:
+        try:
+            return cast(CaseResult, await case(barrier))
+        except BaseException:
+            await barrier.abort()
+            raise
+
+    results = list(await asyncio.gather(*(run(case) for case in cases)))
+    for r in results:
+        print_partial(r)
+    return results
+
+
+# Cascade baselines in the same run: (case name, ratio key prefix)
+BASELINES = (
+    ("cascade-aiortc-ingress", "aiortc_ingress"),
+    ("cascade-aiortc-rtcp", "aiortc_rtcp"),
+    ("cascade-default-gc", "default_gc"),
+    ("cascade-aiortc-rtcp-default-gc", "aiortc_rtcp_default_gc"),
+)
 
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     rtc.set_ice_addresses([LOAD_IP])
     results: list[CaseResult] = []
     for n in args.sizes:
-        results.append(await run_cascade(n, args))
-        print_partial(results[-1])
+        cases: list[Any] = [lambda ready, n=n: run_cascade(n, args, ready=ready)]
         if args.ingress_baseline:
-            results.append(await run_cascade(n, args, fast_ingress=False))
-            print_partial(results[-1])
+            cases.append(
+                lambda ready, n=n: run_cascade(n, args, fast_ingress=False, port=18081, ready=ready)
+            )
+        if args.rtcp_baseline:
+            cases.append(
+                lambda ready, n=n: run_cascade(n, args, fast_rtcp=False, port=18082, ready=ready)
+            )
+        if args.gc_baseline:
+            cases.append(
+                lambda ready, n=n: run_cascade(n, args, gc_tuning=False, port=18083, ready=ready)
+            )
         if args.janus:
-            results.append(await run_janus(n, args))
-            print_partial(results[-1])
+            cases.append(lambda ready, n=n: run_janus(n, args, ready=ready))
+        results += await run_cases(cases, args.concurrent)
     if args.mediarelay:
         results.append(await run_mediarelay(5, args))
         print_partial(results[-1])
@@ -502,11 +574,12 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         c, j = by.get(("cascade", n)), by.get(("janus", n))
         if c and j and j.cpu_us_per_packet:
             ratios[f"cascade_over_janus_n{n}"] = round(c.cpu_us_per_packet / j.cpu_us_per_packet, 3)
-        old = by.get(("cascade-aiortc-ingress", n))
-        if old and j and j.cpu_us_per_packet:
-            ratios[f"aiortc_ingress_over_janus_n{n}"] = round(
-                old.cpu_us_per_packet / j.cpu_us_per_packet, 3
-            )
+        for server, key in BASELINES:
+            old = by.get((server, n))
+            if old and j and j.cpu_us_per_packet:
+                ratios[f"{key}_over_janus_n{n}"] = round(
+                    old.cpu_us_per_packet / j.cpu_us_per_packet, 3
+                )
     c5, m5 = by.get(("cascade", 5)), by.get(("mediarelay", 5))
     if c5 and m5 and c5.cpu_us_per_packet:
         ratios["mediarelay_over_cascade_n5"] = round(m5.cpu_us_per_packet / c5.cpu_us_per_packet, 1)
@@ -613,6 +686,21 @@ def main(argv: list[str] | None = None) -> int:
         "--ingress-baseline",
         action="store_true",
         help="also run Cascade with CASCADE_FAST_INGRESS=0 (aiortc's receive path), as before",
+    )
+    parser.add_argument(
+        "--rtcp-baseline",
+        action="store_true",
+        help="also run Cascade with CASCADE_FAST_RTCP=0 (RTCP through aiortc), as before",
+    )
+    parser.add_argument(
+        "--gc-baseline",
+        action="store_true",
+        help="also run Cascade with CASCADE_GC_TUNING=0 (CPython's collector defaults)",
+    )
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run the cases of each size at the same time, measured over the same seconds",
     )
     parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -10,6 +10,9 @@ of the received videos, decode errors of the decoding participant, and the ratio
     python -m bench.rooms                         # R = 10 rooms, Cascade then Janus
     python -m bench.rooms --rooms 6 --duration 5 --no-janus
     python -m bench.rooms --ingress-baseline      # + Cascade on aiortc's receive path
+    python -m bench.rooms --rtcp-baseline         # + Cascade with RTCP through aiortc
+    python -m bench.rooms --gc-baseline           # + Cascade with CPython's GC defaults
+    python -m bench.rooms --rooms 4 --concurrent  # all cases at once, same seconds measured
 
 Choose R so that Cascade's server CPU is about 50 % of its core (printed). Prints a table,
 then one JSON object as the last line.
@@ -111,11 +114,19 @@ class _JanusProbe:
         return _Count(sum(e.count for e in self.decode_errors))
 
 
-async def run_cascade(args: argparse.Namespace, fast_ingress: bool = True) -> CaseResult:
-    """R rooms of 5 SDK participants on one Cascade node."""
-    result = CaseResult("cascade" if fast_ingress else "cascade-aiortc-ingress", args.rooms)
-    port = 18080
-    server = fanout.start_cascade(port, fast_ingress)
+async def run_cascade(
+    args: argparse.Namespace,
+    fast_ingress: bool = True,
+    fast_rtcp: bool = True,
+    gc_tuning: bool = True,
+    port: int = 18080,
+    ready: asyncio.Barrier | None = None,
+) -> CaseResult:
+    """R rooms of 5 SDK participants on one Cascade node (``ready``: wait there for the
+    other cases before warming up and measuring, see ``--concurrent``)."""
+    name = fanout.cascade_case_name(fast_ingress, fast_rtcp, gc_tuning)
+    result = CaseResult(name, args.rooms)
+    server = fanout.start_cascade(port, fast_ingress, fast_rtcp, gc_tuning)
     clients: list[CascadeClient] = []
     try:
         fanout.wait_port(port)
@@ -144,6 +155,7 @@ async def run_cascade(args: argparse.Namespace, fast_ingress: bool = True) -> Ca
         await wait_streams(counters)
         for c in probe_clients:
             await c.wait_for_tracks(VIDEOS, "video", timeout=30)
+        await _all_ready(ready)
         await asyncio.sleep(args.warmup)
         probes = [_ClientProbe(c) for c in probe_clients]
         await fanout.measure(server.pid, counters, probes, args.duration, result, VIDEOS)
@@ -165,7 +177,12 @@ async def wait_streams(counters: list[rtc.RtpCounter], timeout: float = 60) -> N
     print("# not every participant receives every stream", file=sys.stderr)
 
 
-async def run_janus(args: argparse.Namespace) -> CaseResult:
+async def _all_ready(ready: asyncio.Barrier | None) -> None:
+    if ready is not None:
+        await ready.wait()
+
+
+async def run_janus(args: argparse.Namespace, ready: asyncio.Barrier | None = None) -> CaseResult:
     """The same rooms on Janus VideoRoom: each participant publishes on one handle and
     subscribes to the 4 other feeds on one multistream handle."""
     result = CaseResult("janus", args.rooms)
@@ -206,6 +223,7 @@ async def run_janus(args: argparse.Namespace) -> CaseResult:
         await fanout.gather_batched([s.start() for s in subs], batch=5)
         counters = [s.counter for s in subs if s.counter is not None]
         await wait_streams(counters)
+        await _all_ready(ready)
         await asyncio.sleep(args.warmup)
         await fanout.measure(server.pid, counters, probes, args.duration, result, VIDEOS)
         result.connected += len(probes)
@@ -221,14 +239,22 @@ async def run_janus(args: argparse.Namespace) -> CaseResult:
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     rtc.set_ice_addresses([fanout.LOAD_IP])
-    results = [await run_cascade(args)]
-    fanout.print_partial(results[-1])
+    cases: list[Any] = [lambda ready: run_cascade(args, ready=ready)]
     if args.ingress_baseline:
-        results.append(await run_cascade(args, fast_ingress=False))
-        fanout.print_partial(results[-1])
+        cases.append(lambda ready: run_cascade(args, fast_ingress=False, port=18081, ready=ready))
+    if args.rtcp_baseline:
+        cases.append(lambda ready: run_cascade(args, fast_rtcp=False, port=18082, ready=ready))
+    if args.gc_baseline:
+        cases.append(lambda ready: run_cascade(args, gc_tuning=False, port=18083, ready=ready))
+    if args.before_baseline:
+        cases.append(
+            lambda ready: run_cascade(
+                args, fast_rtcp=False, gc_tuning=False, port=18084, ready=ready
+            )
+        )
     if args.janus:
-        results.append(await run_janus(args))
-        fanout.print_partial(results[-1])
+        cases.append(lambda ready: run_janus(args, ready=ready))
+    results = await fanout.run_cases(cases, args.concurrent)
     print()
     print(f"{args.rooms} rooms x {ROOM_SIZE} participants (N column: rooms)")
     fanout.print_table(results)
@@ -237,11 +263,11 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     janus = by.get("janus")
     for name, key in (
         ("cascade", "cascade_over_janus"),
-        ("cascade-aiortc-ingress", "aiortc_ingress_over_janus"),
+        *((server, f"{prefix}_over_janus") for server, prefix in fanout.BASELINES),
     ):
-        r = by.get(name)
-        if r and janus and janus.cpu_us_per_packet:
-            ratios[f"{key}_rooms"] = round(r.cpu_us_per_packet / janus.cpu_us_per_packet, 3)
+        found = by.get(name)
+        if found and janus and janus.cpu_us_per_packet:
+            ratios[f"{key}_rooms"] = round(found.cpu_us_per_packet / janus.cpu_us_per_packet, 3)
     print()
     for k, v in ratios.items():
         print(f"{k}: {v}")
@@ -252,6 +278,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "bitrate": args.bitrate,
         "duration": args.duration,
         "load_average": os.getloadavg()[0],
+        "concurrent": args.concurrent,
         "results": [asdict(r) for r in results],
         "ratios": ratios,
     }
@@ -268,6 +295,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bitrate", type=int, default=500_000)
     parser.add_argument("--janus", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--ingress-baseline", action="store_true")
+    parser.add_argument(
+        "--rtcp-baseline", action="store_true", help="+ Cascade with RTCP through aiortc"
+    )
+    parser.add_argument(
+        "--gc-baseline", action="store_true", help="+ Cascade with CPython's GC defaults"
+    )
+    parser.add_argument(
+        "--before-baseline",
+        action="store_true",
+        help="+ Cascade with both RTCP through aiortc and CPython's GC defaults",
+    )
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run the cases at the same time (each with --rooms rooms), measured together",
+    )
     parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.in_netns:

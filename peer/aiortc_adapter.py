@@ -21,6 +21,18 @@ What we rely on, and why:
   sender SSRC of that RTCP; ``RTCRtpReceiver._handle_rtcp_packet`` is wrapped to read
   Sender Reports (LSR/DLSR); ``RTCRtpReceiver.stop`` is wrapped so a stopped receiver's
   media no longer reaches the producer.
+- Fast RTCP (:meth:`_IngressDemux._receive_rtcp`, :class:`_SenderReports`; see
+  :func:`fast_rtcp_enabled`): the same per-connection demux (installed by
+  :func:`hook_sender` on a subscribe connection) decrypts SRTCP with
+  ``srtp_unprotect_rtcp`` on ``RTCDtlsTransport._rx_srtp`` and routes what
+  :func:`peer.rtcp.parse_feedback` read through ``RTCDtlsTransport._rtp_router``
+  (``senders``: hooked senders carry ``_cascade_rtcp``; ``ssrc_table``: tapped receivers).
+  Feedback for a sender or receiver we did not hook goes, decrypted, to
+  ``RTCDtlsTransport._handle_rtcp_data``. ``RTCRtpSender._run_rtcp`` is replaced per
+  instance: it sets ``_RTCRtpSender__rtcp_started`` / ``__rtcp_exited`` (awaited by
+  ``stop()``), joins the shared Sender Report timer and sends BYE when cancelled; SRs
+  carry ``RTCRtpSender._ssrc`` and the CNAME ``_RTCRtpSender__cname``, are protected with
+  ``_tx_srtp`` and sent on the nominated pair.
 - ``RTCRtpReceiver._RTCRtpReceiver__jitter_buffer``: replaced per tapped receiver so that
   a packet which still reaches aiortc's path (none should) is never decoded. The
   decoder thread is stopped right away. ``__remote_streams`` / ``__rtx_ssrc`` are still
@@ -96,6 +108,7 @@ from pylibsrtp._binding import ffi as _srtp_ffi
 from pylibsrtp._binding import lib as _srtp_lib
 
 from peer.ingress import IngressConfig, IngressStream, PacketHandler
+from peer.rtcp import ReportSchedule, RtcpFeedback, bye, parse_feedback, sdes_cnames, sender_report
 from peer.rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, OutboundParams
 
 log = logging.getLogger("cascade.rtc")
@@ -310,13 +323,24 @@ class _ForwardingBuffer:
 class IngressCounters:
     """Node-wide counters of the fast ingress path."""
 
-    __slots__ = ("late_drops", "packets", "rtcp_sent", "srtp_errors")
+    __slots__ = (
+        "late_drops",
+        "packets",
+        "rtcp_handed_to_aiortc",
+        "rtcp_received",
+        "rtcp_sent",
+        "sender_reports",
+        "srtp_errors",
+    )
 
     def __init__(self) -> None:
         self.packets = 0
         self.late_drops = 0  # reached aiortc's path after the fast path began: dropped
         self.srtp_errors = 0  # failed authentication or replay: dropped
         self.rtcp_sent = 0
+        self.rtcp_received = 0  # SRTCP datagrams handled on the fast path
+        self.rtcp_handed_to_aiortc = 0  # decrypted, but for a sender/receiver not ours
+        self.sender_reports = 0  # SRs sent by the shared report timer
 
 
 ingress_counters = IngressCounters()
@@ -353,17 +377,7 @@ class _Tap:
         return payload_type in config.payload_types or payload_type in config.rtx_payload_types
 
     def send_rtcp(self, packets: list[bytes]) -> None:
-        dtls = self.dtls
-        if dtls._state != DtlsState.CONNECTED or dtls._tx_srtp is None:
-            return
-        pair = dtls.transport._connection._nominated.get(1)
-        if pair is None or pair.protocol.transport is None:
-            return
-        sock = _send_socket(pair.protocol)
-        for packet in packets:
-            with contextlib.suppress(BlockingIOError):
-                sock.sendto(dtls._tx_srtp.protect_rtcp(packet), pair.remote_addr)
-                ingress_counters.rtcp_sent += 1
+        _send_rtcp(self.dtls, packets)
 
     def _schedule(self) -> None:
         stream = self.stream
@@ -408,6 +422,21 @@ class _Tap:
     def on_sender_report(self, packet: Any) -> None:
         if self.stream is not None:
             self.stream.on_sender_report(packet.ssrc, packet.sender_info.ntp_timestamp, time.time())
+
+
+def _send_rtcp(dtls: Any, packets: list[bytes]) -> None:
+    """Protect each RTCP packet with the transport's SRTP session and send it on the
+    nominated pair (nothing before DTLS completed)."""
+    if dtls._state != DtlsState.CONNECTED or dtls._tx_srtp is None:
+        return
+    pair = dtls.transport._connection._nominated.get(1)
+    if pair is None or pair.protocol.transport is None:
+        return
+    sock = _send_socket(pair.protocol)
+    for packet in packets:
+        with contextlib.suppress(BlockingIOError):
+            sock.sendto(dtls._tx_srtp.protect_rtcp(packet), pair.remote_addr)
+            ingress_counters.rtcp_sent += 1
 
 
 def ingress_config(kind: str, parameters: Any) -> IngressConfig:
@@ -462,6 +491,8 @@ class _IngressDemux:
         self._limit = 0
         self._length = _srtp_ffi.new("int *")
         self._unprotect = _srtp_lib.srtp_unprotect
+        self._unprotect_rtcp = _srtp_lib.srtp_unprotect_rtcp
+        self.rtcp = fast_rtcp_enabled()
         conn.data_received = self.data_received
 
     def data_received(self, data: bytes, component: int) -> None:
@@ -469,10 +500,12 @@ class _IngressDemux:
             self._original(data, component)
 
     def _deliver(self, data: bytes) -> bool:
-        """Handle ``data`` on the fast path if it is media of a tapped receiver."""
-        # RTP, not RTCP (second byte 192..223, RFC 5761)
-        if len(data) < 12 or not 127 < data[0] < 192 or 191 < data[1] < 224:
+        """Handle ``data`` on the fast path if it is media of a tapped receiver, or
+        SRTCP (with :func:`fast_rtcp_enabled`)."""
+        if len(data) < 12 or not 127 < data[0] < 192:
             return False
+        if 191 < data[1] < 224:  # RTCP (RFC 5761)
+            return self.rtcp and self._receive_rtcp(data)
         if self.dtls._state is not DtlsState.CONNECTED:
             return False
         key = data[8:12]
@@ -526,6 +559,82 @@ class _IngressDemux:
         except Exception as exc:  # one datagram must never end anything
             _drop(exc)
             return False
+
+    def _receive_rtcp(self, data: bytes) -> bool:
+        """Decrypt SRTCP with the transport's session and act on it (:meth:`_dispatch`);
+        False leaves the datagram to aiortc (SRTP not established yet)."""
+        dtls = self.dtls
+        if dtls._state is not DtlsState.CONNECTED or dtls._rx_srtp is None:
+            return False
+        try:
+            if self._session is not dtls._rx_srtp:
+                self._resolve()
+            n = len(data)
+            if n > self._limit:
+                raise ValueError("datagram too long for SRTCP")
+            length = self._length
+            length[0] = n
+            self._buffer[0:n] = data
+            if self._unprotect_rtcp(self._ctx, self._cdata, length):
+                ingress_counters.srtp_errors += 1
+                return True
+            plain = self._buffer[0 : length[0]]
+            feedback = parse_feedback(plain)
+            ingress_counters.rtcp_received += 1
+            if not self._dispatch(feedback):
+                # for a sender or receiver aiortc knows and we do not: let aiortc act on it
+                ingress_counters.rtcp_handed_to_aiortc += 1
+                task = asyncio.ensure_future(dtls._handle_rtcp_data(plain))
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+        except Exception as exc:  # one datagram must never end anything
+            _drop(exc)
+        return True
+
+    def _dispatch(self, feedback: RtcpFeedback) -> bool:
+        """Give each piece of feedback to its hooked sender (RR, NACK, PLI/FIR, REMB) or
+        tapped receiver (SR); False, acting on nothing, if any piece is for a sender or
+        receiver aiortc knows that is not hooked or tapped here."""
+        router = self.dtls._rtp_router
+        senders = router.senders
+        hooks: dict[int, _SenderHook | None] = {}
+        for ssrc in feedback.media_ssrcs():
+            sender = senders.get(ssrc)
+            hook = getattr(sender, "_cascade_rtcp", None) if sender is not None else None
+            if sender is not None and not isinstance(hook, _SenderHook):
+                return False
+            hooks[ssrc] = hook
+        taps: list[tuple[_Tap, int, int]] = []
+        for ssrc, ntp in feedback.sender_reports:
+            receiver = router.ssrc_table.get(ssrc)
+            if receiver is None:
+                continue
+            tap = self.taps.get(receiver)
+            if tap is None:
+                return False
+            taps.append((tap, ssrc, ntp))
+        now = time.time()
+        for tap, ssrc, ntp in taps:
+            if tap.stream is not None:
+                tap.stream.on_sender_report(ssrc, ntp, now)
+        for block in feedback.reports:
+            hook = hooks.get(block.ssrc)
+            if hook is not None:
+                hook.on_receiver_report(block.fraction_lost, block.packets_lost, block.jitter)
+        for ssrc, lost in feedback.nacks:
+            hook = hooks.get(ssrc)
+            if hook is not None and lost:
+                hook.on_nack(lost)
+        for ssrc in feedback.keyframe_requests:
+            hook = hooks.get(ssrc)
+            if hook is not None:
+                hook.on_keyframe_request()
+        for bitrate, ssrcs in feedback.rembs:
+            for ssrc in ssrcs:
+                hook = hooks.get(ssrc)
+                if hook is not None:
+                    hook.remb_bitrate = bitrate
+        return True
 
     def forget(self, tap: _Tap) -> None:
         """A tapped receiver stopped (its transceiver or peer connection closed): none of
@@ -876,6 +985,152 @@ def hook_sender(
     sender._send_keyframe = send_keyframe  # type: ignore[method-assign]
     sender._send_rtcp = send_rtcp  # type: ignore[method-assign]
     sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+    if fast_rtcp_enabled():
+        _hook_sender_rtcp(
+            sender,
+            _SenderHook(sender, on_nack, on_keyframe_request, on_receiver_report, sender_report),
+        )
+
+
+class _SenderHook:
+    """A consumer's sender on the fast RTCP path: where its feedback goes, what its
+    Sender Reports say."""
+
+    __slots__ = (
+        "on_keyframe_request",
+        "on_nack",
+        "on_receiver_report",
+        "remb_bitrate",
+        "sender",
+        "sender_report",
+    )
+
+    def __init__(
+        self,
+        sender: RTCRtpSender,
+        on_nack: Callable[[list[int]], None],
+        on_keyframe_request: Callable[[], None],
+        on_receiver_report: Callable[[int, int, int], None],
+        sender_report: Callable[[float], tuple[int, int, int, int]],
+    ) -> None:
+        self.sender = sender
+        self.on_nack = on_nack
+        self.on_keyframe_request = on_keyframe_request
+        self.on_receiver_report = on_receiver_report
+        self.sender_report = sender_report
+        self.remb_bitrate: int | None = None  # the subscriber's last REMB for this stream
+
+
+def _hook_sender_rtcp(sender: RTCRtpSender, hook: _SenderHook) -> None:
+    # Feedback: the connection's demux reads SRTCP before aiortc does. Sender Reports:
+    # aiortc's per-sender RTCP task is replaced by one that only joins the shared timer.
+    dtls = sender.transport
+    conn = dtls.transport._connection
+    demux = getattr(conn, "_cascade_ingress", None)
+    if demux is None or demux.dtls is not dtls:
+        demux = conn._cascade_ingress = _IngressDemux(conn, dtls)  # type: ignore[attr-defined]
+    sender._cascade_rtcp = hook  # type: ignore[attr-defined]
+
+    async def run_rtcp() -> None:
+        sender._RTCRtpSender__rtcp_started.set()  # type: ignore[attr-defined]
+        reports = _sender_reports()
+        reports.add(hook)
+        try:
+            await asyncio.get_running_loop().create_future()  # until stop() cancels it
+        except asyncio.CancelledError:
+            pass
+        finally:
+            reports.discard(hook)
+            with contextlib.suppress(Exception):
+                _send_rtcp(sender.transport, [bye(sender._ssrc)])
+            sender._RTCRtpSender__rtcp_exited.set()  # type: ignore[attr-defined]
+
+    sender._run_rtcp = run_rtcp  # type: ignore[method-assign]
+
+
+def fast_rtcp_enabled() -> bool:
+    """Whether the node's RTCP takes the fast path: SRTCP read in the connection's demux
+    (:meth:`_IngressDemux._receive_rtcp`) and Sender Reports of every consumer on one
+    timer (:class:`_SenderReports`). The default; ``CASCADE_FAST_RTCP=0`` leaves RTCP to
+    aiortc (a task per sender, its RTCP parser and routing)."""
+    return os.environ.get("CASCADE_FAST_RTCP", "1") != "0"
+
+
+class _SenderReports:
+    """Sender Reports (with SDES CNAME) of every hooked sender of one event loop, sent
+    from one timer: the due senders of one transport share a compound packet."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.schedule: ReportSchedule[_SenderHook] = ReportSchedule()
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = 0.0
+
+    def add(self, hook: _SenderHook) -> None:
+        self.schedule.add(hook, time.time())
+        self._arm()
+
+    def discard(self, hook: _SenderHook) -> None:
+        self.schedule.discard(hook)
+        if not len(self.schedule) and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self) -> None:
+        deadline = self.schedule.deadline()
+        if deadline is None or self.loop.is_closed():
+            return
+        if self._timer is not None:
+            if self._at <= deadline:
+                return
+            self._timer.cancel()
+        self._at = deadline
+        self._timer = self.loop.call_later(max(0.0, deadline - time.time()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = time.time()
+        by_transport: dict[int, tuple[Any, list[_SenderHook]]] = {}
+        for hook in self.schedule.poll(now):
+            dtls = hook.sender.transport
+            by_transport.setdefault(id(dtls), (dtls, []))[1].append(hook)
+        for dtls, hooks in by_transport.values():
+            try:
+                _send_rtcp(dtls, _report_packets(hooks, now))
+            except Exception as exc:
+                _drop(exc)
+        self._arm()
+
+
+_REPORTS_PER_PACKET = 8  # SR + SDES chunk ~ 60 bytes each: well under any MTU
+
+
+def _report_packets(hooks: list[_SenderHook], now: float) -> list[bytes]:
+    """Compound RTCP packets: Sender Reports of up to 8 senders, then their CNAMEs."""
+    packets: list[bytes] = []
+    for start in range(0, len(hooks), _REPORTS_PER_PACKET):
+        reports: list[bytes] = []
+        cnames: list[tuple[int, bytes]] = []
+        for hook in hooks[start : start + _REPORTS_PER_PACKET]:
+            ssrc = hook.sender._ssrc
+            reports.append(sender_report(ssrc, *hook.sender_report(now)))
+            cname = getattr(hook.sender, "_RTCRtpSender__cname", None)
+            if cname:
+                cnames.append((ssrc, cname.encode()))
+        ingress_counters.sender_reports += len(reports)
+        packets.append(b"".join(reports) + (sdes_cnames(cnames) if cnames else b""))
+    return packets
+
+
+_reports: _SenderReports | None = None
+
+
+def _sender_reports() -> _SenderReports:
+    global _reports
+    loop = asyncio.get_running_loop()
+    if _reports is None or _reports.loop is not loop:
+        _reports = _SenderReports(loop)
+    return _reports
 
 
 def hook_keyframe_requests(sender: RTCRtpSender, on_request: Callable[[], None]) -> None:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from dht import Directory, NodeIdentity, check_certificate, parse_bootstrap
 from dht.identity import IdentityError
+from peer import gc_tuning
 from peer.addresses import AddressError, AddressPlan, plan_addresses
 from peer.admin import ADMIN_TOKEN_ENV
 from peer.config import NODE_OPTIONS, ConfigError, add_options, resolve
@@ -602,6 +603,8 @@ async def _serve(
             flush=True,
         )
     print(f"cascade node listening on {server.url}", flush=True)
+    gc_tuning.tune()
+    collector = asyncio.ensure_future(gc_tuning.collect_periodically())
     if workers > 1:
         print(f"media workers: {workers} processes", flush=True)
     stopped = asyncio.ensure_future(stop.wait())
@@ -611,6 +614,7 @@ async def _serve(
         waiter.cancel()
     if server.drained.is_set():
         print(f"drained: {server.drain_status()}", flush=True)
+    collector.cancel()
     if overlay is not None:
         await overlay.stop()
     await server.stop()

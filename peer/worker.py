@@ -27,6 +27,7 @@ import msgspec
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from peer import gc_tuning
 from peer.ipc import (
     Channel,
     ClientData,
@@ -264,8 +265,11 @@ async def serve(socket_path: str, worker_id: int, pipe_channel: int) -> None:
     task = asyncio.current_task()
     assert task is not None
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    gc_tuning.tune()
+    collector = asyncio.ensure_future(gc_tuning.collect_periodically())
     with contextlib.suppress(asyncio.CancelledError):
         await worker.run()
+    collector.cancel()
     channel.close()
 
 

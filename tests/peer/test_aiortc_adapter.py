@@ -6,6 +6,7 @@ import asyncio
 
 import aioice
 import aiortc
+import pytest
 from aiortc import RTCPeerConnection
 
 from peer import aiortc_adapter as rtc
@@ -245,3 +246,67 @@ async def test_fast_ingress_repairs_loss_and_reports_to_the_publisher(monkeypatc
     assert stream.reports_sent > 0 and stream.rembs_sent > 0
     await pub.close()
     await node.close()
+
+
+@pytest.mark.parametrize("fast_rtcp", ["1", "0"])
+async def test_subscriber_rtcp_reaches_the_consumer_hooks(monkeypatch, fast_rtcp):
+    """A consumer's sender towards a real aiortc subscriber: the subscriber's NACKs (for
+    the sequence numbers we skip), its PLI and its receiver reports reach the hooks, and
+    it gets Sender Reports with the consumer's counts; on the fast RTCP path (aiortc's
+    RTCP parser never sees the datagrams) and, with CASCADE_FAST_RTCP=0, on aiortc's."""
+    from peer.rtp import HeaderWriter, ntp_time, shared_extensions
+
+    monkeypatch.setenv("CASCADE_FAST_RTCP", fast_rtcp)
+    rtc.set_ice_addresses(["127.0.0.1"])
+    node = RTCPeerConnection(rtc.rtc_configuration())
+    transceiver = node.addTransceiver(rtc.SilentTrack("video"), direction="sendonly")
+    nacks: list[int] = []
+    plis: list[int] = []
+    reports: list[tuple[int, int, int]] = []
+    rtc.hook_sender(
+        transceiver.sender,
+        on_nack=nacks.extend,
+        on_keyframe_request=lambda: plis.append(1),
+        on_receiver_report=lambda fraction, lost, jitter: reports.append((fraction, lost, jitter)),
+        sender_report=lambda now: (ntp_time(now), 1000, 42, 4200),
+    )
+    sub = RTCPeerConnection(rtc.rtc_configuration())
+    await node.setLocalDescription(await node.createOffer())
+    await sub.setRemoteDescription(node.localDescription)
+    await sub.setLocalDescription(await sub.createAnswer())
+    await node.setRemoteDescription(sub.localDescription)
+    dtls = transceiver.sender.transport
+    for _ in range(300):
+        if dtls.state == "connected":
+            break
+        await asyncio.sleep(0.02)
+    assert dtls.state == "connected"
+    fast_before = rtc.ingress_counters.rtcp_received
+    handed_before = rtc.ingress_counters.rtcp_handed_to_aiortc
+    params = rtc.outbound_params(transceiver)
+    sink = rtc.SenderSink(transceiver.sender)
+    writer = HeaderWriter(params)
+    ext = shared_extensions(writer.shared_layout, 0, None)
+    skipped = set(range(30, 200, 10))
+    for seq in range(200):
+        if seq not in skipped:  # one VP8 frame per packet, every tenth never sent
+            sink(writer.packet(1, seq, seq * 3000, ext, b"\x10\x00\x9d\x01\x2a" + b"\0" * 100))
+        await asyncio.sleep(0.003)
+    receiver = sub.getTransceivers()[0].receiver
+    await receiver._send_rtcp_pli(params.ssrc)
+    stats: dict = {}
+    for _ in range(250):
+        stats = await receiver.getStats()
+        outbound = [s for s in stats.values() if s.type == "remote-outbound-rtp"]
+        if reports and plis and outbound:
+            break
+        await asyncio.sleep(0.02)
+    assert skipped & set(nacks)
+    assert plis
+    assert reports
+    assert [s.packetsSent for s in stats.values() if s.type == "remote-outbound-rtp"] == [42]
+    fast = rtc.ingress_counters.rtcp_received - fast_before
+    assert (fast > 0) if fast_rtcp == "1" else (fast == 0)
+    assert rtc.ingress_counters.rtcp_handed_to_aiortc == handed_before
+    await rtc.close_peer_connection(node)
+    await rtc.close_peer_connection(sub)

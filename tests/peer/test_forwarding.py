@@ -105,8 +105,12 @@ async def test_nack_repairs_three_percent_loss(node, clients: ClientFactory):
 
     rtc.set_receive_filter(sub._subscribe_pc, keep)
     before = track.frames_decoded
-    await asyncio.sleep(5)
-    assert dropped > 10
+    # About 5 s of video; longer on a loaded machine, whose publisher sends less.
+    for _ in range(300):
+        await asyncio.sleep(0.1)
+        if dropped > 20 and track.frames_decoded - before > 45:
+            break
+    assert dropped > 20
     stats = await sub.server_stats()
     (consumer,) = stats["consumers"].values()
     assert consumer["nacks"] > 0 and consumer["retransmits"] > 0
