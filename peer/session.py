@@ -19,7 +19,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 
 from peer import aiortc_adapter as rtc
 from peer.engine import CodecInfo, Consumer, Producer, Router, SfuError
-from peer.placement import Placement
+from peer.placement import Placement, Reason
 from peer.room import Room, Rooms
 from peer.signaling import (
     Answer,
@@ -82,6 +82,15 @@ class _Negotiation:
     again: bool = False
     pending: list[_Subscription] = field(default_factory=list)
     answered: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _fits_here(placement: Placement | None, node_id: str) -> bool:
+    """Whether this node is a candidate with headroom. A join another node redirected here
+    stays here while that holds: the two nodes' views of each other's load differ by up to
+    a directory refresh, and a second hop would often lead straight back."""
+    return placement is not None and any(
+        c.node_id == node_id and c.reason is not Reason.LAST_RESORT for c in placement.candidates
+    )
 
 
 class ParticipantSession:
@@ -233,7 +242,11 @@ class ParticipantSession:
             if self.server.draining and (best is None or best.node_id == self.server.node_key):
                 self.server.join_outcomes["draining"] += 1
                 raise ProtocolError("draining", "this node is draining and takes nobody new")
-            if best is not None and best.node_id != self.server.node_key:
+            if (
+                best is not None
+                and best.node_id != self.server.node_key
+                and not (message.hops > 0 and _fits_here(placement, self.server.node_key))
+            ):
                 await self.send(
                     {
                         "type": "redirect",

@@ -110,6 +110,15 @@ async def test_joins_are_redirected_to_the_room_node_of_the_clients_region():
         assert body["candidates"][0]["url"] == eu1.url
         assert body["candidates"][0]["reason"] == "room_in_region"
         assert {c["region"] for c in body["candidates"]} == {"eu", "us"}
+        # A join another node redirected here (hops 1) stays while this node has headroom,
+        # although this node's placement would send it on: no ping-pong between two views.
+        erin = CascadeClient(eu2.url)
+        clients.append(erin)
+        await erin.connect()
+        reply = await erin.request(
+            {"type": "join", "room": "meet", "token": token("meet", "erin"), "hops": 1}
+        )
+        assert reply["type"] == "joined"
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         for server, overlay in reversed(nodes):
