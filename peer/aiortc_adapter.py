@@ -536,18 +536,9 @@ class _IngressDemux:
 
     def _receive(self, tap: _Tap, data: bytes) -> bool:
         try:
-            n = len(data)
-            if self._session is not self.dtls._rx_srtp:
-                self._resolve()
-            if n > self._limit:
-                raise ValueError("datagram too long for SRTP")
-            length = self._length
-            length[0] = n
-            self._buffer[0:n] = data
-            if self._unprotect(self._ctx, self._cdata, length):
-                ingress_counters.srtp_errors += 1
+            plain = self._decrypt(data, self._unprotect)
+            if plain is None:
                 return False
-            plain = self._buffer[0 : length[0]]
             stream = tap.stream
             assert stream is not None
             ingress_counters.packets += 1
@@ -560,6 +551,22 @@ class _IngressDemux:
             _drop(exc)
             return False
 
+    def _decrypt(self, data: bytes, unprotect: Any) -> bytes | None:
+        """``data`` decrypted with the transport's SRTP session (``srtp_unprotect`` or
+        ``srtp_unprotect_rtcp``); None, counted, if it fails authentication or replay."""
+        if self._session is not self.dtls._rx_srtp:
+            self._resolve()
+        n = len(data)
+        if n > self._limit:
+            raise ValueError("datagram too long for SRTP")
+        length = self._length
+        length[0] = n
+        self._buffer[0:n] = data
+        if unprotect(self._ctx, self._cdata, length):
+            ingress_counters.srtp_errors += 1
+            return None
+        return self._buffer[0 : length[0]]
+
     def _receive_rtcp(self, data: bytes) -> bool:
         """Decrypt SRTCP with the transport's session and act on it (:meth:`_dispatch`);
         False leaves the datagram to aiortc (SRTP not established yet)."""
@@ -567,18 +574,9 @@ class _IngressDemux:
         if dtls._state is not DtlsState.CONNECTED or dtls._rx_srtp is None:
             return False
         try:
-            if self._session is not dtls._rx_srtp:
-                self._resolve()
-            n = len(data)
-            if n > self._limit:
-                raise ValueError("datagram too long for SRTCP")
-            length = self._length
-            length[0] = n
-            self._buffer[0:n] = data
-            if self._unprotect_rtcp(self._ctx, self._cdata, length):
-                ingress_counters.srtp_errors += 1
+            plain = self._decrypt(data, self._unprotect_rtcp)
+            if plain is None:
                 return True
-            plain = self._buffer[0 : length[0]]
             feedback = parse_feedback(plain)
             ingress_counters.rtcp_received += 1
             if not self._dispatch(feedback):
