@@ -14,7 +14,9 @@ from peer.server import NodeConfig, NodeServer
 from tests.conftest import SECRET, token
 
 
-async def start_node(region: str, bootstrap: list[tuple[str, int]]) -> tuple[NodeServer, Overlay]:
+async def start_node(
+    region: str, bootstrap: list[tuple[str, int]], interval: float = 0.5
+) -> tuple[NodeServer, Overlay]:
     identity = NodeIdentity.generate()
     server = NodeServer(
         NodeConfig(
@@ -23,7 +25,7 @@ async def start_node(region: str, bootstrap: list[tuple[str, int]]) -> tuple[Nod
     )
     await server.start()
     directory = Directory(identity, region, host="127.0.0.1", port=0, bootstrap=bootstrap, ttl=6.0)
-    overlay = Overlay(server, directory, interval=0.5)
+    overlay = Overlay(server, directory, interval=interval)
     await overlay.start()
     return server, overlay
 

@@ -11,28 +11,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from dht import Directory, NodeIdentity
 from peer.client import CascadeClient
 from peer.media import PatternVideoTrack
 from peer.overlay import Overlay
-from peer.server import NodeConfig, NodeServer
-from tests.conftest import SECRET, token
+from peer.server import NodeServer
+from tests.conftest import token
+from tests.peer.test_overlay import start_node as start_overlay_node
 
 NO_SYNC = 3600.0
 
 
 async def start_node(region: str, bootstrap: list[tuple[str, int]]) -> tuple[NodeServer, Overlay]:
-    identity = NodeIdentity.generate()
-    server = NodeServer(
-        NodeConfig(
-            port=0, api_secret=SECRET, max_cpu=100.0, relay_port=0, identity=identity.private_key
-        )
-    )
-    await server.start()
-    directory = Directory(identity, region, host="127.0.0.1", port=0, bootstrap=bootstrap, ttl=6.0)
-    overlay = Overlay(server, directory, interval=NO_SYNC)
-    await overlay.start()
-    return server, overlay
+    return await start_overlay_node(region, bootstrap, interval=NO_SYNC)
 
 
 @contextlib.asynccontextmanager
