@@ -463,10 +463,10 @@ class WorkersNode(Node):
         self._refused_by_former_workers = value
 
     def worker_lost(self, handle: WorkerHandle) -> None:
-        """Keep what a lost worker counted; its replacement starts from zero."""
+        """Keep what a lost worker counted (before its load report is dropped); its
+        replacement starts from zero."""
         if handle.load is not None:
             self._refused_by_former_workers += int(handle.load.totals.get("consumers_refused", 0))
-        handle.load = None
 
     def totals(self) -> dict[str, float | int]:
         """Node-wide counters summed over the workers' last load reports."""
