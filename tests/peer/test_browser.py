@@ -43,14 +43,19 @@ def run_in_namespace(
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
-        proc = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", module, *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, **(env or {})},
-        )
+        try:
+            proc = subprocess.run(
+                ["ip", "netns", "exec", ns, sys.executable, "-m", module, *args],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env={**os.environ, **(env or {})},
+            )
+        except subprocess.TimeoutExpired as exc:
+            # Fail with what the scenario printed (pytest-timeout would show nothing of it).
+            err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+            pytest.fail(f"{module} still running after {timeout} s; its stderr:\n{err[-4000:]}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
         result["stderr"] = proc.stderr[-2000:]
@@ -82,7 +87,7 @@ def test_four_pages_half_a_second_apart_all_decode_each_other_then_one_rejoins()
 
 
 def test_four_pages_two_seconds_apart_all_decode_each_other():
-    result = run_in_namespace("tests.peer.browser_pages", "--pages", "4", "--gap", "2", timeout=300)
+    result = run_in_namespace("tests.peer.browser_pages", "--pages", "4", "--gap", "2", timeout=160)
     assert result["missing"] == [], result
 
 
@@ -96,7 +101,7 @@ def test_two_nodes_two_pages_each_all_decode_each_other():
         "--nodes",
         "2",
         "--rejoin",
-        timeout=300,
+        timeout=160,
     )
     # Every page decodes three other videos (two of them relayed from the other node),
     # before and after one page leaves and joins again.
@@ -134,7 +139,7 @@ def test_pages_on_a_drained_node_move_and_keep_their_tiles(tmp_path):
     result = run_in_namespace(
         "tests.peer.browser_pages",
         "--pages", "3", "--gap", "0.5", "--nodes", "2", "--drain", "--screenshot", str(shot),
-        timeout=300,
+        timeout=160,
     )  # fmt: skip
     assert result["missing"] == [], result
     assert result["drain"]["participants"] == 0 and result["drain"]["disconnected"] == 0
