@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import aioice
 import aiortc
@@ -74,29 +76,37 @@ async def test_an_ice_connection_closed_as_its_checks_complete_leaves_no_task_ru
     assert consent_tasks(b) == []
 
 
-async def test_tap_forwards_packets_without_decoding_and_sink_sends():
-    """Publisher -> tapped receiver (no decoder) -> SenderSink on a second pc -> decoding viewer."""
+async def tapped_call(
+    track: PatternVideoTrack, on_packet: Callable[..., None]
+) -> tuple[RTCPeerConnection, RTCPeerConnection, list[Any], Any]:
+    """A publisher sending ``track`` to a node whose receiver is tapped (``on_packet``):
+    (publisher pc, node pc, tapped receivers, the publisher's transceiver)."""
     rtc.set_ice_addresses(["127.0.0.1"])
-    got: list[tuple[int, bytes]] = []
-
     pub = RTCPeerConnection(rtc.rtc_configuration())
-    track = PatternVideoTrack(160, 120)
-    t = pub.addTransceiver(track, direction="sendonly")
-    rtc.hook_keyframe_requests(t.sender, track.request_keyframe)
+    sent = pub.addTransceiver(track, direction="sendonly")
     node = RTCPeerConnection(rtc.rtc_configuration())
-    tapped = []
+    tapped: list[Any] = []
 
     @node.on("track")
-    def on_track(remote):
+    def on_track(remote: Any) -> None:
         for tr in node.getTransceivers():
             if tr.receiver.track is remote:
-                rtc.tap_receiver(tr.receiver, lambda s, ts, m, p, lvl: got.append((s, p)))
+                rtc.tap_receiver(tr.receiver, on_packet)
                 tapped.append(tr.receiver)
 
     await pub.setLocalDescription(await pub.createOffer())
     await node.setRemoteDescription(pub.localDescription)
     await node.setLocalDescription(await node.createAnswer())
     await pub.setRemoteDescription(node.localDescription)
+    return pub, node, tapped, sent
+
+
+async def test_tap_forwards_packets_without_decoding_and_sink_sends():
+    """Publisher -> tapped receiver (no decoder) -> SenderSink on a second pc -> decoding viewer."""
+    got: list[tuple[int, bytes]] = []
+    track = PatternVideoTrack(160, 120)
+    pub, node, tapped, t = await tapped_call(track, lambda s, ts, m, p, lvl: got.append((s, p)))
+    rtc.hook_keyframe_requests(t.sender, track.request_keyframe)
     for _ in range(200):
         if len(got) > 20:
             break
@@ -123,25 +133,10 @@ async def test_no_datagram_ends_the_receive_loop(monkeypatch):
     from bench.hostile import send_datagrams, send_hostile_burst
 
     monkeypatch.setenv("CASCADE_FAST_INGRESS", "1")
-    rtc.set_ice_addresses(["127.0.0.1"])
     got: list[int] = []
-    pub = RTCPeerConnection(rtc.rtc_configuration())
-    pub.addTransceiver(PatternVideoTrack(160, 120), direction="sendonly")
-    node = RTCPeerConnection(rtc.rtc_configuration())
-
-    tapped = []
-
-    @node.on("track")
-    def on_track(remote):
-        for tr in node.getTransceivers():
-            if tr.receiver.track is remote:
-                rtc.tap_receiver(tr.receiver, lambda s, ts, m, p, lvl: got.append(s))
-                tapped.append(tr.receiver)
-
-    await pub.setLocalDescription(await pub.createOffer())
-    await node.setRemoteDescription(pub.localDescription)
-    await node.setLocalDescription(await node.createAnswer())
-    await pub.setRemoteDescription(node.localDescription)
+    pub, node, tapped, _ = await tapped_call(
+        PatternVideoTrack(160, 120), lambda s, ts, m, p, lvl: got.append(s)
+    )
     for _ in range(300):
         if len(got) > 10:
             break
@@ -190,24 +185,10 @@ async def test_fast_ingress_repairs_loss_and_reports_to_the_publisher(monkeypatc
     from aiortc.rtp import is_rtcp
 
     monkeypatch.setenv("CASCADE_FAST_INGRESS", "1")
-    rtc.set_ice_addresses(["127.0.0.1"])
     got: list[int] = []
-    pub = RTCPeerConnection(rtc.rtc_configuration())
-    pub.addTransceiver(PatternVideoTrack(160, 120), direction="sendonly")
-    node = RTCPeerConnection(rtc.rtc_configuration())
-    tapped = []
-
-    @node.on("track")
-    def on_track(remote):
-        for tr in node.getTransceivers():
-            if tr.receiver.track is remote:
-                rtc.tap_receiver(tr.receiver, lambda s, ts, m, p, lvl: got.append(s))
-                tapped.append(tr.receiver)
-
-    await pub.setLocalDescription(await pub.createOffer())
-    await node.setRemoteDescription(pub.localDescription)
-    await node.setLocalDescription(await node.createAnswer())
-    await pub.setRemoteDescription(node.localDescription)
+    pub, node, tapped, _ = await tapped_call(
+        PatternVideoTrack(160, 120), lambda s, ts, m, p, lvl: got.append(s)
+    )
     for _ in range(300):
         if len(got) > 20:
             break
