@@ -44,6 +44,10 @@ class RelayConfig:
     #: bursts); otherwise everything queued in one event-loop iteration goes out in one
     #: transmit at its end (each transmit has a fixed cost in aioquic).
     datagram_flush_batch: int = 16
+    #: Build and parse DATAGRAM-only 1-RTT packets in :mod:`relay.quic_adapter` instead of
+    #: aioquic's general path (same wire format; ``CASCADE_RELAY_FAST_PATH=0`` also turns
+    #: it off). For same-run baselines.
+    quic_fast_path: bool = True
     stats_interval: float = 2.0
     max_flows_per_connection: int = 4096
     #: QUIC idle timeout (backstop; the heartbeat detects death much earlier).

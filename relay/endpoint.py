@@ -18,18 +18,12 @@ import asyncio
 import contextlib
 import random
 import ssl
-from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
-from aioquic.asyncio import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer
-from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
-from aioquic.quic.recovery import QuicPacketPacer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import auth
@@ -41,6 +35,7 @@ from .flows import LIVE, OriginFlowStats, RemoteProducer, call_each
 from .handshake import ClientHandshake, ServerHandshake
 from .origin import OriginFlows
 from .protocol import ALPN, ControlMessage, ErrorCode, RoomState
+from .quic_adapter import AdmittingQuicServer, QuicProtocolBase, peer_certificate
 from .remote import RemoteFlows
 from .source import ProducerLookup
 from .udp import open_udp
@@ -57,72 +52,34 @@ __all__ = [
 
 _AUTH_ERRORS = (ErrorCode.UNAUTHORIZED, ErrorCode.AUTH_FAILED, ErrorCode.WRONG_PEER)
 
-_DatagramReceived = events.DatagramFrameReceived
 _StreamDataReceived = events.StreamDataReceived
 
 
-#: Packets a relay connection may send back to back before pacing spaces them.
-PACING_BURST = 16
-
-
-class BurstPacer(QuicPacketPacer):
-    """aioquic's pacer, allowing bursts of :data:`PACING_BURST` packets.
-
-    aioquic 1.7 allows a burst of a quarter of the congestion window (2 to 16 packets),
-    expressed in time at the pacing rate (window / RTT), with each packet's time floored
-    at 1 µs. Media arrives in frame-sized bursts (10-20 packets every few ms). With a
-    small window (start, after a loss) a burst is cut into packets that each wait for a
-    pacing timer; with a large one — an app-limited flow never loses, so its window grows
-    in slow start forever — the allowance on a sub-millisecond link falls below one
-    floored packet time and *every* packet waits for its own timer: one event-loop
-    iteration and one transmit per packet. The congestion window still bounds what is in
-    flight; only the spacing inside a burst is given up.
-    """
-
-    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
-        """aioquic's rate, with a burst allowance of at least :data:`PACING_BURST` packets."""
-        super().update_rate(congestion_window, smoothed_rtt)
-        if self.packet_time is not None:
-            self.bucket_max = max(self.bucket_max, PACING_BURST * self.packet_time)
-
-
-def _use_burst_pacer(quic: QuicConnection) -> None:
-    # aioquic keeps its pacer in QuicConnection._loss._pacer (1.7); if that moves, the
-    # stock pacer stays (correct, only slower)
-    loss = getattr(quic, "_loss", None)
-    pacer = getattr(loss, "_pacer", None)
-    if isinstance(pacer, QuicPacketPacer) and not isinstance(pacer, BurstPacer):
-        replacement = BurstPacer(max_datagram_size=pacer._max_datagram_size)
-        loss._pacer = replacement  # type: ignore[union-attr]
-
-
-class QuicRelayProtocol(QuicConnectionProtocol):
+class QuicRelayProtocol(QuicProtocolBase):
     """Carries one :class:`RelayConnection` over one aioquic connection.
 
     The control stream is the first client-initiated bidirectional stream; flow
-    datagrams are QUIC DATAGRAM frames. Outgoing datagrams are written to the socket
-    every ``datagram_flush_batch`` packets (so the peer starts on a burst while the rest
-    is built) or at the end of the event-loop iteration; received datagrams are ACKed
-    once per loop iteration.
+    datagrams are QUIC DATAGRAM frames (sent and received through aioquic's fast path
+    in the steady state, see :mod:`relay.quic_adapter`). Outgoing datagrams are written
+    to the socket every ``datagram_flush_batch`` packets (so the peer starts on a burst
+    while the rest is built) or at the end of the event-loop iteration; received
+    datagrams are ACKed once per loop iteration.
     """
 
     def __init__(
         self, quic: QuicConnection, core: RelayConnection, is_client: bool, **kw: Any
     ) -> None:
-        super().__init__(quic, **kw)
-        _use_burst_pacer(quic)
+        super().__init__(quic, fast_path=core.config.quic_fast_path, **kw)
         self.core = core
         self.is_client = is_client
         self.ctrl_id: int | None = None
         self.settled = asyncio.Event()
         self.dead_event = asyncio.Event()
         self._batch = core.config.datagram_flush_batch
-        pending = getattr(quic, "_datagrams_pending", None)
-        self._quic_queue: deque[bytes] = pending if isinstance(pending, deque) else deque()
         self._soon: asyncio.Handle | None = None
         self._stalled = False
         self._close_sent = False
-        self._relay_timer = Timer(self._loop, self._on_timer)
+        self._relay_timer = Timer(self.loop, self._on_timer)
         core.notify = self._on_output
         self._relay_timer.arm(core.deadline())
 
@@ -134,62 +91,42 @@ class QuicRelayProtocol(QuicConnectionProtocol):
         aioquic transmits after every datagram; deferring it with ``call_soon`` lets one
         transmit (and ACK) cover every datagram read in the same loop iteration.
         """
-        self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
-        self._process_events()
+        self.receive(cast(bytes, data), addr)
         core = self.core
         if not core.authed:
             self._service()
-        elif self._quic_queue or core.control_out or core.datagrams_out:
+        elif self.pending or core.control_out or core.datagrams_out:
             if self._soon is None:
-                self._soon = self._loop.call_soon(self._service)
+                self._soon = self.loop.call_soon(self._service)
         else:
             # nothing of ours to send: what QUIC owes the peer (the ACK, delayed by
             # up to 1 ms anyway) goes out when its timer fires
-            self._arm_quic_timer()
+            self.arm_quic_timer()
 
-    def _process_events(self) -> None:
-        # Replaces aioquic's dispatch so that DATAGRAM frames (the hot path) go straight
-        # to the connection. The relay never uses aioquic's connected/ping waiters; the
-        # server's connection-id and termination handlers are kept.
-        quic = self._quic
-        core = self.core
-        event = quic.next_event()
-        while event is not None:
-            if type(event) is _DatagramReceived:
-                core.receive_datagram(event.data, self._loop.time())
-            else:
-                if isinstance(event, events.ConnectionIdIssued):
-                    self._connection_id_issued_handler(event.connection_id)
-                elif isinstance(event, events.ConnectionIdRetired):
-                    self._connection_id_retired_handler(event.connection_id)
-                elif isinstance(event, events.ConnectionTerminated):
-                    self._connection_terminated_handler()
-                    self._closed.set()
-                self.quic_event_received(event)
-            event = quic.next_event()
+    def datagram_frame_received(self, data: bytes) -> None:
+        """A flow datagram: straight to the connection (hot path)."""
+        self.core.receive_datagram(data, self.loop.time())
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         """Map one aioquic event onto the relay connection."""
         core = self.core
-        if type(event) is _DatagramReceived:
-            core.receive_datagram(event.data, self._loop.time())
-        elif isinstance(event, _StreamDataReceived):
+        if isinstance(event, _StreamDataReceived):
             sid = event.stream_id
             if self.ctrl_id is None and not self.is_client and sid % 4 == 0:
                 self.ctrl_id = sid
             if sid != self.ctrl_id:
                 core.counters.streams_unexpected += 1
                 return
-            core.receive_control(event.data, event.end_stream, self._loop.time())
+            core.receive_control(event.data, event.end_stream, self.loop.time())
         elif isinstance(event, events.HandshakeCompleted):
             key = None
             if self.is_client:
-                self.ctrl_id = self._quic.get_next_available_stream_id()
-                # aioquic keeps the verified peer certificate in a private attribute; if a
-                # future version moves it, the handshake fails closed (key None)
-                cert = getattr(getattr(self._quic, "tls", None), "_peer_certificate", None)
+                self.ctrl_id = self.quic.get_next_available_stream_id()
+                # if a future aioquic moves the peer certificate, the handshake fails
+                # closed (key None)
+                cert = peer_certificate(self.quic)
                 key = auth.certificate_key(cert) if cert is not None else None
-            core.handshake_completed(event.alpn_protocol, key, self._loop.time())
+            core.handshake_completed(event.alpn_protocol, key, self.loop.time())
         elif isinstance(event, events.ConnectionTerminated):
             core.connection_lost(event.error_code, event.reason_phrase or "connection closed")
         if core.authed and not self.settled.is_set():
@@ -208,12 +145,12 @@ class QuicRelayProtocol(QuicConnectionProtocol):
         if len(core.datagrams_out) >= self._batch and not self._stalled:
             # a burst: put what we have on the wire now
             self._service()
-            if self._quic_queue:
+            if self.pending:
                 # congestion-limited: stop flushing per packet until the next iteration
                 self._stalled = True
-                self._loop.call_soon(self._unstall)
+                self.loop.call_soon(self._unstall)
         elif self._soon is None:
-            self._soon = self._loop.call_soon(self._service)
+            self._soon = self.loop.call_soon(self._service)
 
     def _unstall(self) -> None:
         self._stalled = False
@@ -225,9 +162,9 @@ class QuicRelayProtocol(QuicConnectionProtocol):
             self._soon.cancel()
             self._soon = None
         core = self.core
-        quic = self._quic
+        quic = self.quic
         if core.control_out and self.ctrl_id is not None and not self._close_sent:
-            quic.send_stream_data(self.ctrl_id, core.take_control())
+            self.send_stream_data(self.ctrl_id, core.take_control())
         out = core.datagrams_out
         if out:
             core.datagrams_out = []
@@ -238,43 +175,14 @@ class QuicRelayProtocol(QuicConnectionProtocol):
         if core.close_out is not None and not self._close_sent:
             self._close_sent = True
             code, reason = core.close_out
-            quic.close(error_code=code, reason_phrase=reason)
+            self.close_quic(code, reason)
         self.transmit()
-        core.backlog = len(self._quic_queue)
+        core.backlog = len(self.pending)
         self._relay_timer.arm(core.deadline())
 
     def _on_timer(self) -> None:
-        self.core.poll(self._loop.time())
+        self.core.poll(self.loop.time())
         self._service()
-
-    def transmit(self) -> None:
-        """Send what QUIC has to send; re-arm QUIC's timer only if it moved earlier.
-
-        aioquic re-arms its timer after every transmit (the loss-detection deadline moves
-        with each packet sent): a ``call_at`` and a cancel per transmit. Keeping an
-        earlier timer is harmless — ``handle_timer`` checks each deadline against now
-        and the transmit after it arms the next one.
-        """
-        self._transmit_task = None
-        quic = self._quic
-        transport = self._transport
-        if transport is not None:
-            sendto = transport.sendto
-            for data, addr in quic.datagrams_to_send(now=self._loop.time()):
-                sendto(data, addr)
-        self._arm_quic_timer()
-
-    def _arm_quic_timer(self) -> None:
-        timer_at = self._quic.get_timer()
-        if self._timer is not None:
-            armed = self._timer_at
-            if timer_at is not None and armed is not None and armed <= timer_at:
-                return
-            self._timer.cancel()
-            self._timer = None
-        if timer_at is not None:
-            self._timer = self._loop.call_at(timer_at, self._handle_timer)
-        self._timer_at = timer_at
 
     def abort(self, code: int, reason: str) -> None:
         """Close with an application error now."""
@@ -287,42 +195,6 @@ class QuicRelayProtocol(QuicConnectionProtocol):
         self._relay_timer.cancel()
         self.settled.set()
         self.dead_event.set()
-
-
-class _AdmittingServer(QuicServer):
-    """aioquic's server, asking :class:`~relay.admission.PendingAdmission` before an
-    Initial packet from a new source creates a connection (refused ones are dropped
-    silently, costing one header parse). Uses aioquic 1.7's ``QuicServer._protocols``."""
-
-    def __init__(self, endpoint: RelayEndpoint, **kw: Any) -> None:
-        super().__init__(**kw)
-        self._endpoint = endpoint
-
-    def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        data = cast(bytes, data)
-        try:
-            header = pull_quic_header(
-                Buffer(data=data), host_cid_length=self._configuration.connection_id_length
-            )
-        except ValueError:
-            return
-        if (
-            header.packet_type == QuicPacketType.INITIAL
-            and len(data) >= 1200
-            and header.destination_cid not in self._protocols
-        ):
-            source = str(addr[0])
-            if not self._endpoint.admission.admit(source, self._loop.time()):
-                return
-            self._endpoint._admitting_source = source
-            try:
-                super().datagram_received(data, addr)
-            finally:
-                if self._endpoint._admitting_source is not None:  # no connection was made
-                    self._endpoint._admitting_source = None
-                    self._endpoint.admission.settle(source)
-            return
-        super().datagram_received(data, addr)
 
 
 class RelayLink:
@@ -606,9 +478,8 @@ class RelayEndpoint:
         self.config = config or RelayConfig()
         self.counters = RelayCounters()
         self.admission = PendingAdmission(self.config.admission)
-        self._admitting_source: str | None = None
         self.certificate = auth.make_certificate(private_key)
-        self._server: QuicServer | None = None
+        self._server: AdmittingQuicServer | None = None
         self._sessions: set[QuicRelayProtocol] = set()
         self._links: dict[bytes, RelayLink] = {}
         self._closing: set[asyncio.Future[None]] = set()
@@ -626,10 +497,15 @@ class RelayEndpoint:
         qc.certificate = self.certificate
         qc.private_key = self.private_key
         _, server = await open_udp(
-            lambda: _AdmittingServer(self, configuration=qc, create_protocol=self._accept),
+            lambda: AdmittingQuicServer(
+                self.admission.admit,
+                self.admission.settle,
+                configuration=qc,
+                create_protocol=self._accept,
+            ),
             (cfg.host, cfg.port),
         )
-        assert isinstance(server, _AdmittingServer)
+        assert isinstance(server, AdmittingQuicServer)
         self._server = server
 
     def _accept(self, quic: QuicConnection, **kw: Any) -> QuicRelayProtocol:
@@ -641,9 +517,8 @@ class RelayEndpoint:
                 self.private_key, lambda key: self.authorize(key), self.public_key
             ),
             admission=self.admission,
-            source=self._admitting_source,
+            source=self._server.take_admitting_source() if self._server else None,
         )
-        self._admitting_source = None
         core.origin = OriginFlows(
             core,
             lambda producer_id: self.lookup(producer_id),
@@ -687,10 +562,10 @@ class RelayEndpoint:
     @property
     def address(self) -> tuple[str, int]:
         """``(host, port)`` the server listens on (after :meth:`start`)."""
-        if self._server is None or self._server._transport is None:
+        address = self._server.local_address() if self._server is not None else None
+        if address is None:
             raise RelayError("endpoint not started")
-        host, port = self._server._transport.get_extra_info("sockname")[:2]
-        return host, port
+        return address
 
     @property
     def connections(self) -> list[RelayConnection]:
