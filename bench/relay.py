@@ -20,6 +20,8 @@ Measured, in the same run:
     python -m bench.relay                      # defaults: 2000 pkt/s, 1100 B, 4 s
     python -m bench.relay --rate 1000 --seconds 2 --listeners 1,10,50
     python -m bench.relay --profile /tmp/relay-prof   # + cProfile of both ends (pstats files)
+    python -m bench.relay --no-fast-path       # aioquic's general path only (both ends)
+    python -m bench.relay --compare 3          # fast path on/off alternating, 3 rounds each
 
 Prints a table, then one JSON object as the last line.
 """
@@ -178,7 +180,8 @@ async def _remote(pipe: Connection, job: dict[str, Any]) -> None:
         closer: Callable[[], Any] = transport.close
     else:
         key = Ed25519PrivateKey.from_private_bytes(job["key"])
-        ep = RelayEndpoint(key, lambda _pid: None, config=RelayConfig())
+        cfg = RelayConfig(quic_fast_path=job["fast_path"])
+        ep = RelayEndpoint(key, lambda _pid: None, config=cfg)
         link = ep.link(job["origin_key"], LOCAL, job["port"])
         await link.wait_live(10)
         rp = await link.subscribe(PRODUCER)
@@ -265,7 +268,9 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
     rpub = public_key_bytes(rkey)
     src = BenchSource()
     cfg = RelayConfig(
-        datagram_flush_batch=args.flush_batch, max_datagram_size=args.max_datagram_size
+        datagram_flush_batch=args.flush_batch,
+        max_datagram_size=args.max_datagram_size,
+        quic_fast_path=args.fast_path,
     )
     ep = RelayEndpoint(okey, {PRODUCER: src}.get, lambda k: k == rpub, cfg)
     await ep.start()
@@ -282,6 +287,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         "listeners": listeners,
         "expected": n,
         "profiled": not via_proxy,
+        "fast_path": args.fast_path,
     }
     proc, pipe = spawn(job, args)
     try:
@@ -381,6 +387,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "tick_ms": args.tick_ms,
         "flush_batch": args.flush_batch,
         "max_datagram_size": args.max_datagram_size,
+        "fast_path": args.fast_path,
+        "load_average": os.getloadavg(),
         "generator_cpu_us_per_packet": gen / n * 1e6,
         "origin_cpu_us_per_packet": {"quic": quic_origin, "udp": udp_origin},
         "remote_cpu_us_per_packet": {"quic": quic_remote, "udp": udp_remote},
@@ -403,6 +411,70 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "delivered_per_listener_count": {str(k): v["remote"]["packets"] for k, v in links.items()},
     }
     return report
+
+
+async def compare_async(args: argparse.Namespace) -> dict[str, Any]:
+    """The QUIC hop with the fast path on and off, alternating, ``args.compare`` rounds."""
+    pin(args.cpus, 0)
+    n = int(args.rate * args.seconds)
+    runs: dict[str, list[dict[str, Any]]] = {"fast": [], "aioquic": []}
+    for _ in range(args.compare):
+        for mode in ("fast", "aioquic"):
+            args.fast_path = mode == "fast"
+            gen = await run_generator(args)
+            quic = await run_quic(args, 1, via_proxy=False)
+            rem = quic["remote"]
+            runs[mode].append(
+                {
+                    "origin_us": max(0.0, quic["origin_cpu_s"] - gen) / n * 1e6,
+                    "remote_us": rem["cpu_us_per_packet"],
+                    "lat_p50_us": rem["lat_p50_us"],
+                    "lat_p95_us": rem["lat_p95_us"],
+                    "delivered": rem["packets"],
+                    "load_average": os.getloadavg()[0],
+                }
+            )
+    medians = {
+        mode: {
+            key: statistics.median(r[key] for r in values)
+            for key in ("origin_us", "remote_us", "lat_p50_us", "lat_p95_us")
+        }
+        for mode, values in runs.items()
+    }
+    return {
+        "bench": "relay_compare",
+        "packets": n,
+        "rate_pps": args.rate,
+        "packet_bytes": args.size,
+        "rounds": args.compare,
+        "medians": medians,
+        "runs": runs,
+    }
+
+
+def print_compare(r: dict[str, Any]) -> None:
+    print(
+        f"relay hop, fast path on/off: {r['packets']} packets at {r['rate_pps']:.0f} pkt/s, "
+        f"{r['rounds']} alternating rounds (medians)"
+    )
+    print(f"{'':10}{'origin us':>12}{'remote us':>12}{'p50 us':>10}{'p95 us':>10}")
+    for mode, m in r["medians"].items():
+        print(
+            f"{mode:10}{m['origin_us']:12.1f}{m['remote_us']:12.1f}"
+            f"{m['lat_p50_us']:10.0f}{m['lat_p95_us']:10.0f}"
+        )
+    fast, off = r["medians"]["fast"], r["medians"]["aioquic"]
+    print(
+        f"{'ratio':10}{fast['origin_us'] / off['origin_us']:12.2f}"
+        f"{fast['remote_us'] / off['remote_us']:12.2f}"
+    )
+    for mode, values in r["runs"].items():
+        for v in values:
+            print(
+                f"  {mode:8} origin {v['origin_us']:6.1f} remote {v['remote_us']:6.1f} "
+                f"p50 {v['lat_p50_us']:7.0f} p95 {v['lat_p95_us']:7.0f} "
+                f"delivered {v['delivered']} load {v['load_average']:.1f}"
+            )
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -466,11 +538,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--profile", default=None, help="directory for cProfile stats of both ends (slows them)"
     )
+    ap.add_argument(
+        "--no-fast-path",
+        dest="fast_path",
+        action="store_false",
+        help="both ends use aioquic's general path only (RelayConfig.quic_fast_path=False)",
+    )
+    ap.add_argument(
+        "--compare",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only the QUIC hop (1 listener), fast path on and off alternating, ROUNDS each",
+    )
     args = ap.parse_args(argv)
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     args.cpus = available_cpus()
     args.listeners = [int(x) for x in args.listeners.split(",")]
+    if args.compare:
+        with asyncio.Runner(loop_factory=lambda: new_loop(args.uvloop)) as runner:
+            result = runner.run(compare_async(args))
+        print_compare(result)
+        sys.stdout.flush()
+        print(json.dumps(result))
+        return
     with asyncio.Runner(loop_factory=lambda: new_loop(args.uvloop)) as runner:
         report = runner.run(main_async(args))
     print_table(report)

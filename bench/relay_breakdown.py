@@ -19,6 +19,7 @@ in the same run is copying the packet bytes once per packet.
 
     python -m bench.relay_breakdown [--packets 20000] [--burst 10] [--size 1100]
     python -m bench.relay_breakdown --stock-pacer      # aioquic's pacer, for comparison
+    python -m bench.relay_breakdown --compare          # fast path on and off, alternating
 
 Prints a table, then one JSON object as the last line.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import ssl
+import statistics
 import struct
 import time
 from typing import Any
@@ -39,9 +41,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from relay import RelayConfig, RelayCounters, make_certificate
 from relay.connection import RelayConnection
-from relay.endpoint import _use_burst_pacer
 from relay.origin import OriginFlows
 from relay.protocol import ALPN
+from relay.quic_adapter import DatagramFastPath, pending_datagrams, use_burst_pacer
 from relay.remote import RemoteFlows, SubscribeResult
 
 ADDR = ("127.0.0.1", 4433)
@@ -102,13 +104,17 @@ def _quic_pair(now: float) -> tuple[QuicConnection, QuicConnection]:
     return client, server
 
 
-def run(packets: int, burst: int, size: int, stock_pacer: bool = False) -> dict[str, Any]:
-    """Time each stage for ``packets`` packets; returns µs per packet."""
+def run(
+    packets: int, burst: int, size: int, stock_pacer: bool = False, fast_path: bool = True
+) -> dict[str, Any]:
+    """Time each stage for ``packets`` packets; returns µs per packet (CPU time)."""
     now = 1000.0
     client, server = _quic_pair(now)
     if not stock_pacer:  # as QuicRelayProtocol does
-        _use_burst_pacer(client)
-        _use_burst_pacer(server)
+        use_burst_pacer(client)
+        use_burst_pacer(server)
+    fast_client = DatagramFastPath(client, fast_path)
+    fast_server = DatagramFastPath(server, fast_path)
     cfg = RelayConfig()
     origin = RelayConnection(cfg, RelayCounters(), now)  # trusted, like a pipe
     source = _Source()
@@ -131,7 +137,7 @@ def run(packets: int, burst: int, size: int, stock_pacer: bool = False) -> dict[
     pkts = [header.pack(0x80, 96, i & 0xFFFF, i * 3000, 0x5EED) + body for i in range(packets)]
     t = dict.fromkeys(("origin_relay", "origin_quic", "remote_quic", "remote_relay", "ack"), 0.0)
     emit = source.listeners[0]
-    clock = time.perf_counter
+    clock = time.thread_time  # CPU, so that a busy machine's preemptions do not count
     copy_t = 0.0
     for start in range(0, packets, burst):
         now += 0.005
@@ -143,28 +149,28 @@ def run(packets: int, burst: int, size: int, stock_pacer: bool = False) -> dict[
         t1 = clock()
         for data in out:
             server.send_datagram_frame(data)
-        wire = server.datagrams_to_send(now=now)
-        pending = server._datagrams_pending
+        wire = fast_server.datagrams_to_send(now)
+        pending = pending_datagrams(server)
         while pending:  # held back by the pacer: what its timer would send
             now += 0.00005
-            server.handle_timer(now=now)
-            wire += server.datagrams_to_send(now=now)
+            fast_server.handle_timer(now)
+            wire += fast_server.datagrams_to_send(now)
         t2 = clock()
         frames: list[bytes] = []
         for data, _ in wire:
-            client.receive_datagram(data, ADDR, now=now)
+            frames.extend(fast_client.receive_datagram(data, ADDR, now))
             event = client.next_event()
             while event is not None:
                 if type(event) is events.DatagramFrameReceived:
                     frames.append(event.data)
                 event = client.next_event()
-        acks = client.datagrams_to_send(now=now + 0.002)
+        acks = fast_client.datagrams_to_send(now + 0.002)
         t3 = clock()
         for data in frames:
             remote.receive_datagram(data, now)
         t4 = clock()
         for data, _ in acks:
-            server.receive_datagram(data, ADDR, now=now + 0.003)
+            fast_server.receive_datagram(data, ADDR, now + 0.003)
         while server.next_event() is not None:
             pass
         t5 = clock()
@@ -184,6 +190,47 @@ def run(packets: int, burst: int, size: int, stock_pacer: bool = False) -> dict[
     return us
 
 
+def _totals(us: dict[str, float]) -> tuple[float, float]:
+    origin = us["origin_relay"] + us["origin_quic"] + us["ack"]
+    remote = us["remote_quic"] + us["remote_relay"]
+    return origin, remote
+
+
+def compare(args: argparse.Namespace, rounds: int) -> None:
+    """Fast path on and off, alternating, ``rounds`` times; prints medians and a JSON line."""
+    results: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
+    for _ in range(rounds):
+        for mode in ("on", "off"):
+            us = run(args.packets, args.burst, args.size, args.stock_pacer, mode == "on")
+            results[mode].append(_totals(us))
+    med = {
+        mode: (
+            statistics.median(o for o, _ in values),
+            statistics.median(r for _, r in values),
+        )
+        for mode, values in results.items()
+    }
+    print(f"fast path on/off, {rounds} alternating rounds, medians (µs/packet, CPU):")
+    print(f"{'':10}{'origin':>10}{'remote':>10}")
+    for mode, (o, r) in med.items():
+        print(f"{mode:10}{o:10.2f}{r:10.2f}")
+    on, off = med["on"], med["off"]
+    print(f"{'ratio':10}{on[0] / off[0]:10.2f}{on[1] / off[1]:10.2f}")
+    print(
+        json.dumps(
+            {
+                "bench": "relay_breakdown_compare",
+                "packets": args.packets,
+                "burst": args.burst,
+                "rounds": rounds,
+                "origin_us": {"fast": on[0], "aioquic": off[0]},
+                "remote_us": {"fast": on[1], "aioquic": off[1]},
+                "runs": results,
+            }
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--packets", type=int, default=20000)
@@ -192,8 +239,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--stock-pacer", action="store_true", help="aioquic's own pacer (before the fix)"
     )
+    ap.add_argument("--no-fast-path", action="store_true", help="aioquic's general path only")
+    ap.add_argument(
+        "--compare", type=int, default=0, metavar="ROUNDS", help="fast path on/off, alternating"
+    )
     args = ap.parse_args(argv)
-    us = run(args.packets, args.burst, args.size, args.stock_pacer)
+    if args.compare:
+        compare(args, args.compare)
+        return
+    us = run(args.packets, args.burst, args.size, args.stock_pacer, not args.no_fast_path)
     base = us["copy_baseline"] or 1e-9
     print(
         f"relay breakdown, in memory: {args.packets} packets of {args.size} B, "
@@ -202,8 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'stage':34}{'us/packet':>10}{'x copy':>10}")
     for k, v in us.items():
         print(f"{k:34}{v:10.2f}{v / base:10.1f}")
-    origin = us["origin_relay"] + us["origin_quic"] + us["ack"]
-    remote = us["remote_quic"] + us["remote_relay"]
+    origin, remote = _totals(us)
     print(f"{'origin total (no sockets)':34}{origin:10.2f}")
     print(f"{'remote total (no sockets)':34}{remote:10.2f}")
     print(
@@ -214,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                 "burst": args.burst,
                 "packet_bytes": args.size,
                 "stock_pacer": args.stock_pacer,
+                "fast_path": not args.no_fast_path,
                 "us_per_packet": us,
                 "origin_total_us": origin,
                 "remote_total_us": remote,

@@ -216,9 +216,8 @@ class DatagramFastPath:
     def steady(self) -> bool:
         """True while the connection is in the state the fast path handles."""
         quic = self.quic
-        if not self._ready:
-            if not self.enabled or not self._became_ready():
-                return False
+        if not self._ready and (not self.enabled or not self._became_ready()):
+            return False
         if quic._state is not _CONNECTED or quic._close_pending:
             return False
         paths = quic._network_paths
@@ -308,7 +307,7 @@ class DatagramFastPath:
             if ack_due:
                 buf = Buffer(capacity=_ACK_CAPACITY + 1)
                 buf.push_uint_var(_ACK)
-                delay = int((now - space.largest_received_time) * 1000000)
+                delay = int((now - (space.largest_received_time or now)) * 1000000)
                 ranges = push_ack_frame(
                     buf,
                     space.ack_queue,
@@ -398,7 +397,10 @@ class DatagramFastPath:
         space = self._space
         assert crypto is not None and space is not None
         recv = crypto.recv
-        mask = recv.hp._mask(data[pn_offset + 4 : pn_offset + 20])
+        hp, aead = recv.hp, recv.aead
+        if hp is None or aead is None:
+            raise _Fallback
+        mask = hp._mask(data[pn_offset + 4 : pn_offset + 20])
         first = data[0] ^ (mask[0] & 0x1F)
         if first & 0x18 or (first >> 2) & 1 != recv.key_phase:
             raise _Fallback  # reserved bits (aioquic closes) or a key update
@@ -410,7 +412,7 @@ class DatagramFastPath:
         pn = decode_packet_number(truncated, pn_len * 8, space.expected_packet_number)
         header = bytes((first,)) + host_cid + truncated.to_bytes(pn_len, "big")
         try:
-            payload = recv.aead.decrypt(data[pn_end:], header, pn)
+            payload = aead.decrypt(data[pn_end:], header, pn)
         except CryptoError:
             self.rejected += 1  # as aioquic: dropped
             return _NO_PAYLOADS
