@@ -191,6 +191,7 @@ async def _remote(pipe: Connection, job: dict[str, Any]) -> None:
             rp.add_packet_listener(sink)
         pipe.send({"ready": True})
         closer = ep.close
+        quic_stats = ep.quic_stats
     profiler = cProfile.Profile() if job.get("profile") else None
     if profiler is not None:
         profiler.enable()
@@ -205,6 +206,8 @@ async def _remote(pipe: Connection, job: dict[str, Any]) -> None:
         profiler.disable()
         profiler.dump_stats(os.path.join(job["profile"], f"remote-{job['mode']}.pstats"))
     report = rec.report()
+    if job["mode"] != "udp":
+        report["quic_stats"] = quic_stats()
     res = closer()
     if asyncio.iscoroutine(res):
         await res
@@ -317,6 +320,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
             "origin_retransmits": stats.retransmits if stats else None,
             "link_bytes": link_bytes,
             "link_bytes_both_ways": link_total,
+            "quic_stats": ep.quic_stats(),
             "remote": remote,
         }
     finally:
@@ -401,6 +405,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "added_p95": quic["remote"]["lat_p95_us"] - udp["remote"]["lat_p95_us"],
         },
         "delivered": {"quic": quic["remote"]["packets"], "udp": udp["remote"]["packets"]},
+        "quic_stats": {"origin": quic["quic_stats"], "remote": quic["remote"].get("quic_stats")},
         "link_bytes": {str(k): v["link_bytes"] for k, v in links.items()},
         "link_bytes_both_ways": {str(k): v["link_bytes_both_ways"] for k, v in links.items()},
         "link_flows": {str(k): v["origin_flows"] for k, v in links.items()},
@@ -432,6 +437,8 @@ async def compare_async(args: argparse.Namespace) -> dict[str, Any]:
                     "lat_p95_us": rem["lat_p95_us"],
                     "delivered": rem["packets"],
                     "load_average": os.getloadavg()[0],
+                    "origin_quic": quic["quic_stats"],
+                    "remote_quic": rem.get("quic_stats"),
                 }
             )
     medians = {
@@ -474,6 +481,17 @@ def print_compare(r: dict[str, Any]) -> None:
                 f"  {mode:8} origin {v['origin_us']:6.1f} remote {v['remote_us']:6.1f} "
                 f"p50 {v['lat_p50_us']:7.0f} p95 {v['lat_p95_us']:7.0f} "
                 f"delivered {v['delivered']} load {v['load_average']:.1f}"
+            )
+            o, q = v["origin_quic"], v["remote_quic"] or {}
+            print(
+                f"           origin: {o.get('fast_packets_sent', 0)} fast sent, "
+                f"{o.get('general_sends', 0)} aioquic sends, "
+                f"{o.get('fast_packets_received', 0)} fast received, "
+                f"{o.get('general_receives', 0)} aioquic receives; remote: "
+                f"{q.get('fast_packets_received', 0)} fast received, "
+                f"{q.get('general_receives', 0)} aioquic receives, "
+                f"{q.get('fast_packets_sent', 0)} fast sent, "
+                f"{q.get('general_sends', 0)} aioquic sends"
             )
 
 

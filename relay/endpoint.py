@@ -101,7 +101,7 @@ class QuicRelayProtocol(QuicProtocolBase):
         else:
             # nothing of ours to send: what QUIC owes the peer (the ACK, delayed by
             # up to 1 ms anyway) goes out when its timer fires
-            self.arm_quic_timer()
+            self.arm_quic_timer_after_receive()
 
     def datagram_frame_received(self, data: bytes) -> None:
         """A flow datagram: straight to the connection (hot path)."""
@@ -566,6 +566,18 @@ class RelayEndpoint:
         if address is None:
             raise RelayError("endpoint not started")
         return address
+
+    def quic_stats(self) -> dict[str, int]:
+        """Packets sent and received by the QUIC fast path and calls to aioquic's general
+        path, summed over live connections (both roles)."""
+        protos = list(self._sessions) + [
+            link._conn for link in self._links.values() if link._conn is not None
+        ]
+        total: dict[str, int] = {}
+        for proto in protos:
+            for key, value in proto.fast.stats().items():
+                total[key] = total.get(key, 0) + value
+        return total
 
     @property
     def connections(self) -> list[RelayConnection]:

@@ -57,7 +57,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 from aioquic import tls
@@ -66,7 +66,7 @@ from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer, BufferReadError
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
-from aioquic.quic.crypto import CryptoError, CryptoPair
+from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import (
     QuicFrameType,
     QuicPacketType,
@@ -77,6 +77,7 @@ from aioquic.quic.packet import (
 )
 from aioquic.quic.packet_builder import QuicSentPacket
 from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketPacer, QuicPacketSpace
+from cryptography.exceptions import InvalidTag
 
 __all__ = [
     "FAST_PATH_ENV",
@@ -107,7 +108,6 @@ _ACK_CAPACITY = 1 + 4 * 8  # aioquic's ACK_FRAME_CAPACITY
 _DATAGRAM = int(QuicFrameType.DATAGRAM_WITH_LENGTH)
 _DATAGRAM_NO_LEN = int(QuicFrameType.DATAGRAM)
 _ACK = int(QuicFrameType.ACK)
-_ACK_ECN = int(QuicFrameType.ACK_ECN)
 _PADDING = int(QuicFrameType.PADDING)
 _PING = int(QuicFrameType.PING)
 _NO_PAYLOADS: tuple[bytes, ...] = ()
@@ -190,11 +190,15 @@ class DatagramFastPath:
         self.general_receives = 0
         #: packets dropped here: failed authentication, duplicates
         self.rejected = 0
+        #: the last received datagram may have moved aioquic's timers other than the ACK's
+        self.timers_moved = True
         self._general_due = True
         self._ready = False
         self._space: QuicPacketSpace | None = None
         self._crypto: CryptoPair | None = None
         self._pending = pending_datagrams(quic)
+        self._idle = 0.0
+        self._idle_at = 0.0
         loss = quic._loss
         on_lost = loss._on_packets_lost
 
@@ -341,9 +345,32 @@ class DatagramFastPath:
             if size < _MIN_PAYLOAD:
                 parts.append(bytes(_MIN_PAYLOAD - size))
                 in_flight = True
-            first = 0x40 | (quic._spin_bit << 5) | (crypto.key_phase << 2) | (_PN_SEND_SIZE - 1)
-            header = bytes((first,)) + peer_cid + (pn & 0xFFFF).to_bytes(2, "big")
-            packet = crypto.encrypt_packet(header, b"".join(parts), pn)
+            pn16 = pn & 0xFFFF
+            if crypto._update_key_requested:
+                # aioquic's own call performs the key update it was asked for
+                first = 0x41 | (quic._spin_bit << 5) | (crypto.key_phase << 2)
+                header = bytes((first,)) + peer_cid + pn16.to_bytes(2, "big")
+                packet = crypto.encrypt_packet(header, b"".join(parts), pn)
+            else:
+                send = crypto.send
+                first = 0x41 | (quic._spin_bit << 5) | (send.key_phase << 2)
+                header = bytes((first,)) + peer_cid + pn16.to_bytes(2, "big")
+                aead = send.aead
+                protected = aead._aead.encrypt(  # type: ignore[union-attr]
+                    (aead._iv ^ pn).to_bytes(12, "big"),  # type: ignore[union-attr]
+                    b"".join(parts),
+                    header,
+                )
+                # header protection; the sample starts 4 bytes after the packet number
+                mask = send.hp._mask(protected[2:18])  # type: ignore[union-attr]
+                packet = b"".join(
+                    (
+                        bytes((first ^ (mask[0] & 0x1F),)),
+                        peer_cid,
+                        (pn16 ^ ((mask[1] << 8) | mask[2])).to_bytes(2, "big"),
+                        protected,
+                    )
+                )
             sent = QuicSentPacket(
                 epoch=_ONE_RTT,
                 in_flight=in_flight,
@@ -358,7 +385,7 @@ class DatagramFastPath:
             loss.on_packet_sent(packet=sent, space=space)
             quic._packet_number = pn + 1
             if eliciting and not quic._ack_eliciting_sent_since_receipt:
-                quic._close_at = now + quic._idle_timeout()
+                quic._close_at = now + self._idle_timeout(now)
                 quic._ack_eliciting_sent_since_receipt = True
             pacer.update_after_send(now=now)
             path.bytes_sent += len(packet)
@@ -368,7 +395,7 @@ class DatagramFastPath:
 
     # -- receiving ----------------------------------------------------------------------
 
-    def receive_datagram(self, data: bytes, addr: Any, now: float) -> tuple[bytes, ...]:
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> Sequence[bytes]:
         """Take one UDP datagram. Returns the DATAGRAM frame payloads parsed here; a packet
         for aioquic's general path is handed to ``QuicConnection.receive_datagram`` (its
         events then wait in the connection, as usual) and nothing is returned."""
@@ -377,12 +404,13 @@ class DatagramFastPath:
                 return self._receive(data, addr, now)
             except _Fallback:
                 pass
+        self.timers_moved = True
         self.general_receives += 1
         self._general_due = True
         self.quic.receive_datagram(data, addr, now=now)
         return _NO_PAYLOADS
 
-    def _receive(self, data: bytes, addr: Any, now: float) -> tuple[bytes, ...]:
+    def _receive(self, data: bytes, addr: Any, now: float) -> list[bytes]:
         quic = self.quic
         host_cid = quic.host_cid
         pn_offset = 1 + len(host_cid)
@@ -400,7 +428,7 @@ class DatagramFastPath:
         hp, aead = recv.hp, recv.aead
         if hp is None or aead is None:
             raise _Fallback
-        mask = hp._mask(data[pn_offset + 4 : pn_offset + 20])
+        mask = hp._mask(data[pn_offset + 4 : pn_offset + 20])  # header protection
         first = data[0] ^ (mask[0] & 0x1F)
         if first & 0x18 or (first >> 2) & 1 != recv.key_phase:
             raise _Fallback  # reserved bits (aioquic closes) or a key update
@@ -412,13 +440,13 @@ class DatagramFastPath:
         pn = decode_packet_number(truncated, pn_len * 8, space.expected_packet_number)
         header = bytes((first,)) + host_cid + truncated.to_bytes(pn_len, "big")
         try:
-            payload = aead.decrypt(data[pn_end:], header, pn)
-        except CryptoError:
+            payload = aead._aead.decrypt((aead._iv ^ pn).to_bytes(12, "big"), data[pn_end:], header)
+        except InvalidTag:
             self.rejected += 1  # as aioquic: dropped
-            return _NO_PAYLOADS
+            return []
         if pn in space.received_packets:
             self.rejected += 1
-            return _NO_PAYLOADS
+            return []
         datagrams, ack, eliciting = self._parse(payload)
         self.packets_received += 1
         # aioquic's bookkeeping for a 1-RTT packet, in its order
@@ -428,6 +456,7 @@ class DatagramFastPath:
             spin = bool(first & 0x20)
             quic._spin_bit = spin if not quic._is_client else not spin
             quic._spin_highest_pn = pn
+        self.timers_moved = ack is not None
         if ack is not None:
             loss = quic._loss
             loss.peer_completed_address_validation = True
@@ -437,7 +466,7 @@ class DatagramFastPath:
                 now=now,
                 space=space,
             )
-        quic._close_at = now + quic._idle_timeout()
+        quic._close_at = now + self._idle_timeout(now)
         quic._ack_eliciting_sent_since_receipt = False
         if pn > space.largest_received_packet:
             space.largest_received_packet = pn
@@ -451,46 +480,80 @@ class DatagramFastPath:
             space.ack_at = now + quic._ack_delay
         return datagrams
 
-    def _parse(self, payload: bytes) -> tuple[tuple[bytes, ...], Any, bool]:
+    def _parse(self, payload: bytes) -> tuple[list[bytes], Any, bool]:
         """Frames of a payload, or :class:`_Fallback` if any is not ours to handle."""
-        buf = Buffer(data=payload)
         datagrams: list[bytes] = []
         ack = None
         eliciting = False
         limit = self.quic._configuration.max_datagram_frame_size or 0
         end = len(payload)
+        if not end:
+            raise _Fallback  # no frames: aioquic closes with PROTOCOL_VIOLATION
+        i = 0
         try:
-            while not buf.eof():
-                frame_type = buf.pull_uint_var()
+            while i < end:
+                frame_type = payload[i]  # one-byte encodings only; others fall back
                 if frame_type == _DATAGRAM:
-                    start = buf.tell()
-                    datagrams.append(buf.pull_bytes(buf.pull_uint_var()))
-                    if buf.tell() - start >= limit:
+                    b = payload[i + 1]
+                    if b < 0x40:
+                        n, j = b, i + 2
+                    elif b < 0x80:
+                        n, j = ((b & 0x3F) << 8) | payload[i + 2], i + 3
+                    elif b < 0xC0:
+                        n, j = int.from_bytes(payload[i + 1 : i + 5], "big") & 0x3FFFFFFF, i + 5
+                    else:
                         raise _Fallback
+                    if j + n > end or j + n - i - 1 >= limit:
+                        raise _Fallback
+                    datagrams.append(payload[j : j + n])
+                    i = j + n
                     eliciting = True
                 elif frame_type == _PADDING:
-                    pos = buf.tell()
-                    rest = payload[pos:]
-                    buf.seek(end - len(rest.lstrip(b"\x00")))
+                    i = end - len(payload[i:].lstrip(b"\x00"))
                 elif frame_type == _ACK and ack is None:
+                    buf = Buffer(data=payload)
+                    buf.seek(i + 1)
                     ack = pull_ack_frame(buf)
-                elif frame_type == _DATAGRAM_NO_LEN:
-                    start = buf.tell()
-                    datagrams.append(buf.pull_bytes(end - start))
-                    if end - start >= limit:
-                        raise _Fallback
-                    eliciting = True
+                    i = buf.tell()
                 elif frame_type == _PING:
+                    eliciting = True
+                    i += 1
+                elif frame_type == _DATAGRAM_NO_LEN:
+                    if end - i - 1 >= limit:
+                        raise _Fallback
+                    datagrams.append(payload[i + 1 :])
+                    i = end
                     eliciting = True
                 else:
                     raise _Fallback  # ACK_ECN, a second ACK, any other frame
-        except (BufferReadError, ValueError) as exc:
+        except (IndexError, BufferReadError, ValueError) as exc:
             raise _Fallback from exc
-        if end == 0:
-            raise _Fallback  # no frames: aioquic closes with PROTOCOL_VIOLATION
-        return tuple(datagrams), ack, eliciting
+        return datagrams, ack, eliciting
+
+    def _idle_timeout(self, now: float) -> float:
+        # aioquic's idle timeout (its configured value, or 3 PTO if larger), refreshed
+        # every 100 ms instead of on every packet
+        if now >= self._idle_at:
+            self._idle = self.quic._idle_timeout()
+            self._idle_at = now + 0.1
+        return self._idle
 
     # -- timers -------------------------------------------------------------------------
+
+    def ack_deadline(self) -> float | None:
+        """When aioquic's ACK for 1-RTT packets is due (None: none owed)."""
+        space = self._space
+        return space.ack_at if space is not None else None
+
+    def stats(self) -> dict[str, int]:
+        """Packets handled here and calls handed to aioquic's general path."""
+        return {
+            "fast_packets_sent": self.packets_sent,
+            "fast_packets_received": self.packets_received,
+            "general_sends": self.general_sends,
+            "general_receives": self.general_receives,
+            "rejected": self.rejected,
+        }
 
     def handle_timer(self, now: float) -> None:
         """``QuicConnection.handle_timer``; the next send goes to aioquic's path unless
@@ -585,6 +648,17 @@ class QuicProtocolBase(QuicConnectionProtocol):
             sendto = transport.sendto
             for data, addr in self.fast.datagrams_to_send(self._loop.time()):
                 sendto(data, addr)
+        self.arm_quic_timer()
+
+    def arm_quic_timer_after_receive(self) -> None:
+        """:meth:`arm_quic_timer` after :meth:`receive`, skipped when only a DATAGRAM
+        packet was parsed and the armed timer is not later than the ACK it owes."""
+        fast = self.fast
+        if not fast.timers_moved and self._timer is not None:
+            ack_at = fast.ack_deadline()
+            armed = self._timer_at
+            if ack_at is None or (armed is not None and armed <= ack_at):
+                return
         self.arm_quic_timer()
 
     def arm_quic_timer(self) -> None:
