@@ -21,7 +21,8 @@ Measured, in the same run:
     python -m bench.relay --rate 1000 --seconds 2 --listeners 1,10,50
     python -m bench.relay --profile /tmp/relay-prof   # + cProfile of both ends (pstats files)
     python -m bench.relay --no-fast-path       # aioquic's general path only (both ends)
-    python -m bench.relay --compare 3          # fast path on/off alternating, 3 rounds each
+    python -m bench.relay --no-udp-offload     # one send/receive system call per packet
+    python -m bench.relay --compare 3          # aioquic / fast path / + UDP offload, alternating
 
 Prints a table, then one JSON object as the last line.
 """
@@ -180,7 +181,7 @@ async def _remote(pipe: Connection, job: dict[str, Any]) -> None:
         closer: Callable[[], Any] = transport.close
     else:
         key = Ed25519PrivateKey.from_private_bytes(job["key"])
-        cfg = RelayConfig(quic_fast_path=job["fast_path"])
+        cfg = RelayConfig(quic_fast_path=job["fast_path"], udp_offload=job["udp_offload"])
         ep = RelayEndpoint(key, lambda _pid: None, config=cfg)
         link = ep.link(job["origin_key"], LOCAL, job["port"])
         await link.wait_live(10)
@@ -274,6 +275,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         datagram_flush_batch=args.flush_batch,
         max_datagram_size=args.max_datagram_size,
         quic_fast_path=args.fast_path,
+        udp_offload=args.udp_offload,
     )
     ep = RelayEndpoint(okey, {PRODUCER: src}.get, lambda k: k == rpub, cfg)
     await ep.start()
@@ -291,6 +293,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         "expected": n,
         "profiled": not via_proxy,
         "fast_path": args.fast_path,
+        "udp_offload": args.udp_offload,
     }
     proc, pipe = spawn(job, args)
     try:
@@ -305,6 +308,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         if profiler is not None:
             profiler.enable()
         cpu = await emit(src.emit, n, args.rate, args.size, args.tick_ms / 1000)
+        quic_stats = ep.quic_stats()
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(os.path.join(args.profile, "origin-quic.pstats"))
@@ -320,7 +324,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
             "origin_retransmits": stats.retransmits if stats else None,
             "link_bytes": link_bytes,
             "link_bytes_both_ways": link_total,
-            "quic_stats": ep.quic_stats(),
+            "quic_stats": quic_stats,
             "remote": remote,
         }
     finally:
@@ -392,6 +396,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "flush_batch": args.flush_batch,
         "max_datagram_size": args.max_datagram_size,
         "fast_path": args.fast_path,
+        "udp_offload": args.udp_offload,
         "load_average": os.getloadavg(),
         "generator_cpu_us_per_packet": gen / n * 1e6,
         "origin_cpu_us_per_packet": {"quic": quic_origin, "udp": udp_origin},
@@ -418,14 +423,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+#: --compare configurations: (QUIC fast path, UDP offload)
+COMPARE_MODES = {"aioquic": (False, False), "fast": (True, False), "fast+gso": (True, True)}
+
+
 async def compare_async(args: argparse.Namespace) -> dict[str, Any]:
-    """The QUIC hop with the fast path on and off, alternating, ``args.compare`` rounds."""
+    """The QUIC hop in each of ``args.modes``, round-robin, ``args.compare`` rounds."""
     pin(args.cpus, 0)
     n = int(args.rate * args.seconds)
-    runs: dict[str, list[dict[str, Any]]] = {"fast": [], "aioquic": []}
+    modes = [m for m in args.modes.split(",") if m]
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for _ in range(args.compare):
-        for mode in ("fast", "aioquic"):
-            args.fast_path = mode == "fast"
+        for mode in modes:
+            args.fast_path, args.udp_offload = COMPARE_MODES[mode]
             gen = await run_generator(args)
             quic = await run_quic(args, 1, via_proxy=False)
             rem = quic["remote"]
@@ -454,6 +464,7 @@ async def compare_async(args: argparse.Namespace) -> dict[str, Any]:
         "rate_pps": args.rate,
         "packet_bytes": args.size,
         "rounds": args.compare,
+        "load_average": os.getloadavg(),
         "medians": medians,
         "runs": runs,
     }
@@ -461,8 +472,8 @@ async def compare_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_compare(r: dict[str, Any]) -> None:
     print(
-        f"relay hop, fast path on/off: {r['packets']} packets at {r['rate_pps']:.0f} pkt/s, "
-        f"{r['rounds']} alternating rounds (medians)"
+        f"relay hop by configuration: {r['packets']} packets at {r['rate_pps']:.0f} pkt/s, "
+        f"{r['rounds']} round-robin rounds (medians)"
     )
     print(f"{'':10}{'origin us':>12}{'remote us':>12}{'p50 us':>10}{'p95 us':>10}")
     for mode, m in r["medians"].items():
@@ -470,11 +481,14 @@ def print_compare(r: dict[str, Any]) -> None:
             f"{mode:10}{m['origin_us']:12.1f}{m['remote_us']:12.1f}"
             f"{m['lat_p50_us']:10.0f}{m['lat_p95_us']:10.0f}"
         )
-    fast, off = r["medians"]["fast"], r["medians"]["aioquic"]
-    print(
-        f"{'ratio':10}{fast['origin_us'] / off['origin_us']:12.2f}"
-        f"{fast['remote_us'] / off['remote_us']:12.2f}"
-    )
+    base = r["medians"].get("aioquic")
+    if base:
+        for mode, m in r["medians"].items():
+            if mode != "aioquic":
+                print(
+                    f"{mode + ' / aioquic':18}{m['origin_us'] / base['origin_us']:6.2f}"
+                    f"{m['remote_us'] / base['remote_us']:12.2f}"
+                )
     for mode, values in r["runs"].items():
         for v in values:
             print(
@@ -487,7 +501,8 @@ def print_compare(r: dict[str, Any]) -> None:
                 f"           origin: {o.get('fast_packets_sent', 0)} fast sent, "
                 f"{o.get('general_sends', 0)} aioquic sends, "
                 f"{o.get('fast_packets_received', 0)} fast received, "
-                f"{o.get('general_receives', 0)} aioquic receives; remote: "
+                f"{o.get('general_receives', 0)} aioquic receives, "
+                f"{o.get('packets_lost', 0)} lost; remote: "
                 f"{q.get('fast_packets_received', 0)} fast received, "
                 f"{q.get('general_receives', 0)} aioquic receives, "
                 f"{q.get('fast_packets_sent', 0)} fast sent, "
@@ -563,11 +578,22 @@ def main(argv: list[str] | None = None) -> None:
         help="both ends use aioquic's general path only (RelayConfig.quic_fast_path=False)",
     )
     ap.add_argument(
+        "--no-udp-offload",
+        dest="udp_offload",
+        action="store_false",
+        help="no UDP segmentation offload on the relay sockets (RelayConfig.udp_offload=False)",
+    )
+    ap.add_argument(
         "--compare",
         type=int,
         default=0,
         metavar="ROUNDS",
-        help="only the QUIC hop (1 listener), fast path on and off alternating, ROUNDS each",
+        help="only the QUIC hop (1 listener): each of --modes in turn, ROUNDS times",
+    )
+    ap.add_argument(
+        "--modes",
+        default=",".join(COMPARE_MODES),
+        help="configurations for --compare (of: " + ", ".join(COMPARE_MODES) + ")",
     )
     args = ap.parse_args(argv)
     if args.profile:

@@ -48,6 +48,10 @@ class RelayConfig:
     #: aioquic's general path (same wire format; ``CASCADE_RELAY_FAST_PATH=0`` also turns
     #: it off). For same-run baselines.
     quic_fast_path: bool = True
+    #: Linux UDP segmentation offload on the relay's sockets: a burst of equal-sized QUIC
+    #: packets leaves in one system call, coalesced ones are read in one (see
+    #: :mod:`relay.udp`). Ordinary datagrams on the wire.
+    udp_offload: bool = True
     stats_interval: float = 2.0
     max_flows_per_connection: int = 4096
     #: QUIC idle timeout (backstop; the heartbeat detects death much earlier).

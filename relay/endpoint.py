@@ -369,7 +369,7 @@ class RelayLink:
         core.on_down = self._on_down
         core.on_room_state = ep._room_state
         transport, proto = await open_udp(
-            lambda: QuicRelayProtocol(quic, core, True), (cfg.host, 0)
+            lambda: QuicRelayProtocol(quic, core, True), (cfg.host, 0), cfg.udp_offload
         )
         self._transport = transport
         assert isinstance(proto, QuicRelayProtocol)
@@ -379,6 +379,8 @@ class RelayLink:
 
     def _teardown_conn(self, code: int, reason: str) -> None:
         conn, self._conn = self._conn, None
+        if conn is not None:
+            self.endpoint._retire_stats(conn)
         if conn is not None and not conn.core.dead:
             conn.abort(code, reason)
         if self._transport is not None:
@@ -483,6 +485,7 @@ class RelayEndpoint:
         self._sessions: set[QuicRelayProtocol] = set()
         self._links: dict[bytes, RelayLink] = {}
         self._closing: set[asyncio.Future[None]] = set()
+        self._retired: dict[str, int] = {}
 
     async def start(self) -> None:
         """Start the QUIC server on ``config.host:config.port``."""
@@ -504,6 +507,7 @@ class RelayEndpoint:
                 create_protocol=self._accept,
             ),
             (cfg.host, cfg.port),
+            cfg.udp_offload,
         )
         assert isinstance(server, AdmittingQuicServer)
         self._server = server
@@ -531,8 +535,17 @@ class RelayEndpoint:
         proto = QuicRelayProtocol(quic, core, False, **kw)
         self._sessions.add(proto)
         core.on_up = self._supersede
-        core.on_down = lambda c, code, reason: self._sessions.discard(proto)
+        core.on_down = lambda c, code, reason: self._session_down(proto)
         return proto
+
+    def _session_down(self, proto: QuicRelayProtocol) -> None:
+        if proto in self._sessions:
+            self._sessions.discard(proto)
+            self._retire_stats(proto)
+
+    def _retire_stats(self, proto: QuicRelayProtocol) -> None:
+        for key, value in proto.fast.stats().items():
+            self._retired[key] = self._retired.get(key, 0) + value
 
     def _room_state(self, core: RelayConnection, msg: RoomState) -> None:
         if core.peer_key is not None:
@@ -569,11 +582,11 @@ class RelayEndpoint:
 
     def quic_stats(self) -> dict[str, int]:
         """Packets sent and received by the QUIC fast path and calls to aioquic's general
-        path, summed over live connections (both roles)."""
+        path, summed over every connection so far (both roles)."""
         protos = list(self._sessions) + [
             link._conn for link in self._links.values() if link._conn is not None
         ]
-        total: dict[str, int] = {}
+        total = dict(self._retired)
         for proto in protos:
             for key, value in proto.fast.stats().items():
                 total[key] = total.get(key, 0) + value

@@ -190,6 +190,8 @@ class DatagramFastPath:
         self.general_receives = 0
         #: packets dropped here: failed authentication, duplicates
         self.rejected = 0
+        #: packets aioquic's loss recovery declared lost (either path)
+        self.packets_lost = 0
         #: the last received datagram may have moved aioquic's timers other than the ACK's
         self.timers_moved = True
         self._general_due = True
@@ -205,6 +207,7 @@ class DatagramFastPath:
         def packets_lost(**kw: Any) -> None:
             packets: Iterable[QuicSentPacket] = kw["packets"]
             packets = kw["packets"] = list(packets)
+            self.packets_lost += len(packets)
             if any(p.delivery_handlers for p in packets):
                 self._general_due = True
             on_lost(**kw)
@@ -553,6 +556,7 @@ class DatagramFastPath:
             "general_sends": self.general_sends,
             "general_receives": self.general_receives,
             "rejected": self.rejected,
+            "packets_lost": self.packets_lost,
         }
 
     def handle_timer(self, now: float) -> None:
@@ -645,9 +649,14 @@ class QuicProtocolBase(QuicConnectionProtocol):
         self._transmit_task = None
         transport = self._transport
         if transport is not None:
-            sendto = transport.sendto
-            for data, addr in self.fast.datagrams_to_send(self._loop.time()):
-                sendto(data, addr)
+            out = self.fast.datagrams_to_send(self._loop.time())
+            send_many = getattr(transport, "sendto_many", None)
+            if len(out) > 1 and send_many is not None and all(a == out[0][1] for _, a in out):
+                send_many([data for data, _ in out], out[0][1])
+            else:
+                sendto = transport.sendto
+                for data, addr in out:
+                    sendto(data, addr)
         self.arm_quic_timer()
 
     def arm_quic_timer_after_receive(self) -> None:
