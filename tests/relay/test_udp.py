@@ -148,15 +148,16 @@ async def test_stock_aioquic_server_talks_to_our_fast_offloaded_client() -> None
         proto.connect(("127.0.0.1", port))
         await asyncio.wait_for(proto.connected.wait(), 10)
         data = [i.to_bytes(4, "big") + bytes(1000) for i in range(300)]
-        proto.expected = len(data)
+        # bursts of 10, each echoed before the next: no socket buffer can overflow, so
+        # these unreliable datagrams all come back even on a busy machine
         for start in range(0, len(data), 10):
+            proto.expected = start + 10
+            proto.all_back.clear()
             for d in data[start : start + 10]:
                 quic.send_datagram_frame(d)
             proto.transmit()
-            await asyncio.sleep(0.002)
-        await asyncio.wait_for(proto.all_back.wait(), 20)
-        # datagrams are unreliable, but nothing is lost on an idle loopback
-        assert sorted(proto.echoed) == data
+            await asyncio.wait_for(proto.all_back.wait(), 20)
+        assert proto.echoed == data
         stats = proto.fast.stats()
         assert stats["fast_packets_sent"] >= 250
         assert stats["fast_packets_received"] >= 250
