@@ -9,10 +9,12 @@ What we rely on, and why:
   an ACK when one is due) are built, and short-header packets whose frames are only
   DATAGRAM / ACK / PADDING / PING are parsed, here instead of in
   ``QuicConnection.datagrams_to_send`` / ``receive_datagram`` (pure Python, 30-50 µs per
-  packet). Cryptography is aioquic's own: ``CryptoPair.encrypt_packet`` on
-  ``QuicConnection._cryptos[Epoch.ONE_RTT]`` to send; on receipt its ``recv`` context's
-  ``hp._mask`` (header protection) and ``aead.decrypt``. aioquic's state stays the
-  authority and is updated exactly as its own code does:
+  packet). Cryptography is aioquic's own, from ``QuicConnection._cryptos[Epoch.ONE_RTT]``
+  (a ``CryptoPair``): its ``send`` / ``recv`` contexts' ``aead._aead`` (the AES-GCM or
+  ChaCha20 object of ``cryptography``) with ``aead._iv`` for the nonce, ``hp._mask`` for
+  header protection and ``key_phase``; ``CryptoPair.encrypt_packet`` (which performs
+  the update) when ``_update_key_requested``. aioquic's state stays the authority and is
+  updated exactly as its own code does:
 
   * sending: ``_packet_number``, ``_spin_bit``, ``_peer_cid.cid``, ``_datagrams_pending``
     (the DATAGRAM queue both paths drain, in order), ``_network_paths[0]`` (``addr``,
@@ -35,11 +37,19 @@ What we rely on, and why:
 
   Anything else goes to aioquic's own path: handshakes, long headers, other frames,
   a key phase change, an unknown connection id or address (migration), reserved bits,
-  packets that fail to parse. aioquic's path also runs on the next transmit after
+  packets that fail to parse. aioquic's sender also runs on the next transmit after
   anything that may have queued other frames: a packet it parsed, a loss-detection or
   idle timer, a control-stream write or a close, the loss of a packet that had delivery
-  handlers (``_loss._on_packets_lost`` is wrapped per connection to see it), and while
-  it is held back by the congestion window or pacing.
+  handlers (``_loss._on_packets_lost`` is wrapped per connection to see it); and again
+  on each transmit while, held back by the congestion window or pacing, it still has
+  such frames: :meth:`DatagramFastPath._aioquic_has_frames` reads what its
+  ``_write_application`` would write (``_close_pending``, ``_handshake_done_pending``,
+  ``_ping_pending``, ``_probe_pending``, ``_streams_blocked_pending``,
+  ``_retire_connection_ids``, ``_host_cids[].was_sent``, the path's
+  ``remote_challenges``, the 1-RTT ``_crypto_streams`` sender, ``_local_max_data`` /
+  ``_local_max_streams_*`` limits, each stream's ``max_stream_data_local*`` and
+  receiver ``highest_offset``, and ``_streams_queue``: finished, stop/reset pending,
+  unsent data).
 - ``QuicConnection._loss._pacer`` is replaced by :class:`BurstPacer` (see there).
 - ``QuicConnection.tls._peer_certificate``: the verified peer certificate (its key is the
   node identity; None makes the relay handshake fail closed).
@@ -265,14 +275,11 @@ class DatagramFastPath:
             self.general_sends += 1
             return quic.datagrams_to_send(now=now)
         out: list[tuple[bytes, Any]] = []
-        loss = quic._loss
         if self._general_due:
             self.general_sends += 1
             out = quic.datagrams_to_send(now=now)
-            if quic._pacing_at is not None or (
-                loss.congestion_window - loss.bytes_in_flight < quic._max_datagram_size
-            ):
-                return out  # held back: aioquic may still hold other frames
+            if self._aioquic_has_frames():
+                return out  # held back (window, pacing): its frames go first when it opens
             self._general_due = False
             if not self.steady():
                 return out
@@ -284,6 +291,50 @@ class DatagramFastPath:
         if not pending and not ack_due:
             return out
         return out + self._build(now, ack_due)
+
+    def _aioquic_has_frames(self) -> bool:
+        """Whether aioquic still holds frames other than DATAGRAM and ACK to send (what its
+        ``_write_application`` would write, in its order)."""
+        q = self.quic
+        if (
+            q._close_pending
+            or q._handshake_done_pending
+            or q._ping_pending
+            or q._probe_pending
+            or q._streams_blocked_pending
+            or q._retire_connection_ids
+        ):
+            return True
+        paths = q._network_paths
+        if not paths or paths[0].remote_challenges or not paths[0].is_validated:
+            return True
+        if any(not cid.was_sent for cid in q._host_cids):
+            return True
+        crypto_stream = q._crypto_streams.get(_ONE_RTT)
+        if crypto_stream is not None and not crypto_stream.sender.buffer_is_empty:
+            return True
+        max_data = q._local_max_data
+        if max_data.used * 2 > max_data.value:
+            return True
+        for limit in (max_data, q._local_max_streams_bidi, q._local_max_streams_uni):
+            if limit.sent != limit.value:
+                return True
+        for stream in q._streams.values():
+            local = stream.max_stream_data_local
+            if local and (
+                stream.receiver.highest_offset * 2 > local
+                or stream.max_stream_data_local_sent != local
+            ):
+                return True
+        for stream in q._streams_queue:
+            if (
+                stream.is_finished
+                or stream.receiver.stop_pending
+                or stream.sender.reset_pending
+                or not stream.sender.buffer_is_empty
+            ):
+                return True
+        return False
 
     def _build(self, now: float, ack_due: bool) -> list[tuple[bytes, Any]]:
         quic = self.quic

@@ -386,3 +386,32 @@ def test_losses_of_fast_packets_are_detected_by_the_fast_sender() -> None:
     send_all(link, link.server, more)
     link.run(0.1)
     assert link.client.datagrams[-20:] == more
+
+
+def test_stream_data_queued_while_the_window_is_full_goes_first_when_it_opens() -> None:
+    link = make_link(fast_client=False, fast_server=True)
+    server = link.server
+    fast = server.fast
+    assert fast is not None
+    sid = link.client.quic.get_next_available_stream_id()
+    link.client.quic.send_stream_data(sid, b"hello")
+    link.step()
+    # the client's ACKs are lost for a while: the server's window fills with datagrams
+    link.drop = lambda direction, index, data: direction == "c>s"
+    for i in range(40):
+        server.quic.send_datagram_frame(i.to_bytes(2, "big") + bytes(1100))
+    link.step(0.0001)
+    assert server.quic._loss.bytes_in_flight > 0
+    server.quic.send_stream_data(sid, b"control while congested")
+    server.touch()
+    link.step(0.0001)
+    link.drop = lambda direction, index, data: False
+    link.run(1.0)
+    assert link.client.stream.get(sid) == b"control while congested"
+    assert len(link.client.datagrams) == 40
+    more = payloads(30, b"m")
+    send_all(link, server, more)
+    link.run(0.1)
+    assert link.client.datagrams[-30:] == more
+    assert server.quic._loss.bytes_in_flight == 0
+    assert fast.packets_sent > 40
