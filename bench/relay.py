@@ -22,7 +22,7 @@ Measured, in the same run:
     python -m bench.relay --profile /tmp/relay-prof   # + cProfile of both ends (pstats files)
     python -m bench.relay --no-fast-path       # aioquic's general path only (both ends)
     python -m bench.relay --no-udp-offload     # one send/receive system call per packet
-    python -m bench.relay --compare 3          # aioquic / fast path / + UDP offload, alternating
+    python -m bench.relay --compare 3          # aioquic / fast path / + UDP offload / + ACK
 
 Prints a table, then one JSON object as the last line.
 """
@@ -181,7 +181,11 @@ async def _remote(pipe: Connection, job: dict[str, Any]) -> None:
         closer: Callable[[], Any] = transport.close
     else:
         key = Ed25519PrivateKey.from_private_bytes(job["key"])
-        cfg = RelayConfig(quic_fast_path=job["fast_path"], udp_offload=job["udp_offload"])
+        cfg = RelayConfig(
+            quic_fast_path=job["fast_path"],
+            udp_offload=job["udp_offload"],
+            quic_ack_after=job["ack_after"],
+        )
         ep = RelayEndpoint(key, lambda _pid: None, config=cfg)
         link = ep.link(job["origin_key"], LOCAL, job["port"])
         await link.wait_live(10)
@@ -276,6 +280,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         max_datagram_size=args.max_datagram_size,
         quic_fast_path=args.fast_path,
         udp_offload=args.udp_offload,
+        quic_ack_after=args.ack_after,
     )
     ep = RelayEndpoint(okey, {PRODUCER: src}.get, lambda k: k == rpub, cfg)
     await ep.start()
@@ -294,6 +299,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         "profiled": not via_proxy,
         "fast_path": args.fast_path,
         "udp_offload": args.udp_offload,
+        "ack_after": args.ack_after,
     }
     proc, pipe = spawn(job, args)
     try:
@@ -397,6 +403,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "max_datagram_size": args.max_datagram_size,
         "fast_path": args.fast_path,
         "udp_offload": args.udp_offload,
+        "ack_after": args.ack_after,
         "load_average": os.getloadavg(),
         "generator_cpu_us_per_packet": gen / n * 1e6,
         "origin_cpu_us_per_packet": {"quic": quic_origin, "udp": udp_origin},
@@ -423,8 +430,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-#: --compare configurations: (QUIC fast path, UDP offload)
-COMPARE_MODES = {"aioquic": (False, False), "fast": (True, False), "fast+gso": (True, True)}
+#: --compare configurations: (QUIC fast path, UDP offload, ACK after N packets read)
+COMPARE_MODES = {
+    "aioquic": (False, False, 0),
+    "fast": (True, False, 0),
+    "fast+gso": (True, True, 0),
+    "fast+gso+ack": (True, True, RelayConfig.quic_ack_after),
+}
 
 
 async def compare_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -435,7 +447,7 @@ async def compare_async(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for _ in range(args.compare):
         for mode in modes:
-            args.fast_path, args.udp_offload = COMPARE_MODES[mode]
+            args.fast_path, args.udp_offload, args.ack_after = COMPARE_MODES[mode]
             gen = await run_generator(args)
             quic = await run_quic(args, 1, via_proxy=False)
             rem = quic["remote"]
@@ -475,10 +487,10 @@ def print_compare(r: dict[str, Any]) -> None:
         f"relay hop by configuration: {r['packets']} packets at {r['rate_pps']:.0f} pkt/s, "
         f"{r['rounds']} round-robin rounds (medians)"
     )
-    print(f"{'':10}{'origin us':>12}{'remote us':>12}{'p50 us':>10}{'p95 us':>10}")
+    print(f"{'':14}{'origin us':>8}{'remote us':>12}{'p50 us':>10}{'p95 us':>10}")
     for mode, m in r["medians"].items():
         print(
-            f"{mode:10}{m['origin_us']:12.1f}{m['remote_us']:12.1f}"
+            f"{mode:14}{m['origin_us']:8.1f}{m['remote_us']:12.1f}"
             f"{m['lat_p50_us']:10.0f}{m['lat_p95_us']:10.0f}"
         )
     base = r["medians"].get("aioquic")
@@ -486,13 +498,13 @@ def print_compare(r: dict[str, Any]) -> None:
         for mode, m in r["medians"].items():
             if mode != "aioquic":
                 print(
-                    f"{mode + ' / aioquic':18}{m['origin_us'] / base['origin_us']:6.2f}"
+                    f"{mode + ' / aioquic':24}{m['origin_us'] / base['origin_us']:6.2f}"
                     f"{m['remote_us'] / base['remote_us']:12.2f}"
                 )
     for mode, values in r["runs"].items():
         for v in values:
             print(
-                f"  {mode:8} origin {v['origin_us']:6.1f} remote {v['remote_us']:6.1f} "
+                f"  {mode:12} origin {v['origin_us']:6.1f} remote {v['remote_us']:6.1f} "
                 f"p50 {v['lat_p50_us']:7.0f} p95 {v['lat_p95_us']:7.0f} "
                 f"delivered {v['delivered']} load {v['load_average']:.1f}"
             )
@@ -582,6 +594,12 @@ def main(argv: list[str] | None = None) -> None:
         dest="udp_offload",
         action="store_false",
         help="no UDP segmentation offload on the relay sockets (RelayConfig.udp_offload=False)",
+    )
+    ap.add_argument(
+        "--ack-after",
+        type=int,
+        default=RelayConfig.quic_ack_after,
+        help="remote: ACK a read of this many packets at once (0: aioquic's 1 ms timer)",
     )
     ap.add_argument(
         "--compare",

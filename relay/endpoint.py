@@ -69,7 +69,8 @@ class QuicRelayProtocol(QuicProtocolBase):
     def __init__(
         self, quic: QuicConnection, core: RelayConnection, is_client: bool, **kw: Any
     ) -> None:
-        super().__init__(quic, fast_path=core.config.quic_fast_path, **kw)
+        cfg = core.config
+        super().__init__(quic, fast_path=cfg.quic_fast_path, ack_after=cfg.quic_ack_after, **kw)
         self.core = core
         self.is_client = is_client
         self.ctrl_id: int | None = None

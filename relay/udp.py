@@ -12,6 +12,9 @@ coalesced datagrams (``UDP_GRO``), split here again: on loopback a burst then co
 system call and one wake-up at each end. On the wire they are ordinary datagrams (the
 kernel segments them for any receiver that did not ask for coalescing), so peers need
 nothing. If the kernel refuses segmentation the transport falls back to one send each.
+
+A protocol with a ``datagrams_drained()`` method is told when a read emptied the socket
+(the QUIC protocol ACKs the burst it just read then).
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class DrainingDatagramTransport(asyncio.DatagramTransport):
             except OSError:
                 self.gro = False
         self._extra = {"socket": sock, "sockname": sock.getsockname()}
+        #: the protocol's ``datagrams_drained()``, called once a read emptied the socket
+        self._drained: Callable[[], None] | None = getattr(protocol, "datagrams_drained", None)
         loop.add_reader(sock.fileno(), self._read_ready_gro if self.gro else self._read_ready)
         loop.call_soon(protocol.connection_made, self)
 
@@ -81,6 +86,8 @@ class DrainingDatagramTransport(asyncio.DatagramTransport):
             try:
                 data, ancillary, _flags, addr = recv(65535, _GRO_CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
+                if self._drained is not None:
+                    self._drained()
                 return
             except OSError as exc:
                 self._protocol.error_received(exc)
@@ -106,6 +113,8 @@ class DrainingDatagramTransport(asyncio.DatagramTransport):
             try:
                 data, addr = recv(65536)
             except (BlockingIOError, InterruptedError):
+                if self._drained is not None:
+                    self._drained()
                 return
             except OSError as exc:
                 self._protocol.error_received(exc)
