@@ -41,11 +41,20 @@ class WorkerSetup(msgspec.Struct, tag="setup"):
     answer_timeout: float
 
 
+#: The supervisor as a sibling of a room's workers (in :class:`SiblingRoom` and as the
+#: peer of a pipe): it stands for the room's participants and producers on other nodes.
+SUPERVISOR_ID = 0xFFFF
+
+
 class Member(msgspec.Struct, array_like=True):
     """A participant as the other workers of its room see it."""
 
     participant_id: str
     name: str | None
+    auto: bool = True
+    """Subscribes to every producer of the room as it appears."""
+    moving: bool = False
+    """Told to move to another node (drain)."""
 
 
 class ProducerInfo(msgspec.Struct, array_like=True):
@@ -53,6 +62,7 @@ class ProducerInfo(msgspec.Struct, array_like=True):
 
     producer_id: str
     kind: str
+    participant_id: str = ""
 
 
 class RoomState(msgspec.Struct, tag="room"):
@@ -238,6 +248,7 @@ def receive_pipe(channel: socket.socket) -> tuple[int, socket.socket] | None:
 
 
 __all__ = [
+    "SUPERVISOR_ID",
     "Channel",
     "ClientData",
     "Frame",
