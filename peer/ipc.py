@@ -55,6 +55,8 @@ class Member(msgspec.Struct, array_like=True):
     """Subscribes to every producer of the room as it appears."""
     moving: bool = False
     """Told to move to another node (drain)."""
+    region: str | None = None
+    """The region the participant said it is in (placement of a drain's move)."""
 
 
 class ProducerInfo(msgspec.Struct, array_like=True):
@@ -126,6 +128,14 @@ class Load(msgspec.Struct, tag="load"):
     totals: dict[str, float]
 
 
+class Migrate(msgspec.Struct, tag="migrate"):
+    """Supervisor -> worker: tell ``conn``'s participant to move to another node (drain);
+    ``target`` has its ``url``, ``node_id`` and ``region``."""
+
+    conn: int
+    target: dict[str, str]
+
+
 class StatsRequest(msgspec.Struct, tag="stats_request"):
     """Supervisor -> worker: send your node stats."""
 
@@ -147,6 +157,7 @@ Frame = (
     | Open
     | ClientData
     | Hangup
+    | Migrate
     | ToClient
     | SessionEnded
     | Load
@@ -258,6 +269,7 @@ __all__ = [
     "Hello",
     "Load",
     "Member",
+    "Migrate",
     "Open",
     "ProducerInfo",
     "RoomState",

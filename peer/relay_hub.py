@@ -58,6 +58,7 @@ class WorkerMember:
         self.name = member.name
         self.auto = member.auto
         self.moving = member.moving
+        self.region = member.region
 
     @property
     def subscribes_automatically(self) -> bool:
@@ -141,7 +142,7 @@ class RelayHub:
             current = hosted.member(pid) if hosted is not None else None
             if isinstance(current, WorkerMember):
                 current.name, current.auto = reported.name, reported.auto
-                current.moving = reported.moving
+                current.moving, current.region = reported.moving, reported.region
             elif current is None:
                 rooms.join(room, WorkerMember(self, worker_id, room, reported))
         key = (room, worker_id)
@@ -168,6 +169,10 @@ class RelayHub:
             for p in producers
             if not p.participant_id or p.participant_id in staying
         )
+
+    def has_local_producers(self) -> bool:
+        """Whether any worker still has a producer of its own (lingering ones included)."""
+        return bool(self._producers)
 
     def producer_room(self, producer_id: str) -> str | None:
         """The room of a producer published on one of the workers."""

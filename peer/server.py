@@ -437,8 +437,16 @@ class NodeServer:
         session = member if isinstance(member, ParticipantSession) else None
         if session is None:
             return
+        target = await self.migration_target(room, session.region, session.participant_id)
+        if target is not None:
+            session.migrate(target)
+
+    async def migration_target(
+        self, room: str, region: str | None, participant_id: str
+    ) -> dict[str, str] | None:
+        """Where a draining node sends a participant (logged in ``drain_log``), or None."""
         try:
-            placement = await self.place(room, session.region)
+            placement = await self.place(room, region)
         except Exception:
             log.exception("placing a migrating participant failed")
             placement = None
@@ -446,12 +454,12 @@ class NodeServer:
         if placement is not None:
             best = next((c for c in placement.candidates if c.node_id != self.node_key), None)
         if best is None:
-            log.warning("drain: no other node for %s in %s", session.participant_id, room)
-            return
-        session.migrate({"url": best.signaling_url, "node_id": best.node_id, "region": best.region})
+            log.warning("drain: no other node for %s in %s", participant_id, room)
+            return None
         self.drain_log.append(
-            {"action": "migrate", "participant_id": session.participant_id, "to": best.node_id}
+            {"action": "migrate", "participant_id": participant_id, "to": best.node_id}
         )
+        return {"url": best.signaling_url, "node_id": best.node_id, "region": best.region}
 
     async def stats_handler(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())

@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -330,7 +330,7 @@ class ParticipantSession:
             or producer.source in self._sources
         )
 
-    def migrate(self, target: dict[str, object], reason: str = "drain") -> None:
+    def migrate(self, target: Mapping[str, object], reason: str = "drain") -> None:
         """Tell the participant to move to ``target`` (``url``, ``node_id``, ``region``)."""
         self.moving = True
         self.post({"type": "migrate", "reason": reason, **target})

@@ -70,7 +70,13 @@ class SiblingRooms:
         producers: list[ProducerInfo] = []
         if hosted is not None:
             members = [
-                Member(m.participant_id, m.name, m.subscribes_automatically, m.moving)
+                Member(
+                    m.participant_id,
+                    m.name,
+                    m.subscribes_automatically,
+                    m.moving,
+                    getattr(m, "region", None),
+                )
                 for m in hosted.members
             ]
             producers = [

@@ -40,6 +40,7 @@ from peer.ipc import (
     Hangup,
     Hello,
     Load,
+    Migrate,
     Open,
     RoomState,
     SessionEnded,
@@ -52,9 +53,9 @@ from peer.ipc import (
     send_pipe,
 )
 from peer.packing import DEFAULT_WATERMARK, Packing, WorkerLoad, choose_worker
-from peer.relay_hub import RelayHub
+from peer.relay_hub import RelayHub, WorkerMember
 from peer.server import NodeConfig, NodeServer
-from peer.session import join_redirect
+from peer.session import MIGRATED_LINGER, join_redirect
 from peer.signaling import ClientMessage, Join, Ping, ProtocolError, encode, error_message
 from peer.stats import AdmissionPolicy
 from peer.tokens import TokenError
@@ -720,6 +721,24 @@ class Supervisor(NodeServer):
         session = self._session_of(participant_id)
         if session is not None:
             session.deliver(encode(message))
+
+    async def _migrate(self, room: str, member: object) -> None:
+        """Drain: the participant's worker tells it where to move."""
+        if not isinstance(member, WorkerMember):
+            return
+        session = self._session_of(member.participant_id)
+        if session is None or session.worker is None or session.worker.channel is None:
+            return
+        target = await self.migration_target(room, member.region, member.participant_id)
+        if target is not None and session.worker is not None and session.worker.channel:
+            session.worker.channel.send(Migrate(session.conn, target))
+
+    async def _wait_lingering_producers(self) -> None:
+        """As a single-process node: the workers' producers of participants that moved
+        stay a few seconds, and the node exits after them."""
+        deadline = time.monotonic() + MIGRATED_LINGER + 1.0
+        while time.monotonic() < deadline and self.hub.has_local_producers():
+            await asyncio.sleep(0.1)
 
     async def hang_up(self, participant_id: str) -> None:
         """End a participant's session on its worker and close its socket."""

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from bench.cluster import until
 from dht import Directory, NodeIdentity
 from peer.client import CascadeClient
 from peer.media import PatternVideoTrack
@@ -18,7 +19,9 @@ from peer.overlay import Overlay
 from peer.server import NodeConfig, NodeServer
 from peer.supervisor import Supervisor
 from tests.conftest import SECRET, token
+from tests.peer.test_drain import FRANKFURT, PARIS, grows
 from tests.peer.test_overlay import start_node
+from tests.peer.test_placement_nodes import start, wait_for_nodes
 from tests.peer.test_workers import pin, worker_of
 
 ROOM = "spread"
@@ -83,15 +86,20 @@ async def test_room_over_two_workers_and_a_second_node_one_flow_per_producer() -
 
     async with workers_and_single() as (eu, us):
         try:
+            video = PatternVideoTrack
             pin(eu, 0)
             alice = await client(eu.url, "alice")
-            (a_video,) = await alice.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+            (a_video,) = await alice.publish(
+                [PatternVideoTrack(160, 120, periodic_keyframes=False)]
+            )
             pin(eu, 1)
             carol = await client(eu.url, "carol")
-            (c_video,) = await carol.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+            (c_video,) = await carol.publish(
+                [PatternVideoTrack(160, 120, periodic_keyframes=False)]
+            )
             assert {worker_of(eu, alice), worker_of(eu, carol)} == {0, 1}
             bob = await client(us.url, "bob")
-            (d_video,) = await bob.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+            (d_video,) = await bob.publish([video(160, 120, periodic_keyframes=False)])
             a_id, c_id, d_id = (v["producer_id"] for v in (a_video, c_video, d_video))
 
             # us decodes the producers of both eu workers; each eu worker decodes the
@@ -121,10 +129,19 @@ async def test_room_over_two_workers_and_a_second_node_one_flow_per_producer() -
             # A publisher on a worker leaves: the other node sees it go.
             await carol.close()
             await bob.wait_event("producer_removed", producer_id=c_id, timeout=15)
-            await bob.wait_event("participant_left", participant_id=carol.participant_id, timeout=15)
+            await bob.wait_event(
+                "participant_left", participant_id=carol.participant_id, timeout=15
+            )
             await _decodes(bob, {a_id})
         finally:
             await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)
+
+
+def _videos(client: CascadeClient) -> int:
+    """Video tracks of ``client`` that are live and decoded frames."""
+    return sum(
+        1 for t in client.tracks.values() if t.kind == "video" and not t.ended and t.frames_decoded
+    )
 
 
 def _seen(client: CascadeClient) -> set[str]:
@@ -144,3 +161,51 @@ async def _get(server: NodeServer, path: str):
     async with aiohttp.ClientSession() as http, http.get(server.url + path) as response:
         assert response.status == 200
         return await response.json()
+
+
+async def test_draining_a_workers_node_moves_its_participants_and_media_continues() -> None:
+    """Participants on both workers of a draining node are told to move by their worker,
+    rejoin the other node, and keep decoding on the same tracks."""
+    first = await start("eu", [], PARIS, workers=2)
+    second = await start("eu", [first[1].directory.address], FRANKFURT)
+    nodes = [first, second]
+    clients: list[CascadeClient] = []
+    try:
+        for _, overlay in nodes:
+            await wait_for_nodes(overlay, 2)
+        draining, other = first[0], second[0]
+        assert isinstance(draining, Supervisor)
+        for i, (server, worker) in enumerate(((draining, 0), (draining, 1), (other, None))):
+            if worker is not None:
+                pin(draining, worker)
+            client = CascadeClient(server.url)
+            await client.connect()
+            await client.join(ROOM, token(ROOM, f"p{i}"), name=f"p{i}", follow_placement=False)
+            await client.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+            clients.append(client)
+        assert await until(lambda: all(_videos(c) == 2 for c in clients), 40)
+        tracks_before = {id(c): {id(t) for t in c.tracks.values()} for c in clients}
+        errors = {id(t): t.stats()["decode_errors"] for c in clients for t in c.tracks.values()}
+
+        assert draining.start_drain()
+        assert await until(lambda: draining.drained.is_set(), 40)
+        assert draining.drain_status()["disconnected"] == 0
+        assert all(c.url == other.url for c in clients)
+        assert other.rooms.participant_count() == 3
+        assert [len(c.moves) for c in clients] == [1, 1, 0]
+        assert await until(lambda: all(_videos(c) == 2 for c in clients), 30)
+        for client in clients:
+            assert await grows(client)
+            live = {id(t) for t in client.tracks.values() if not t.ended}
+            if live != tracks_before[id(client)]:
+                print("CLIENT", clients.index(client), client.moves)
+                for e in client.events:
+                    print("  ", {k: v for k, v in e.items() if k not in ("sdp", "producers")})
+            assert live == tracks_before[id(client)]
+            for track in client.tracks.values():
+                assert track.stats()["decode_errors"] == errors[id(track)], track.stats()
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        for server, overlay in reversed(nodes):
+            await overlay.stop()
+            await server.stop()
