@@ -525,13 +525,6 @@ def _workers(args: argparse.Namespace, overlay: bool) -> int:
         raise CliError(f"--workers {args.workers}: use 1 or more (0: one per usable core)")
     if not 0.0 < args.worker_watermark <= 1.0:
         raise CliError(f"--worker-watermark {args.worker_watermark}: use a share in (0, 1]")
-    if overlay:
-        if args.workers > 1:
-            raise CliError(
-                "--workers above 1 does not work with the overlay (--dht-port) yet: "
-                "inter-node relaying runs in the single-process node"
-            )
-        return 1
     return args.workers or usable_cores()
 
 

@@ -69,9 +69,18 @@ class SiblingRooms:
         members: list[Member] = []
         producers: list[ProducerInfo] = []
         if hosted is not None:
-            members = [Member(m.participant_id, m.name) for m in hosted.members]
+            members = [
+                Member(
+                    m.participant_id,
+                    m.name,
+                    m.subscribes_automatically,
+                    m.moving,
+                    getattr(m, "region", None),
+                )
+                for m in hosted.members
+            ]
             producers = [
-                ProducerInfo(p.id, p.kind)
+                ProducerInfo(p.id, p.kind, p.participant_id)
                 for p in hosted.router.producers.values()
                 if p.origin == "local" and not p.closed
             ]

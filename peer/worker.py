@@ -35,6 +35,7 @@ from peer.ipc import (
     Hangup,
     Hello,
     Load,
+    Migrate,
     Open,
     SessionEnded,
     SiblingRoom,
@@ -216,6 +217,10 @@ class Worker:
                     self._open(frame.conn)
                 elif isinstance(frame, Hangup):
                     self._spawn(self._end(frame.conn))
+                elif isinstance(frame, Migrate):
+                    session = self.sessions.get(frame.conn)
+                    if session is not None:
+                        session.migrate(dict(frame.target))
                 elif isinstance(frame, StatsRequest):
                     stats = self.server.stats()
                     stats["piped_producers"] = sorted(
