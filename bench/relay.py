@@ -514,11 +514,11 @@ def print_compare(r: dict[str, Any]) -> None:
                 f"{o.get('general_sends', 0)} aioquic sends, "
                 f"{o.get('fast_packets_received', 0)} fast received, "
                 f"{o.get('general_receives', 0)} aioquic receives, "
-                f"{o.get('packets_lost', 0)} lost; remote: "
+                f"{o.get('packets_lost', 0)} lost, {o.get('timer_fires', 0)} timers; remote: "
                 f"{q.get('fast_packets_received', 0)} fast received, "
                 f"{q.get('general_receives', 0)} aioquic receives, "
                 f"{q.get('fast_packets_sent', 0)} fast sent, "
-                f"{q.get('general_sends', 0)} aioquic sends"
+                f"{q.get('general_sends', 0)} aioquic sends, {q.get('timer_fires', 0)} timers"
             )
 
 

@@ -104,6 +104,10 @@ class QuicRelayProtocol(QuicProtocolBase):
             # up to 1 ms anyway) goes out when its timer fires
             self.arm_quic_timer_after_receive()
 
+    def stats(self) -> dict[str, int]:
+        """The fast path's counters and how often aioquic's timer fired."""
+        return {**self.fast.stats(), "timer_fires": self.timer_fires}
+
     def datagram_frame_received(self, data: bytes) -> None:
         """A flow datagram: straight to the connection (hot path)."""
         self.core.receive_datagram(data, self.loop.time())
@@ -545,7 +549,7 @@ class RelayEndpoint:
             self._retire_stats(proto)
 
     def _retire_stats(self, proto: QuicRelayProtocol) -> None:
-        for key, value in proto.fast.stats().items():
+        for key, value in proto.stats().items():
             self._retired[key] = self._retired.get(key, 0) + value
 
     def _room_state(self, core: RelayConnection, msg: RoomState) -> None:
@@ -589,7 +593,7 @@ class RelayEndpoint:
         ]
         total = dict(self._retired)
         for proto in protos:
-            for key, value in proto.fast.stats().items():
+            for key, value in proto.stats().items():
                 total[key] = total.get(key, 0) + value
         return total
 

@@ -59,7 +59,8 @@ What we rely on, and why:
   ``_connection_id_retired_handler`` / ``_connection_terminated_handler`` (set by
   ``QuicServer``); it replaces ``_process_events`` and ``_handle_timer``.
 - :class:`AdmittingQuicServer` reads ``QuicServer._configuration``, ``_protocols`` (is a
-  connection id known) and ``_transport``.
+  connection id known; a short-header packet goes straight to its protocol, as aioquic's
+  server would after parsing the header) and ``_transport``.
 """
 
 from __future__ import annotations
@@ -655,6 +656,8 @@ class QuicProtocolBase(QuicConnectionProtocol):
         use_burst_pacer(quic)
         self.fast = DatagramFastPath(quic, fast_path_enabled(fast_path))
         self.ack_after = ack_after
+        #: times aioquic's timer fired
+        self.timer_fires = 0
         self.pending = pending_datagrams(quic)
 
     @property
@@ -764,6 +767,7 @@ class QuicProtocolBase(QuicConnectionProtocol):
         self._timer_at = timer_at
 
     def _handle_timer(self) -> None:
+        self.timer_fires += 1
         now = max(self._timer_at or 0.0, self._loop.time())
         self._timer = None
         self._timer_at = None
@@ -785,6 +789,7 @@ class AdmittingQuicServer(QuicServer):
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
+        self._cid_length = self._configuration.connection_id_length
         self._admit = admit
         self._unused = unused
         #: the source being admitted, while ``create_protocol`` runs (else None)
@@ -797,6 +802,13 @@ class AdmittingQuicServer(QuicServer):
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         data = cast(bytes, data)
+        if data and not data[0] & 0x80:
+            # a short header (1-RTT): only a known connection id can use it, which is
+            # all aioquic's server checks for it (without parsing the header twice)
+            protocol = self._protocols.get(data[1 : 1 + self._cid_length])
+            if protocol is not None:
+                protocol.datagram_received(data, addr)
+            return
         try:
             header = pull_quic_header(
                 Buffer(data=data), host_cid_length=self._configuration.connection_id_length
