@@ -185,6 +185,7 @@ async def _remote(pipe: Connection, job: dict[str, Any]) -> None:
             quic_fast_path=job["fast_path"],
             udp_offload=job["udp_offload"],
             quic_ack_after=job["ack_after"],
+            quic_ack_delay=job["ack_delay"],
         )
         ep = RelayEndpoint(key, lambda _pid: None, config=cfg)
         link = ep.link(job["origin_key"], LOCAL, job["port"])
@@ -281,6 +282,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         quic_fast_path=args.fast_path,
         udp_offload=args.udp_offload,
         quic_ack_after=args.ack_after,
+        quic_ack_delay=args.ack_delay,
     )
     ep = RelayEndpoint(okey, {PRODUCER: src}.get, lambda k: k == rpub, cfg)
     await ep.start()
@@ -300,6 +302,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         "fast_path": args.fast_path,
         "udp_offload": args.udp_offload,
         "ack_after": args.ack_after,
+        "ack_delay": args.ack_delay,
     }
     proc, pipe = spawn(job, args)
     try:
@@ -404,6 +407,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "fast_path": args.fast_path,
         "udp_offload": args.udp_offload,
         "ack_after": args.ack_after,
+        "ack_delay": args.ack_delay,
         "load_average": os.getloadavg(),
         "generator_cpu_us_per_packet": gen / n * 1e6,
         "origin_cpu_us_per_packet": {"quic": quic_origin, "udp": udp_origin},
@@ -430,12 +434,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-#: --compare configurations: (QUIC fast path, UDP offload, ACK after N packets read)
-COMPARE_MODES = {
-    "aioquic": (False, False, 0),
-    "fast": (True, False, 0),
-    "fast+gso": (True, True, 0),
-    "fast+gso+ack": (True, True, RelayConfig.quic_ack_after),
+#: --compare configurations: (QUIC fast path, UDP offload, ACK after N packets read,
+#: ACK delay)
+COMPARE_MODES: dict[str, tuple[bool, bool, int, float | None]] = {
+    "aioquic": (False, False, 0, None),
+    "fast": (True, False, 0, None),
+    "fast+gso": (True, True, 0, None),
+    "fast+gso+ack": (True, True, 2, None),
+    "fast+gso+ack16": (True, True, 16, 0.010),
 }
 
 
@@ -447,7 +453,7 @@ async def compare_async(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for _ in range(args.compare):
         for mode in modes:
-            args.fast_path, args.udp_offload, args.ack_after = COMPARE_MODES[mode]
+            args.fast_path, args.udp_offload, args.ack_after, args.ack_delay = COMPARE_MODES[mode]
             gen = await run_generator(args)
             quic = await run_quic(args, 1, via_proxy=False)
             rem = quic["remote"]
@@ -602,6 +608,12 @@ def main(argv: list[str] | None = None) -> None:
         help="remote: ACK a read of this many packets at once (0: aioquic's 1 ms timer)",
     )
     ap.add_argument(
+        "--ack-delay",
+        type=float,
+        default=RelayConfig.quic_ack_delay,
+        help="remote: how long QUIC may delay an ACK, seconds (default: aioquic's 1 ms)",
+    )
+    ap.add_argument(
         "--compare",
         type=int,
         default=0,
@@ -610,7 +622,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--modes",
-        default=",".join(COMPARE_MODES),
+        default="aioquic,fast,fast+gso,fast+gso+ack",
         help="configurations for --compare (of: " + ", ".join(COMPARE_MODES) + ")",
     )
     args = ap.parse_args(argv)

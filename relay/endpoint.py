@@ -70,7 +70,13 @@ class QuicRelayProtocol(QuicProtocolBase):
         self, quic: QuicConnection, core: RelayConnection, is_client: bool, **kw: Any
     ) -> None:
         cfg = core.config
-        super().__init__(quic, fast_path=cfg.quic_fast_path, ack_after=cfg.quic_ack_after, **kw)
+        super().__init__(
+            quic,
+            fast_path=cfg.quic_fast_path,
+            ack_after=cfg.quic_ack_after,
+            ack_delay=cfg.quic_ack_delay,
+            **kw,
+        )
         self.core = core
         self.is_client = is_client
         self.ctrl_id: int | None = None

@@ -51,6 +51,8 @@ What we rely on, and why:
   receiver ``highest_offset``, and ``_streams_queue``: finished, stop/reset pending,
   unsent data).
 - ``QuicConnection._loss._pacer`` is replaced by :class:`BurstPacer` (see there).
+- ``QuicConnection._ack_delay`` (how long an ACK may wait; aioquic 1 ms) is set by
+  :func:`set_ack_delay` when configured.
 - ``QuicConnection.tls._peer_certificate``: the verified peer certificate (its key is the
   node identity; None makes the relay handshake fail closed).
 - :class:`QuicProtocolBase` subclasses ``aioquic.asyncio.QuicConnectionProtocol`` and uses
@@ -100,6 +102,7 @@ __all__ = [
     "QuicProtocolBase",
     "fast_path_enabled",
     "peer_certificate",
+    "set_ack_delay",
     "use_burst_pacer",
 ]
 
@@ -161,6 +164,12 @@ def use_burst_pacer(quic: QuicConnection) -> None:
     pacer = getattr(loss, "_pacer", None)
     if isinstance(pacer, QuicPacketPacer) and not isinstance(pacer, BurstPacer):
         loss._pacer = BurstPacer(max_datagram_size=pacer._max_datagram_size)  # type: ignore[union-attr]
+
+
+def set_ack_delay(quic: QuicConnection, delay: float) -> None:
+    """How long ``quic`` may delay an ACK (aioquic: 1 ms); capped at the 25 ms it
+    advertises as ``max_ack_delay``."""
+    quic._ack_delay = min(max(delay, 0.0), 0.025)
 
 
 def peer_certificate(quic: QuicConnection) -> Any:
@@ -650,12 +659,19 @@ class QuicProtocolBase(QuicConnectionProtocol):
     """
 
     def __init__(
-        self, quic: QuicConnection, fast_path: bool = True, ack_after: int = ACK_AFTER, **kw: Any
+        self,
+        quic: QuicConnection,
+        fast_path: bool = True,
+        ack_after: int = ACK_AFTER,
+        ack_delay: float | None = None,
+        **kw: Any,
     ) -> None:
         super().__init__(quic, **kw)
         use_burst_pacer(quic)
         self.fast = DatagramFastPath(quic, fast_path_enabled(fast_path))
         self.ack_after = ack_after
+        if ack_delay is not None:
+            set_ack_delay(quic, ack_delay)
         #: times aioquic's timer fired
         self.timer_fires = 0
         self.pending = pending_datagrams(quic)
