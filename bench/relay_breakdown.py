@@ -14,8 +14,10 @@ emits them every 5 ms). Each stage is timed separately:
 * remote relay layer: flow datagram -> ``RemoteProducer`` -> listener;
 * origin ACK handling.
 
-Sockets, the event loop and scheduling come on top (see ``bench/relay.py``). The baseline
-in the same run is copying the packet bytes once per packet.
+Both QUIC ends go through ``relay.quic_adapter.DatagramFastPath`` (``--no-fast-path``:
+aioquic's general path only, as before it). Sockets, the event loop and scheduling come
+on top (see ``bench/relay.py``). The baseline in the same run is copying the packet bytes
+once per packet. Times are CPU time of this thread.
 
     python -m bench.relay_breakdown [--packets 20000] [--burst 10] [--size 1100]
     python -m bench.relay_breakdown --stock-pacer      # aioquic's pacer, for comparison
