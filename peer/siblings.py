@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from peer.engine import Producer
-from peer.ipc import Frame, Member, ProducerInfo, RoomState, SiblingRoom
+from peer.ipc import SUPERVISOR_ID, Frame, Member, ProducerInfo, RoomState, SiblingRoom
 from peer.relay_bridge import bridge_remote_producer
 from relay import RelayPipe
 
@@ -214,7 +214,8 @@ class SiblingRooms:
         old = self.pipes.pop(worker_id, None)
         if old is not None:
             await old.close()
-        pipe = await RelayPipe.open(sock, self.server.relay_source, name=f"worker-{worker_id}")
+        name = "supervisor" if worker_id == SUPERVISOR_ID else f"worker-{worker_id}"
+        pipe = await RelayPipe.open(sock, self.server.relay_source, name=name)
         self.pipes[worker_id] = pipe
 
         def closed() -> None:

@@ -136,9 +136,11 @@ class WorkerPool:
         on_lost: Callable[[WorkerHandle], None],
         *,
         log_level: str = "WARNING",
+        log_json: bool = False,
         uvloop: bool = False,
     ) -> None:
         self.workers = [WorkerHandle(i) for i in range(count)]
+        self.log_json = log_json
         self.setup = setup
         self.on_frame = on_frame
         self.on_lost = on_lost
@@ -185,6 +187,8 @@ class WorkerPool:
         ]
         if self.uvloop:
             args.append("--uvloop")
+        if self.log_json:
+            args.append("--log-json")
         ours, theirs = pipe_channel()
         args += ["--pipe-channel", str(theirs.fileno())]
         handle.ready.clear()
@@ -522,6 +526,7 @@ class Supervisor(NodeServer):
         *,
         watermark: float = DEFAULT_WATERMARK,
         log_level: str = "WARNING",
+        log_json: bool = False,
         uvloop: bool = False,
     ) -> None:
         super().__init__(config)
@@ -566,6 +571,7 @@ class Supervisor(NodeServer):
             self._on_frame,
             self._on_lost,
             log_level=log_level,
+            log_json=log_json,
             uvloop=uvloop,
         )
 
