@@ -306,7 +306,7 @@ class RelayHub:
         task = self._opening.pop(worker_id, None)
         pipe = self.pipes.pop(worker_id, None)
         if pipe is not None:
-            self._task(pipe.close())
+            self._task(pipe.close(lost=True))
         elif task is not None:
             task.cancel()
         for key in [k for k in self._sent if k[1] == worker_id]:
