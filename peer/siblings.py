@@ -124,7 +124,7 @@ class SiblingRooms:
         for producer_id in gone:
             producer = hosted.router.producers.get(producer_id)
             if producer is not None and producer.origin == "relay":
-                producer.close("origin_left")
+                producer.close("origin_lost" if frame.lost else "origin_left")
         self._pull_room(frame.room)
 
     async def remote_participants(self, room: str) -> list[dict[str, object]]:

@@ -612,11 +612,11 @@ class Supervisor(NodeServer):
                 session.worker_lost()
         for room, states in list(self._room_states.items()):
             if handle.worker_id in states:
-                self._room_state(handle, RoomState(room, [], []))
+                self._room_state(handle, RoomState(room, [], []), lost=True)
         self._pipes = {pair for pair in self._pipes if handle.worker_id not in pair}
 
-    def _sibling_frame(self, worker_id: int, state: RoomState) -> SiblingRoom:
-        return SiblingRoom(state.room, worker_id, state.members, state.producers)
+    def _sibling_frame(self, worker_id: int, state: RoomState, lost: bool = False) -> SiblingRoom:
+        return SiblingRoom(state.room, worker_id, state.members, state.producers, lost)
 
     def _ensure_pipe(self, a: WorkerHandle, b: WorkerHandle) -> None:
         """Give workers ``a`` and ``b`` a pipe, once (idle workers keep none: a pipe's
@@ -635,9 +635,9 @@ class Supervisor(NodeServer):
             one.close()
             other.close()
 
-    def _room_state(self, handle: WorkerHandle, state: RoomState) -> None:
+    def _room_state(self, handle: WorkerHandle, state: RoomState, lost: bool = False) -> None:
         """A worker's members and producers of a room changed: pass it to the room's other
-        workers (and, to a worker new in the room, theirs)."""
+        workers (and, to a worker new in the room, theirs). ``lost``: the worker died."""
         self.hub.worker_state(handle.worker_id, state)
         states = self._room_states.setdefault(state.room, {})
         joined = handle.worker_id not in states
@@ -647,7 +647,7 @@ class Supervisor(NodeServer):
             states.pop(handle.worker_id, None)
             if not states:
                 del self._room_states[state.room]
-        frame = self._sibling_frame(handle.worker_id, state)
+        frame = self._sibling_frame(handle.worker_id, state, lost)
         for worker_id in states:
             other = self.pool.workers[worker_id]
             if worker_id == handle.worker_id or other.channel is None:
