@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cascade.siblings")
 PIPE_WAIT = 10.0
+#: Seconds before pulling again the producers of a room whose pull failed (its origin did
+#: not have it yet, a pipe was being replaced).
+PULL_RETRY = 1.0
 
 
 class SiblingRooms:
@@ -174,6 +177,7 @@ class SiblingRooms:
             await self.pipe_in(room, worker_id, producer_id)
         except Exception as exc:
             log.info("could not pipe %s from worker %d: %r", producer_id, worker_id, exc)
+            asyncio.get_running_loop().call_later(PULL_RETRY, self._pull_room, room)
         finally:
             self._pulling.discard((room, producer_id))
 
