@@ -394,6 +394,12 @@ class RemoteSession:
         if self.participant_id is None and text.startswith('{"type":"joined"'):
             joined = msgspec.json.decode(text)
             self.participant_id = str(joined.get("participant_id"))
+            if self.room is not None and not joined.get("fallbacks"):
+                # Only the supervisor knows the overlay: the nodes to fail over to.
+                fallbacks = self.supervisor.fallbacks(self.room)
+                if fallbacks:
+                    joined["fallbacks"] = fallbacks
+                    text = encode(joined)
         self._outbox.put_nowait(text)
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._write())

@@ -124,6 +124,8 @@ async def test_room_over_two_workers_and_a_second_node_one_flow_per_producer() -
             # Everyone sees everyone, wherever they are.
             stats = await _get(eu, "/overlay")
             assert stats["relayed_producers"][ROOM] == [d_id]
+            # Participants of the workers node know where to fail over.
+            assert [f["url"] for f in alice.fallbacks] == [us.url]
             everyone = {alice.participant_id, carol.participant_id, bob.participant_id}
             for cl in (alice, carol, bob):
                 assert _seen(cl) == everyone - {cl.participant_id}
