@@ -241,9 +241,13 @@ class RelayHub:
         handle = self.supervisor.pool.workers[worker_id]
         if handle.channel is None:
             return
-        self._sent[key] = state
         if state.producers:
-            self._open_pipe(worker_id)
+            try:
+                self._open_pipe(worker_id)
+            except ConnectionError as exc:
+                log.warning("no pipe to worker %d: %s", worker_id, exc)
+                return  # sent again at the next refresh
+        self._sent[key] = state
         handle.channel.send(state)
 
     async def introduce(self, worker_id: int, room: str) -> None:
