@@ -84,6 +84,9 @@ class SiblingRoom(msgspec.Struct, tag="sibling_room"):
     worker_id: int
     members: list[Member]
     producers: list[ProducerInfo]
+    lost: bool = False
+    """The worker died: its producers were lost, not ended (a republished track follows
+    when their publishers rejoin)."""
 
 
 class Open(msgspec.Struct, tag="open"):

@@ -241,9 +241,13 @@ class RelayHub:
         handle = self.supervisor.pool.workers[worker_id]
         if handle.channel is None:
             return
-        self._sent[key] = state
         if state.producers:
-            self._open_pipe(worker_id)
+            try:
+                self._open_pipe(worker_id)
+            except ConnectionError as exc:
+                log.warning("no pipe to worker %d: %s", worker_id, exc)
+                return  # sent again at the next refresh
+        self._sent[key] = state
         handle.channel.send(state)
 
     async def introduce(self, worker_id: int, room: str) -> None:
@@ -306,7 +310,7 @@ class RelayHub:
         task = self._opening.pop(worker_id, None)
         pipe = self.pipes.pop(worker_id, None)
         if pipe is not None:
-            self._task(pipe.close())
+            self._task(pipe.close(lost=True))
         elif task is not None:
             task.cancel()
         for key in [k for k in self._sent if k[1] == worker_id]:

@@ -545,7 +545,10 @@ class NodeServer:
             ),
             on_refused=self._count_refused,
         )
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError:  # the client left during the upgrade
+            return ws
         self._sockets.add(ws)
 
         async def send(message: dict[str, object]) -> None:

@@ -136,9 +136,11 @@ class WorkerPool:
         on_lost: Callable[[WorkerHandle], None],
         *,
         log_level: str = "WARNING",
+        log_json: bool = False,
         uvloop: bool = False,
     ) -> None:
         self.workers = [WorkerHandle(i) for i in range(count)]
+        self.log_json = log_json
         self.setup = setup
         self.on_frame = on_frame
         self.on_lost = on_lost
@@ -185,6 +187,8 @@ class WorkerPool:
         ]
         if self.uvloop:
             args.append("--uvloop")
+        if self.log_json:
+            args.append("--log-json")
         ours, theirs = pipe_channel()
         args += ["--pipe-channel", str(theirs.fileno())]
         handle.ready.clear()
@@ -390,6 +394,12 @@ class RemoteSession:
         if self.participant_id is None and text.startswith('{"type":"joined"'):
             joined = msgspec.json.decode(text)
             self.participant_id = str(joined.get("participant_id"))
+            if self.room is not None and not joined.get("fallbacks"):
+                # Only the supervisor knows the overlay: the nodes to fail over to.
+                fallbacks = self.supervisor.fallbacks(self.room)
+                if fallbacks:
+                    joined["fallbacks"] = fallbacks
+                    text = encode(joined)
         self._outbox.put_nowait(text)
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._write())
@@ -522,6 +532,7 @@ class Supervisor(NodeServer):
         *,
         watermark: float = DEFAULT_WATERMARK,
         log_level: str = "WARNING",
+        log_json: bool = False,
         uvloop: bool = False,
     ) -> None:
         super().__init__(config)
@@ -566,6 +577,7 @@ class Supervisor(NodeServer):
             self._on_frame,
             self._on_lost,
             log_level=log_level,
+            log_json=log_json,
             uvloop=uvloop,
         )
 
@@ -606,11 +618,11 @@ class Supervisor(NodeServer):
                 session.worker_lost()
         for room, states in list(self._room_states.items()):
             if handle.worker_id in states:
-                self._room_state(handle, RoomState(room, [], []))
+                self._room_state(handle, RoomState(room, [], []), lost=True)
         self._pipes = {pair for pair in self._pipes if handle.worker_id not in pair}
 
-    def _sibling_frame(self, worker_id: int, state: RoomState) -> SiblingRoom:
-        return SiblingRoom(state.room, worker_id, state.members, state.producers)
+    def _sibling_frame(self, worker_id: int, state: RoomState, lost: bool = False) -> SiblingRoom:
+        return SiblingRoom(state.room, worker_id, state.members, state.producers, lost)
 
     def _ensure_pipe(self, a: WorkerHandle, b: WorkerHandle) -> None:
         """Give workers ``a`` and ``b`` a pipe, once (idle workers keep none: a pipe's
@@ -629,9 +641,9 @@ class Supervisor(NodeServer):
             one.close()
             other.close()
 
-    def _room_state(self, handle: WorkerHandle, state: RoomState) -> None:
+    def _room_state(self, handle: WorkerHandle, state: RoomState, lost: bool = False) -> None:
         """A worker's members and producers of a room changed: pass it to the room's other
-        workers (and, to a worker new in the room, theirs)."""
+        workers (and, to a worker new in the room, theirs). ``lost``: the worker died."""
         self.hub.worker_state(handle.worker_id, state)
         states = self._room_states.setdefault(state.room, {})
         joined = handle.worker_id not in states
@@ -641,7 +653,7 @@ class Supervisor(NodeServer):
             states.pop(handle.worker_id, None)
             if not states:
                 del self._room_states[state.room]
-        frame = self._sibling_frame(handle.worker_id, state)
+        frame = self._sibling_frame(handle.worker_id, state, lost)
         for worker_id in states:
             other = self.pool.workers[worker_id]
             if worker_id == handle.worker_id or other.channel is None:

@@ -251,7 +251,8 @@ class OriginFlows:
     def _source_closed(self, flow: OriginFlow) -> None:
         if self.flows.get(flow.flow_id) is flow:
             self._drop_flow(flow)
-            self.out.send_msg(ProducerClosed(flow.flow_id))
+            lost = bool(getattr(flow.source, "lost", False))
+            self.out.send_msg(ProducerClosed(flow.flow_id, lost))
 
     def _drop_flow(self, flow: OriginFlow) -> None:
         self.flows.pop(flow.flow_id, None)

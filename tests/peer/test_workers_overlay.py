@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator
 
 from bench.cluster import until
@@ -122,6 +124,8 @@ async def test_room_over_two_workers_and_a_second_node_one_flow_per_producer() -
             # Everyone sees everyone, wherever they are.
             stats = await _get(eu, "/overlay")
             assert stats["relayed_producers"][ROOM] == [d_id]
+            # Participants of the workers node know where to fail over.
+            assert [f["url"] for f in alice.fallbacks] == [us.url]
             everyone = {alice.participant_id, carol.participant_id, bob.participant_id}
             for cl in (alice, carol, bob):
                 assert _seen(cl) == everyone - {cl.participant_id}
@@ -209,3 +213,57 @@ async def test_draining_a_workers_node_moves_its_participants_and_media_continue
         for server, overlay in reversed(nodes):
             await overlay.stop()
             await server.stop()
+
+
+async def test_a_killed_worker_ends_only_its_relayed_producers_and_its_publisher_comes_back():
+    clients: list[CascadeClient] = []
+
+    async def client(url: str, identity: str) -> CascadeClient:
+        cl = CascadeClient(url)
+        clients.append(cl)
+        await cl.connect()
+        await cl.join(ROOM, token(ROOM, identity), name=identity)
+        return cl
+
+    async with workers_and_single() as (eu, us):
+        try:
+            video = PatternVideoTrack
+            pin(eu, 0)
+            alice = await client(eu.url, "alice")
+            (a_video,) = await alice.publish([video(160, 120, periodic_keyframes=False)])
+            pin(eu, 1)
+            carol = await client(eu.url, "carol")
+            (c_video,) = await carol.publish([video(160, 120, periodic_keyframes=False)])
+            bob = await client(us.url, "bob")
+            a_id, c_id = a_video["producer_id"], c_video["producer_id"]
+            await _decodes(bob, {a_id, c_id})
+            kept = next(t for t in bob.tracks.values() if t.producer_id == a_id)
+            watched = next(t for t in bob.tracks.values() if t.producer_id == c_id)
+
+            pin(eu, 0)  # carol's rejoin goes to the surviving worker
+            victim = eu.pool.workers[1]
+            old_pid = victim.pid
+            assert old_pid is not None
+            os.kill(old_pid, signal.SIGKILL)
+            await carol.wait_event("reconnect", timeout=20)
+            # The other node keeps alice (the other worker) all along ...
+            before = kept.frames_decoded
+            assert await until(lambda: kept.frames_decoded > before + 10, 15)
+            # ... and gets carol back, republished from worker 0, on the track it had.
+            frames = watched.frames_decoded
+            if not await until(lambda: watched.frames_decoded > frames + 10, 40):
+                for e in bob.events:
+                    print("EVENT", {k: v for k, v in e.items() if k not in ("sdp",)})
+                for t in bob.tracks.values():
+                    print("TRACK", t.producer_id, t.source, t.frames_decoded, t.stats())
+                raise AssertionError("carol's track never resumed")
+            assert not watched.ended
+            assert worker_of(eu, carol) == 0
+            assert us.relay is not None
+            link = us.relay.links[eu.relay_public_key]
+            assert await until(lambda: c_id not in link.producers, 20)
+            assert a_id in link.producers and len(link.producers) == 2
+            assert await until(lambda: victim.up and victim.pid != old_pid, 20)
+            assert kept.stats()["decode_errors"] == 0
+        finally:
+            await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)

@@ -147,6 +147,21 @@ def test_producer_close_propagates() -> None:
     src.close()
     wire.flush()
     assert closed == [True] and "cam" not in b.remote.producers  # type: ignore[union-attr]
+    assert not rp.lost
+
+
+def test_a_lost_producer_is_closed_as_lost_on_the_other_end() -> None:
+    """A relayed producer whose own origin went away (a dead worker behind a pipe) is
+    closed as lost, not ended: subscribers keep their tracks for a republished one."""
+    a, b, wire = node_pair()
+    handshake(b, wire)
+    src = a.sources["cam"] = FakeSource()
+    rp = pull(b, wire, "cam")
+    rp.add_packet_listener(Collector())
+    src.lost = True  # type: ignore[attr-defined]
+    src.close()
+    wire.flush()
+    assert rp.closed and rp.lost
 
 
 def test_garbage_is_counted_and_other_flows_keep_flowing() -> None:
