@@ -105,9 +105,10 @@ class QuicRelayProtocol(QuicProtocolBase):
         elif self.pending or core.control_out or core.datagrams_out:
             if self._soon is None:
                 self._soon = self.loop.call_soon(self._service)
-        else:
+        elif not self.drains:
             # nothing of ours to send: what QUIC owes the peer (the ACK, delayed by
-            # up to 1 ms anyway) goes out when its timer fires
+            # up to 1 ms anyway) goes out when its timer fires (armed at the end of the
+            # read by datagrams_drained when the transport reports it)
             self.arm_quic_timer_after_receive()
 
     def stats(self) -> dict[str, int]:

@@ -92,10 +92,13 @@ from aioquic.quic.packet_builder import QuicSentPacket
 from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketPacer, QuicPacketSpace
 from cryptography.exceptions import InvalidTag
 
+from .udp import DrainingDatagramTransport
+
 __all__ = [
     "ACK_AFTER",
     "FAST_PATH_ENV",
     "PACING_BURST",
+    "TIMER_SLACK",
     "AdmittingQuicServer",
     "BurstPacer",
     "DatagramFastPath",
@@ -114,6 +117,11 @@ PACING_BURST = 16
 
 #: A read of the socket that parsed this many ack-eliciting packets ACKs them at once.
 ACK_AFTER = 2
+
+#: An armed QUIC timer this much earlier than the next deadline is kept (re-arming costs
+#: a cancel and a ``call_at``); one earlier than that is moved, as a wake-up for nothing
+#: costs more on an idle machine.
+TIMER_SLACK = 0.002
 
 _ONE_RTT = tls.Epoch.ONE_RTT
 _ZERO_RTT = tls.Epoch.ZERO_RTT
@@ -670,11 +678,18 @@ class QuicProtocolBase(QuicConnectionProtocol):
         use_burst_pacer(quic)
         self.fast = DatagramFastPath(quic, fast_path_enabled(fast_path))
         self.ack_after = ack_after
+        #: the transport calls :meth:`datagrams_drained` after each read (set on connect)
+        self.drains = False
         if ack_delay is not None:
             set_ack_delay(quic, ack_delay)
         #: times aioquic's timer fired
         self.timer_fires = 0
         self.pending = pending_datagrams(quic)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The transport; :attr:`drains` if it reports the end of each read."""
+        super().connection_made(transport)
+        self.drains = isinstance(transport, DrainingDatagramTransport)
 
     @property
     def quic(self) -> QuicConnection:
@@ -690,15 +705,18 @@ class QuicProtocolBase(QuicConnectionProtocol):
         """One DATAGRAM frame's payload (override)."""
 
     def datagrams_drained(self) -> None:
-        """The socket has no more datagrams waiting (called by
-        :class:`relay.udp.DrainingDatagramTransport`): ACK now what this read parsed if
-        it is at least ``ack_after`` packets (default 2, as RFC 9000 13.2.2 suggests; 0:
-        never), instead of on aioquic's 1 ms timer — a burst then costs the receiver one
-        wake-up, not two."""
+        """The end of a read of the socket (called by
+        :class:`relay.udp.DrainingDatagramTransport`, or by :class:`AdmittingQuicServer`
+        for the connections that received in it): ACK now what this read parsed if it is
+        at least ``ack_after`` packets (default 2, as RFC 9000 13.2.2 suggests; 0: never)
+        instead of on aioquic's 1 ms timer — a burst then costs the receiver one wake-up,
+        not two; else arm the timers (once per read, not per datagram)."""
         fast = self.fast
         if self.ack_after and fast.unacked >= self.ack_after:
             fast.ack_now(self._loop.time())
             self.transmit()
+        else:
+            self.arm_quic_timer_after_receive()
 
     def receive(self, data: bytes, addr: Any) -> None:
         """Feed one UDP datagram and dispatch what it carried (no transmit)."""
@@ -738,12 +756,12 @@ class QuicProtocolBase(QuicConnectionProtocol):
         self.fast.touch()
 
     def transmit(self) -> None:
-        """Send what QUIC has to send; re-arm QUIC's timer only if it moved earlier.
+        """Send what QUIC has to send, then :meth:`arm_quic_timer`.
 
         aioquic re-arms its timer after every transmit (the loss-detection deadline moves
-        with each packet sent): a ``call_at`` and a cancel per transmit. Keeping an
-        earlier timer is harmless — ``handle_timer`` checks each deadline against now
-        and the transmit after it arms the next one.
+        with each packet sent): a ``call_at`` and a cancel per transmit. Keeping a
+        slightly earlier timer is harmless — ``handle_timer`` checks each deadline
+        against now and the transmit after it arms the next one.
         """
         self._transmit_task = None
         transport = self._transport
@@ -770,11 +788,16 @@ class QuicProtocolBase(QuicConnectionProtocol):
         self.arm_quic_timer()
 
     def arm_quic_timer(self) -> None:
-        """Arm aioquic's timer for its next deadline, unless an earlier one is armed."""
+        """Arm aioquic's timer for its next deadline, unless one is armed at most
+        :data:`TIMER_SLACK` earlier (which fires, finds nothing due, and re-arms)."""
         timer_at = self._quic.get_timer()
         if self._timer is not None:
             armed = self._timer_at
-            if timer_at is not None and armed is not None and armed <= timer_at:
+            if (
+                timer_at is not None
+                and armed is not None
+                and armed <= timer_at <= armed + TIMER_SLACK
+            ):
                 return
             self._timer.cancel()
             self._timer = None
@@ -810,6 +833,15 @@ class AdmittingQuicServer(QuicServer):
         self._unused = unused
         #: the source being admitted, while ``create_protocol`` runs (else None)
         self.admitting_source: str | None = None
+        self._read: set[Any] = set()
+
+    def datagrams_drained(self) -> None:
+        """End of a read of the shared socket: tell each connection that received in it."""
+        read, self._read = self._read, set()
+        for protocol in read:
+            drained = getattr(protocol, "datagrams_drained", None)
+            if drained is not None:
+                drained()
 
     def take_admitting_source(self) -> str | None:
         """The source being admitted (cleared: the new connection owns it)."""
@@ -823,6 +855,7 @@ class AdmittingQuicServer(QuicServer):
             # all aioquic's server checks for it (without parsing the header twice)
             protocol = self._protocols.get(data[1 : 1 + self._cid_length])
             if protocol is not None:
+                self._read.add(protocol)
                 protocol.datagram_received(data, addr)
             return
         try:
@@ -847,6 +880,9 @@ class AdmittingQuicServer(QuicServer):
                     self.admitting_source = None
                     self._unused(source)
             return
+        protocol = self._protocols.get(header.destination_cid)
+        if protocol is not None:
+            self._read.add(protocol)
         super().datagram_received(data, addr)
 
     def local_address(self) -> tuple[str, int] | None:

@@ -13,8 +13,9 @@ system call and one wake-up at each end. On the wire they are ordinary datagrams
 kernel segments them for any receiver that did not ask for coalescing), so peers need
 nothing. If the kernel refuses segmentation the transport falls back to one send each.
 
-A protocol with a ``datagrams_drained()`` method is told when a read emptied the socket
-(the QUIC protocol ACKs the burst it just read then).
+A protocol with a ``datagrams_drained()`` method is called at the end of each read (the
+socket is empty, or ``max_batch`` datagrams were read): the QUIC protocol ACKs the burst
+it just read then, and arms its timers once per read instead of once per datagram.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class DrainingDatagramTransport(asyncio.DatagramTransport):
             except OSError:
                 self.gro = False
         self._extra = {"socket": sock, "sockname": sock.getsockname()}
-        #: the protocol's ``datagrams_drained()``, called once a read emptied the socket
+        #: the protocol's ``datagrams_drained()``, called at the end of each read
         self._drained: Callable[[], None] | None = getattr(protocol, "datagrams_drained", None)
         loop.add_reader(sock.fileno(), self._read_ready_gro if self.gro else self._read_ready)
         loop.call_soon(protocol.connection_made, self)
@@ -86,12 +87,10 @@ class DrainingDatagramTransport(asyncio.DatagramTransport):
             try:
                 data, ancillary, _flags, addr = recv(65535, _GRO_CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
-                if self._drained is not None:
-                    self._drained()
-                return
+                break
             except OSError as exc:
                 self._protocol.error_received(exc)
-                return
+                break
             size = 0
             for level, kind, value in ancillary:
                 if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= 4:
@@ -105,6 +104,8 @@ class DrainingDatagramTransport(asyncio.DatagramTransport):
                 received(data, addr)
             if self._closing:
                 return
+        if self._drained is not None:
+            self._drained()
 
     def _read_ready(self) -> None:
         recv = self._sock.recvfrom
@@ -113,15 +114,15 @@ class DrainingDatagramTransport(asyncio.DatagramTransport):
             try:
                 data, addr = recv(65536)
             except (BlockingIOError, InterruptedError):
-                if self._drained is not None:
-                    self._drained()
-                return
+                break
             except OSError as exc:
                 self._protocol.error_received(exc)
-                return
+                break
             received(data, addr)
             if self._closing:
                 return
+        if self._drained is not None:
+            self._drained()
 
     def sendto(self, data: Any, addr: Any = None) -> None:
         """Send one datagram now (dropped, and counted, if the socket buffer is full)."""
