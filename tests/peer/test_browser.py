@@ -50,7 +50,8 @@ def run_in_namespace(
                 capture_output=True,
                 text=True,
                 timeout=timeout,
-                env={**os.environ, **(env or {})},
+                # The scenario prints its pending asyncio tasks shortly before it is killed.
+                env={**os.environ, "CASCADE_TASK_DUMP_AFTER": str(timeout - 8), **(env or {})},
             )
         except subprocess.TimeoutExpired as exc:
             # Fail with what the scenario printed (pytest-timeout would show nothing of it).
