@@ -66,6 +66,7 @@ def progress(step: str) -> None:
     """One timestamped line on stderr: a scenario that times out shows how far it got."""
     print(f"[{time.monotonic() - _STARTED:6.1f}s] {step}", file=sys.stderr, flush=True)
 
+
 # Frames decoded per remote participant (by the name the page learnt for it).
 FRAMES_BY_NAME = """async () => {
   const s = window.cascade;
@@ -131,7 +132,6 @@ async def join_page(
     page = await browser.new_page(viewport={"width": 1000, "height": 700})
     if DEBUG:
 
-
         def trace(ws: Any) -> None:
             ws.on("framesent", lambda f: progress(f"{name} > {str(f)[:200]}"))
             ws.on("framereceived", lambda f: progress(f"{name} < {str(f)[:200]}"))
@@ -173,7 +173,7 @@ def media_summary(servers: list[NodeServer]) -> str:
     consumer (with its producer, PLIs and replayed keyframes); for failure output."""
     lines = []
     for server in servers:
-        for room, members in server.stats()["rooms"].items():
+        for members in server.stats()["rooms"].values():
             for pid, m in members.items():
                 prods = [
                     f"{k[-4:]}:{v['packets']}" for k, v in m["producers"].items()
