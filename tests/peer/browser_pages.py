@@ -138,11 +138,19 @@ async def join_page(
 
         page.on("websocket", trace)
     await page.goto(url)
+    refused = {
+        f"{srv.url[-4:]} {k}": v
+        for srv in SERVERS
+        for k, v in srv.stats()["limits"].items()
+        if v and k != "relay_pending"
+    }
+    progress(f"{name} loaded the page (nodes' limits hit so far: {refused})")
     await page.fill("#room", room)
     await page.fill("#name", name)
     if region:
         await page.fill("#region", region)
     await page.click("#join-button")
+    progress(f"{name} clicked join")
     await page.wait_for_function("window.cascade.published !== undefined", timeout=30000)
     progress(f"{name} published")
     return page
@@ -169,16 +177,17 @@ def missing(frames: dict[str, dict[str, int]], expect: dict[str, set[str]]) -> l
 
 
 def media_summary(servers: list[NodeServer]) -> str:
-    """Per node and participant: packets of each video producer, and of each video
-    consumer (with its producer, PLIs and replayed keyframes); for failure output."""
+    """Per node and participant: packets, keyframes and PLIs of each video producer, and
+    packets of each video consumer (with its producer, PLIs and replayed keyframes)."""
     lines = []
     for server in servers:
         for members in server.stats()["rooms"].values():
             for pid, m in members.items():
                 prods = [
-                    f"{k[-4:]}:{v['packets']}" for k, v in m["producers"].items()
+                    f"{k[-4:]}:{v['packets']}/kf{v['keyframes']}/pli{v['plis']}"
+                    for k, v in m["producers"].items()
                     if v["kind"] == "video"
-                ]  # fmt: skip
+                ]
                 cons = [
                     f"{v['producer_id'][-4:]}:{v['packets']}/pli{v['plis']}"
                     f"/kf{v['keyframes_replayed']}"
