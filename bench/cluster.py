@@ -85,7 +85,9 @@ class ClusterNode:
             "--region", self.region, "--dht-port", str(self.dht_port),
             "--relay-port", str(self.relay_port), "--key", str(self.key_file),
             "--dht-ttl", str(self.ttl), "--max-cpu", "100", "--ws-per-ip", "0",
-            "--join-rate", "0", "--log-level", "INFO", *self.extra,
+            "--join-rate", "0", "--log-level", "INFO",
+            # Several nodes share this machine: one process each unless a test asks.
+            "--workers", "1", *self.extra,
         ]  # fmt: skip
         if self.bootstrap:
             cmd += ["--bootstrap", ",".join(self.bootstrap)]

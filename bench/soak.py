@@ -121,7 +121,7 @@ class NodeProcess:
             sys.executable, "-m", "peer.cli", "node", "--port", str(self.port),
             "--region", "soak", "--dht-port", str(self.dht_port),
             "--relay-port", str(self.relay_port), "--max-cpu", "100",
-            "--log-level", "WARNING",
+            "--log-level", "WARNING", "--workers", "1",
         ]  # fmt: skip
         env = {
             **os.environ,

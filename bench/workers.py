@@ -18,6 +18,12 @@ Parts:
 - ``spanning``: CPU of the workers per forwarded packet for one room (1 publisher,
   ``--span-subs`` subscribers) spanning 2 workers (publisher and half the subscribers on
   worker 0, the other half on worker 1, through the pipe) against the same room on 1 worker.
+- ``overlay``: two ``cascade node`` processes in one overlay; the publisher on one, and
+  ``--overlay-subs`` subscribers on the other, which runs 2 workers (the subscribers spread
+  over both) or, as the baseline in the same run, 1 process. Reported: relay flows (one per
+  producer, whichever workers consume it), the receiving node's CPU per forwarded packet
+  (supervisor + workers against the single process) and the supervisor's share (the relay
+  end: QUIC plus one pipe hop per consuming worker). No quota.
 
 Prints ratios, then one JSON line. Short steps: the machine is shared.
 """
@@ -348,6 +354,96 @@ async def spanning(args: argparse.Namespace, slices: CpuSlices) -> dict[str, Any
     return out
 
 
+async def overlay(args: argparse.Namespace) -> dict[str, Any]:
+    """A producer of another node relayed into a node with 2 workers, against 1 process."""
+    from bench.cluster import Cluster
+
+    out: dict[str, Any] = {}
+    for case, extra in (
+        ("one_process", ("--workers", "1")),
+        # A tiny watermark: every worker is "full", so each join goes to the least loaded.
+        ("two_workers", ("--workers", "2", "--worker-watermark", "0.01")),
+    ):
+        cluster = Cluster()
+        origin = cluster.add("origin", "eu", extra=("--workers", "1"))
+        receiver = cluster.add("receiver", "eu", extra=extra)
+        clients: list[CascadeClient] = []
+        try:
+            await cluster.start()
+            for _ in range(100):  # until each node sees the other in the directory
+                views = [await n.get("/overlay") for n in (origin, receiver)]
+                if all(len(v.get("nodes", [])) >= 2 for v in views):
+                    break
+                await asyncio.sleep(0.2)
+
+            async def client(
+                url: str, name: str, clients: list[CascadeClient] = clients, tokens: Any = cluster
+            ) -> Any:
+                c = CascadeClient(url, count_only=True, request_timeout=30)
+                clients.append(c)
+                await c.connect()
+                await c.join("relayed", tokens.token("relayed", name), follow_placement=False)
+                return c
+
+            pub = await client(origin.url, "pub")
+            height = args.width * 3 // 4
+            await pub.publish(
+                [
+                    PatternVideoTrack(
+                        args.width, height, 30, args.bitrate, periodic_keyframes=False
+                    ),
+                    ToneAudioTrack(),
+                ]
+            )
+            subs = [await client(receiver.url, f"s{i}") for i in range(args.overlay_subs)]
+            counters = [c.counter for c in subs if c.counter is not None]
+            await wait_flowing(counters)
+            await asyncio.sleep(args.warmup)
+            assert receiver.proc is not None
+            supervisor = psutil.Process(receiver.proc.pid)
+            pids = [supervisor.pid] + [p.pid for p in supervisor.children()]
+            stats = await receiver.get("/stats")
+            flows = sum(link["flows"] for link in stats.get("relay", {}).get("links", []))
+            windows = []
+            for _ in range(3):
+                packets0 = sum(c.packets() for c in counters)
+                lost0 = sum(c.lost() for c in counters)
+                total0, sup0, t0 = cpu_seconds(pids), cpu_seconds(pids[:1]), time.monotonic()
+                await asyncio.sleep(args.duration)
+                dt = time.monotonic() - t0
+                packets = sum(c.packets() for c in counters) - packets0
+                lost = sum(c.lost() for c in counters) - lost0
+                total, sup = cpu_seconds(pids) - total0, cpu_seconds(pids[:1]) - sup0
+                windows.append(
+                    {
+                        "forwarded_pps": round(packets / dt),
+                        "loss": round(lost / max(1, packets + lost), 5),
+                        "node_cpu": round(total / dt, 3),
+                        "cpu_us_per_packet": round(total * 1e6 / max(1, packets), 2),
+                        "supervisor_cpu_us_per_packet": round(sup * 1e6 / max(1, packets), 2),
+                    }
+                )
+            best = min(windows, key=lambda w: w["cpu_us_per_packet"])
+            best["relay_flows"] = flows
+            best["processes"] = len(pids)
+            out[case] = best
+        finally:
+            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+            cluster.stop()
+    ratio = out["two_workers"]["cpu_us_per_packet"] / max(
+        0.01, out["one_process"]["cpu_us_per_packet"]
+    )
+    out["ratio"] = round(ratio, 3)
+    print(
+        f"overlay: relay flows {out['one_process']['relay_flows']} (1 process) and "
+        f"{out['two_workers']['relay_flows']} (2 workers); receiving node "
+        f"{out['one_process']['cpu_us_per_packet']} us/packet in 1 process, "
+        f"{out['two_workers']['cpu_us_per_packet']} us/packet with 2 workers ({ratio:.2f}x; "
+        f"supervisor {out['two_workers']['supervisor_cpu_us_per_packet']} us/packet)"
+    )
+    return out
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     rtc.set_ice_addresses(["127.0.0.1"])
     report: dict[str, Any] = {
@@ -356,9 +452,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "period_us": PERIOD_US,
         "uvloop": args.uvloop,
     }
-    parts = args.only or ["signaling", "capacity", "spanning"]
+    parts = args.only or ["signaling", "capacity", "spanning", "overlay"]
     if "signaling" in parts:
         report["signaling"] = await signaling(args.pings)
+    if "overlay" in parts:
+        report["overlay"] = await overlay(args)
     slices = CpuSlices(args.quota)
     if {"capacity", "spanning"} & set(parts):
         why = slices.available()
@@ -383,7 +481,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__)
-    parser.add_argument("--only", action="append", choices=["signaling", "capacity", "spanning"])
+    parser.add_argument(
+        "--only", action="append", choices=["signaling", "capacity", "spanning", "overlay"]
+    )
     parser.add_argument("--quota", type=int, default=20_000, help="us of CPU per 100 ms per worker")
     parser.add_argument(
         "--watermark", type=float, default=0.6, help="packing watermark, of the slice"
@@ -391,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--room-subs", type=int, default=8)
     parser.add_argument("--max-rooms", type=int, default=12)
     parser.add_argument("--span-subs", type=int, default=16)
+    parser.add_argument("--overlay-subs", type=int, default=8)
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--bitrate", type=int, default=300_000)
     parser.add_argument("--warmup", type=float, default=2.0)

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import importlib
 import json
-import logging
 import os
 import signal
 import sys
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from dht import Directory, NodeIdentity, check_certificate, parse_bootstrap
 from dht.identity import IdentityError
-from peer import gc_tuning
+from peer import gc_tuning, logs
 from peer.addresses import AddressError, AddressPlan, plan_addresses
 from peer.admin import ADMIN_TOKEN_ENV
 from peer.config import NODE_OPTIONS, ConfigError, add_options, resolve
@@ -44,7 +43,6 @@ from peer.tokens import (
 SECRET_ENV = "CASCADE_API_SECRET"
 USAGE_ERROR = 2
 RUNTIME_ERROR = 1
-THIRD_PARTY_LOGGERS = ("kademlia", "rpcudp", "aioquic", "quic", "aioice", "aiortc", "aiohttp")
 BENCHMARKS = {
     "fanout": "Cascade vs Janus vs aiortc MediaRelay fan-out (root: network namespaces)",
     "rooms": "many 5-participant rooms on Cascade and Janus (root: network namespaces)",
@@ -149,43 +147,12 @@ def read_identity(path: str) -> NodeIdentity:
 # -- logging ---------------------------------------------------------------------------
 
 
-class _LineFormatter(logging.Formatter):
-    """One line per record: tracebacks are folded with `` | ``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\n", " | ")
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": round(record.created, 3),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def configure_logging(level: str, as_json: bool = False) -> None:
-    """Root logging at ``level`` on stderr, single-line; third-party libraries at WARNING
-    unless ``level`` is DEBUG."""
-    numeric = logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
-        raise CliError(f"--log-level {level!r}: use DEBUG, INFO, WARNING or ERROR")
-    handler = logging.StreamHandler()
-    handler.setFormatter(
-        _JsonFormatter()
-        if as_json
-        else _LineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(numeric)
-    for name in THIRD_PARTY_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.WARNING, numeric))
+    """Root logging at ``level`` on stderr (see :mod:`peer.logs`)."""
+    try:
+        logs.configure_logging(level, as_json)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 # -- commands --------------------------------------------------------------------------
@@ -512,6 +479,7 @@ def run_node(args: argparse.Namespace, extensions: list[Any] | None = None) -> i
             workers=workers,
             watermark=args.worker_watermark,
             log_level=args.log_level,
+            log_json=args.log_json,
             uvloop=args.uvloop,
         )
     )
@@ -525,13 +493,6 @@ def _workers(args: argparse.Namespace, overlay: bool) -> int:
         raise CliError(f"--workers {args.workers}: use 1 or more (0: one per usable core)")
     if not 0.0 < args.worker_watermark <= 1.0:
         raise CliError(f"--worker-watermark {args.worker_watermark}: use a share in (0, 1]")
-    if overlay:
-        if args.workers > 1:
-            raise CliError(
-                "--workers above 1 does not work with the overlay (--dht-port) yet: "
-                "inter-node relaying runs in the single-process node"
-            )
-        return 1
     return args.workers or usable_cores()
 
 
@@ -546,6 +507,7 @@ async def _serve(
     workers: int = 1,
     watermark: float = 0.6,
     log_level: str = "WARNING",
+    log_json: bool = False,
     uvloop: bool = False,
 ) -> int:
     from peer.overlay import Overlay
@@ -555,7 +517,14 @@ async def _serve(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     server = (
-        Supervisor(config, workers, watermark=watermark, log_level=log_level, uvloop=uvloop)
+        Supervisor(
+            config,
+            workers,
+            watermark=watermark,
+            log_level=log_level,
+            log_json=log_json,
+            uvloop=uvloop,
+        )
         if workers > 1
         else NodeServer(config)
     )

@@ -145,7 +145,7 @@ NODE_OPTIONS: tuple[Option, ...] = (
     # process
     Option(
         "workers",
-        "media worker processes (default: the usable cores, 1 with --dht-port; 1: one process)",
+        "media worker processes (default: the usable cores; 1: one process)",
         type=int,
         default=0,
     ),

@@ -62,6 +62,9 @@ class DemoNode:
             str(self.dht_port),
             "--log-level",
             "WARNING",
+            # Every demo node shares this one machine: one process each.
+            "--workers",
+            "1",
         ]
         if self.bootstrap:
             cmd += ["--bootstrap", self.bootstrap]

@@ -41,11 +41,22 @@ class WorkerSetup(msgspec.Struct, tag="setup"):
     answer_timeout: float
 
 
+#: The supervisor as a sibling of a room's workers (in :class:`SiblingRoom` and as the
+#: peer of a pipe): it stands for the room's participants and producers on other nodes.
+SUPERVISOR_ID = 0xFFFF
+
+
 class Member(msgspec.Struct, array_like=True):
     """A participant as the other workers of its room see it."""
 
     participant_id: str
     name: str | None
+    auto: bool = True
+    """Subscribes to every producer of the room as it appears."""
+    moving: bool = False
+    """Told to move to another node (drain)."""
+    region: str | None = None
+    """The region the participant said it is in (placement of a drain's move)."""
 
 
 class ProducerInfo(msgspec.Struct, array_like=True):
@@ -53,6 +64,7 @@ class ProducerInfo(msgspec.Struct, array_like=True):
 
     producer_id: str
     kind: str
+    participant_id: str = ""
 
 
 class RoomState(msgspec.Struct, tag="room"):
@@ -72,6 +84,9 @@ class SiblingRoom(msgspec.Struct, tag="sibling_room"):
     worker_id: int
     members: list[Member]
     producers: list[ProducerInfo]
+    lost: bool = False
+    """The worker died: its producers were lost, not ended (a republished track follows
+    when their publishers rejoin)."""
 
 
 class Open(msgspec.Struct, tag="open"):
@@ -116,6 +131,14 @@ class Load(msgspec.Struct, tag="load"):
     totals: dict[str, float]
 
 
+class Migrate(msgspec.Struct, tag="migrate"):
+    """Supervisor -> worker: tell ``conn``'s participant to move to another node (drain);
+    ``target`` has its ``url``, ``node_id`` and ``region``."""
+
+    conn: int
+    target: dict[str, str]
+
+
 class StatsRequest(msgspec.Struct, tag="stats_request"):
     """Supervisor -> worker: send your node stats."""
 
@@ -137,6 +160,7 @@ Frame = (
     | Open
     | ClientData
     | Hangup
+    | Migrate
     | ToClient
     | SessionEnded
     | Load
@@ -238,6 +262,7 @@ def receive_pipe(channel: socket.socket) -> tuple[int, socket.socket] | None:
 
 
 __all__ = [
+    "SUPERVISOR_ID",
     "Channel",
     "ClientData",
     "Frame",
@@ -247,6 +272,7 @@ __all__ = [
     "Hello",
     "Load",
     "Member",
+    "Migrate",
     "Open",
     "ProducerInfo",
     "RoomState",

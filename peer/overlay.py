@@ -442,15 +442,7 @@ class Overlay:
         hosted = self.server.rooms.get(room)
         if hosted is None:
             return None
-        router = hosted.router
-        staying = {m.participant_id for m in hosted.members if not m.moving}
-        local = tuple(
-            sorted(
-                (p.id, p.kind)
-                for p in router.producers.values()
-                if p.origin == "local" and p.participant_id in staying and not p.closed
-            )
-        )
+        local = tuple(self.server.local_producers(room))
         members = tuple((m.participant_id, (m.name or "")[:64]) for m in hosted.members)
         return len(hosted), local, members
 

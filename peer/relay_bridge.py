@@ -117,7 +117,13 @@ def bridge_remote_producer(
     remote.add_packet_listener(on_rtp)
     producer.send_keyframe_request = remote.request_keyframe
     producer.fetch_missing = remote.nack
-    remote.on_close(producer.close)
+
+    def remote_closed() -> None:
+        # Lost (its worker or node went away) rather than ended: subscribers keep its
+        # tracks for a republished one.
+        producer.close("origin_lost" if remote.lost else None)
+
+    remote.on_close(remote_closed)
     producer.on_close(lambda _p: remote.remove_packet_listener(on_rtp))
     router.add_producer(producer)
     return producer

@@ -30,7 +30,7 @@ from peer.session import MIGRATED_LINGER, ParticipantSession, SendFn
 from peer.signaling import Join, ProtocolError, decode_client_message, encode, error_message
 from peer.stats import AdmissionPolicy
 from peer.tokens import TokenError, TokenVerifier, issue_token
-from relay import RelayConfig, RelayEndpoint
+from relay import PendingSource, RelayConfig, RelayEndpoint, RelaySource
 
 log = logging.getLogger("cascade.server")
 STATIC = Path(__file__).parent / "static"
@@ -164,6 +164,10 @@ class NodeServer:
         the pipes between worker processes."""
         return self._relay_lookup(producer_id)
 
+    def relay_lookup(self, producer_id: str) -> RelaySource | PendingSource | None:
+        """What another node's relay link may pull: a local producer."""
+        return self._relay_lookup(producer_id)
+
     def _relay_lookup(self, producer_id: str) -> ProducerRelaySource | None:
         """Local producers (never relayed ones) that peers may pull."""
         source = self._relay_sources.get(producer_id)
@@ -178,10 +182,31 @@ class NodeServer:
         return None
 
     def _relay_may_subscribe(self, peer_key: bytes, producer_id: str) -> bool:
+        room = self.producer_room(producer_id)
+        if room is None:
+            return True  # unknown: the lookup answers NOT_FOUND
+        return self.relay_room_policy(peer_key, room)
+
+    def producer_room(self, producer_id: str) -> str | None:
+        """The room of a producer on this node, if any."""
         for room, router in self.node.routers.items():
             if producer_id in router.producers:
-                return self.relay_room_policy(peer_key, room)
-        return True  # unknown: the lookup answers NOT_FOUND
+                return room
+        return None
+
+    def local_producers(self, room: str) -> list[tuple[str, str]]:
+        """This node's share of ``room``'s producers, as (id, kind), sorted: producers
+        published here by members not moving away (what the directory and peer nodes
+        are told)."""
+        hosted = self.rooms.get(room)
+        if hosted is None:
+            return []
+        staying = {m.participant_id for m in hosted.members if not m.moving}
+        return sorted(
+            (p.id, p.kind)
+            for p in hosted.router.producers.values()
+            if p.origin == "local" and p.participant_id in staying and not p.closed
+        )
 
     def _forget_relay_source(self, producer: Producer) -> None:
         self._relay_sources.pop(producer.id, None)
@@ -412,8 +437,16 @@ class NodeServer:
         session = member if isinstance(member, ParticipantSession) else None
         if session is None:
             return
+        target = await self.migration_target(room, session.region, session.participant_id)
+        if target is not None:
+            session.migrate(target)
+
+    async def migration_target(
+        self, room: str, region: str | None, participant_id: str
+    ) -> dict[str, str] | None:
+        """Where a draining node sends a participant (logged in ``drain_log``), or None."""
         try:
-            placement = await self.place(room, session.region)
+            placement = await self.place(room, region)
         except Exception:
             log.exception("placing a migrating participant failed")
             placement = None
@@ -421,12 +454,12 @@ class NodeServer:
         if placement is not None:
             best = next((c for c in placement.candidates if c.node_id != self.node_key), None)
         if best is None:
-            log.warning("drain: no other node for %s in %s", session.participant_id, room)
-            return
-        session.migrate({"url": best.signaling_url, "node_id": best.node_id, "region": best.region})
+            log.warning("drain: no other node for %s in %s", participant_id, room)
+            return None
         self.drain_log.append(
-            {"action": "migrate", "participant_id": session.participant_id, "to": best.node_id}
+            {"action": "migrate", "participant_id": participant_id, "to": best.node_id}
         )
+        return {"url": best.signaling_url, "node_id": best.node_id, "region": best.region}
 
     async def stats_handler(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
@@ -512,7 +545,10 @@ class NodeServer:
             ),
             on_refused=self._count_refused,
         )
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError:  # the client left during the upgrade
+            return ws
         self._sockets.add(ws)
 
         async def send(message: dict[str, object]) -> None:
@@ -621,7 +657,7 @@ class NodeServer:
         if self.config.relay_port is not None:
             self.relay = RelayEndpoint(
                 self.identity,
-                self._relay_lookup,
+                self.relay_lookup,
                 authorize=lambda key: self.relay_authorizer(key),
                 config=RelayConfig(host=self.config.relay_host, port=self.config.relay_port),
             )

@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -92,6 +92,33 @@ def _fits_here(placement: Placement | None, node_id: str) -> bool:
     return placement is not None and any(
         c.node_id == node_id and c.reason is not Reason.LAST_RESORT for c in placement.candidates
     )
+
+
+async def join_redirect(server: SessionHost, message: Join) -> dict[str, object] | None:
+    """The ``redirect`` reply when placement sends this join to another node, else None
+    (the join stays here). Raises ``draining`` when this node takes nobody new."""
+    if message.hops >= MAX_REDIRECTS and not server.draining:
+        return None
+    placement = await server.place(message.room, message.region)
+    best = placement.best if placement is not None else None
+    if server.draining and (best is None or best.node_id == server.node_key):
+        server.join_outcomes["draining"] += 1
+        raise ProtocolError("draining", "this node is draining and takes nobody new")
+    if (
+        best is None
+        or best.node_id == server.node_key
+        or (message.hops > 0 and _fits_here(placement, server.node_key))
+    ):
+        return None
+    server.join_outcomes["redirected"] += 1
+    return {
+        "type": "redirect",
+        "id": message.id,
+        "url": best.signaling_url,
+        "node_id": best.node_id,
+        "region": best.region,
+        "reason": best.reason.value,
+    }
 
 
 class ParticipantSession:
@@ -237,29 +264,10 @@ class ParticipantSession:
         except TokenError as exc:
             self.server.join_outcomes[exc.code] += 1
             raise
-        if message.hops < MAX_REDIRECTS or self.server.draining:
-            placement = await self.server.place(message.room, message.region)
-            best = placement.best if placement is not None else None
-            if self.server.draining and (best is None or best.node_id == self.server.node_key):
-                self.server.join_outcomes["draining"] += 1
-                raise ProtocolError("draining", "this node is draining and takes nobody new")
-            if (
-                best is not None
-                and best.node_id != self.server.node_key
-                and not (message.hops > 0 and _fits_here(placement, self.server.node_key))
-            ):
-                await self.send(
-                    {
-                        "type": "redirect",
-                        "id": message.id,
-                        "url": best.signaling_url,
-                        "node_id": best.node_id,
-                        "region": best.region,
-                        "reason": best.reason.value,
-                    }
-                )
-                self.server.join_outcomes["redirected"] += 1
-                return
+        redirect = await join_redirect(self.server, message)
+        if redirect is not None:
+            await self.send(redirect)
+            return
         self.server.join_outcomes["ok"] += 1
         self.grant = grant
         self.name = message.name or self.grant.identity
@@ -323,7 +331,7 @@ class ParticipantSession:
             or producer.source in self._sources
         )
 
-    def migrate(self, target: dict[str, object], reason: str = "drain") -> None:
+    def migrate(self, target: Mapping[str, object], reason: str = "drain") -> None:
         """Tell the participant to move to ``target`` (``url``, ``node_id``, ``region``)."""
         self.moving = True
         self.post({"type": "migrate", "reason": reason, **target})

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from peer.engine import Producer
-from peer.ipc import Frame, Member, ProducerInfo, RoomState, SiblingRoom
+from peer.ipc import SUPERVISOR_ID, Frame, Member, ProducerInfo, RoomState, SiblingRoom
 from peer.relay_bridge import bridge_remote_producer
 from relay import RelayPipe
 
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cascade.siblings")
 PIPE_WAIT = 10.0
+#: Seconds before pulling again the producers of a room whose pull failed (its origin did
+#: not have it yet, a pipe was being replaced).
+PULL_RETRY = 1.0
 
 
 class SiblingRooms:
@@ -69,9 +72,18 @@ class SiblingRooms:
         members: list[Member] = []
         producers: list[ProducerInfo] = []
         if hosted is not None:
-            members = [Member(m.participant_id, m.name) for m in hosted.members]
+            members = [
+                Member(
+                    m.participant_id,
+                    m.name,
+                    m.subscribes_automatically,
+                    m.moving,
+                    getattr(m, "region", None),
+                )
+                for m in hosted.members
+            ]
             producers = [
-                ProducerInfo(p.id, p.kind)
+                ProducerInfo(p.id, p.kind, p.participant_id)
                 for p in hosted.router.producers.values()
                 if p.origin == "local" and not p.closed
             ]
@@ -115,7 +127,7 @@ class SiblingRooms:
         for producer_id in gone:
             producer = hosted.router.producers.get(producer_id)
             if producer is not None and producer.origin == "relay":
-                producer.close("origin_left")
+                producer.close("origin_lost" if frame.lost else "origin_left")
         self._pull_room(frame.room)
 
     async def remote_participants(self, room: str) -> list[dict[str, object]]:
@@ -165,6 +177,7 @@ class SiblingRooms:
             await self.pipe_in(room, worker_id, producer_id)
         except Exception as exc:
             log.info("could not pipe %s from worker %d: %r", producer_id, worker_id, exc)
+            asyncio.get_running_loop().call_later(PULL_RETRY, self._pull_room, room)
         finally:
             self._pulling.discard((room, producer_id))
 
@@ -205,7 +218,8 @@ class SiblingRooms:
         old = self.pipes.pop(worker_id, None)
         if old is not None:
             await old.close()
-        pipe = await RelayPipe.open(sock, self.server.relay_source, name=f"worker-{worker_id}")
+        name = "supervisor" if worker_id == SUPERVISOR_ID else f"worker-{worker_id}"
+        pipe = await RelayPipe.open(sock, self.server.relay_source, name=name)
         self.pipes[worker_id] = pipe
 
         def closed() -> None:

@@ -40,6 +40,7 @@ from peer.ipc import (
     Hangup,
     Hello,
     Load,
+    Migrate,
     Open,
     RoomState,
     SessionEnded,
@@ -52,11 +53,13 @@ from peer.ipc import (
     send_pipe,
 )
 from peer.packing import DEFAULT_WATERMARK, Packing, WorkerLoad, choose_worker
+from peer.relay_hub import RelayHub, WorkerMember
 from peer.server import NodeConfig, NodeServer
-from peer.signaling import ClientMessage, Join, Ping, encode, error_message
+from peer.session import MIGRATED_LINGER, join_redirect
+from peer.signaling import ClientMessage, Join, Ping, ProtocolError, encode, error_message
 from peer.stats import AdmissionPolicy
 from peer.tokens import TokenError
-from relay import pipe_socketpair
+from relay import PendingSource, RelaySource, pipe_socketpair
 
 log = logging.getLogger("cascade.supervisor")
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
@@ -133,9 +136,11 @@ class WorkerPool:
         on_lost: Callable[[WorkerHandle], None],
         *,
         log_level: str = "WARNING",
+        log_json: bool = False,
         uvloop: bool = False,
     ) -> None:
         self.workers = [WorkerHandle(i) for i in range(count)]
+        self.log_json = log_json
         self.setup = setup
         self.on_frame = on_frame
         self.on_lost = on_lost
@@ -182,6 +187,8 @@ class WorkerPool:
         ]
         if self.uvloop:
             args.append("--uvloop")
+        if self.log_json:
+            args.append("--log-json")
         ours, theirs = pipe_channel()
         args += ["--pipe-channel", str(theirs.fileno())]
         handle.ready.clear()
@@ -340,6 +347,14 @@ class RemoteSession:
             supervisor.join_outcomes[exc.code] += 1
             await self._send(error_message(exc.code, exc.message, message.id))
             return
+        try:
+            redirect = await join_redirect(supervisor, message)
+        except ProtocolError as exc:
+            await self._send(error_message(exc.code, exc.message, message.id))
+            return
+        if redirect is not None:
+            await self._send(redirect)
+            return
         if not supervisor.pool.started.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(supervisor.pool.started.wait(), START_TIMEOUT)
@@ -364,6 +379,11 @@ class RemoteSession:
             if worker_id != worker.worker_id:
                 supervisor._ensure_pipe(worker, supervisor.pool.workers[worker_id])
                 worker.channel.send(supervisor._sibling_frame(worker_id, state))
+        # ... and the room on other nodes (the supervisor is one more sibling).
+        await supervisor.hub.introduce(worker.worker_id, message.room)
+        if worker.channel is None or self.worker is not worker:
+            await self._send(error_message("overloaded", "retry shortly", message.id))
+            return
         worker.channel.send(Open(self.conn))
         worker.channel.send(ClientData(self.conn, msgspec.json.encode(message)))
 
@@ -374,6 +394,12 @@ class RemoteSession:
         if self.participant_id is None and text.startswith('{"type":"joined"'):
             joined = msgspec.json.decode(text)
             self.participant_id = str(joined.get("participant_id"))
+            if self.room is not None and not joined.get("fallbacks"):
+                # Only the supervisor knows the overlay: the nodes to fail over to.
+                fallbacks = self.supervisor.fallbacks(self.room)
+                if fallbacks:
+                    joined["fallbacks"] = fallbacks
+                    text = encode(joined)
         self._outbox.put_nowait(text)
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._write())
@@ -506,6 +532,7 @@ class Supervisor(NodeServer):
         *,
         watermark: float = DEFAULT_WATERMARK,
         log_level: str = "WARNING",
+        log_json: bool = False,
         uvloop: bool = False,
     ) -> None:
         super().__init__(config)
@@ -531,6 +558,8 @@ class Supervisor(NodeServer):
         self._pipes: set[frozenset[int]] = set()
         # Makes the two connected datagram sockets of a pipe (tests may add impairment).
         self.pipe_sockets: Callable[[], tuple[socket.socket, socket.socket]] = pipe_socketpair
+        # In an overlay: stand-ins for the workers' participants, and the relay's pipes.
+        self.hub = RelayHub(self)
         base = WorkerSetup(
             api_secret=config.api_secret,
             token_public_key=public_key,
@@ -548,6 +577,7 @@ class Supervisor(NodeServer):
             self._on_frame,
             self._on_lost,
             log_level=log_level,
+            log_json=log_json,
             uvloop=uvloop,
         )
 
@@ -581,17 +611,18 @@ class Supervisor(NodeServer):
 
     def _on_lost(self, handle: WorkerHandle) -> None:
         self.workers_node.worker_lost(handle)
+        self.hub.worker_lost(handle.worker_id)
         for conn in list(handle.conns):
             session = self.conns.get(conn)
             if session is not None:
                 session.worker_lost()
         for room, states in list(self._room_states.items()):
             if handle.worker_id in states:
-                self._room_state(handle, RoomState(room, [], []))
+                self._room_state(handle, RoomState(room, [], []), lost=True)
         self._pipes = {pair for pair in self._pipes if handle.worker_id not in pair}
 
-    def _sibling_frame(self, worker_id: int, state: RoomState) -> SiblingRoom:
-        return SiblingRoom(state.room, worker_id, state.members, state.producers)
+    def _sibling_frame(self, worker_id: int, state: RoomState, lost: bool = False) -> SiblingRoom:
+        return SiblingRoom(state.room, worker_id, state.members, state.producers, lost)
 
     def _ensure_pipe(self, a: WorkerHandle, b: WorkerHandle) -> None:
         """Give workers ``a`` and ``b`` a pipe, once (idle workers keep none: a pipe's
@@ -610,9 +641,10 @@ class Supervisor(NodeServer):
             one.close()
             other.close()
 
-    def _room_state(self, handle: WorkerHandle, state: RoomState) -> None:
+    def _room_state(self, handle: WorkerHandle, state: RoomState, lost: bool = False) -> None:
         """A worker's members and producers of a room changed: pass it to the room's other
-        workers (and, to a worker new in the room, theirs)."""
+        workers (and, to a worker new in the room, theirs). ``lost``: the worker died."""
+        self.hub.worker_state(handle.worker_id, state)
         states = self._room_states.setdefault(state.room, {})
         joined = handle.worker_id not in states
         if state.members or state.producers:
@@ -621,7 +653,7 @@ class Supervisor(NodeServer):
             states.pop(handle.worker_id, None)
             if not states:
                 del self._room_states[state.room]
-        frame = self._sibling_frame(handle.worker_id, state)
+        frame = self._sibling_frame(handle.worker_id, state, lost)
         for worker_id in states:
             other = self.pool.workers[worker_id]
             if worker_id == handle.worker_id or other.channel is None:
@@ -632,12 +664,20 @@ class Supervisor(NodeServer):
                 handle.channel.send(self._sibling_frame(worker_id, states[worker_id]))
 
     async def _tick(self) -> None:
-        # The supervisor forwards no media: once a second it measures the workers and
-        # keeps the edge's limits.
+        # The supervisor forwards no media to clients: once a second it measures the
+        # workers and keeps the edge's limits. In an overlay it holds the producers relayed
+        # from other nodes, whose timers (held keyframe requests) run every 0.1 s.
         self.pool.sample_cpu()
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.1 if self.node.routers else 1.0)
+            if self.node.routers:
+                self.node.tick(time.time())
             now = time.monotonic()
+            if now - last < 1.0:
+                continue
+            last = now
+            self.hub.refresh_all()
             self.pool.sample_cpu()
             self._close_stalled_messages(now)
             self._join_buckets.expire(now)
@@ -658,8 +698,66 @@ class Supervisor(NodeServer):
         """Close every connection, stop serving and stop every worker."""
         for session in list(self.conns.values()):
             await session.close()
+        await self.hub.close()
         await super().stop()
         await self.pool.stop()
+
+    # -- the overlay (peer/relay_hub.py) ----------------------------------------------
+
+    def relay_lookup(self, producer_id: str) -> RelaySource | PendingSource | None:
+        """A worker's producer for another node: piped to the supervisor first."""
+        return self.hub.serve_node(producer_id)
+
+    def producer_room(self, producer_id: str) -> str | None:
+        """The room of a producer on a worker, or relayed into the supervisor."""
+        return self.hub.producer_room(producer_id) or super().producer_room(producer_id)
+
+    def local_producers(self, room: str) -> list[tuple[str, str]]:
+        """Producers of ``room`` published on the workers (by members staying here)."""
+        return self.hub.local_producers(room)
+
+    def room_workers(self, room: str) -> set[int]:
+        """Workers with participants of ``room``."""
+        workers = set(self._room_states.get(room, {}))
+        workers.update(h.worker_id for h in self.pool.workers if room in h.rooms)
+        return workers
+
+    def _session_of(self, participant_id: str) -> RemoteSession | None:
+        for session in self.conns.values():
+            if session.participant_id == participant_id:
+                return session
+        return None
+
+    def tell(self, participant_id: str, message: dict[str, object]) -> None:
+        """Send ``message`` to a participant on any worker."""
+        session = self._session_of(participant_id)
+        if session is not None:
+            session.deliver(encode(message))
+
+    async def _migrate(self, room: str, member: object) -> None:
+        """Drain: the participant's worker tells it where to move."""
+        if not isinstance(member, WorkerMember):
+            return
+        session = self._session_of(member.participant_id)
+        if session is None or session.worker is None or session.worker.channel is None:
+            return
+        target = await self.migration_target(room, member.region, member.participant_id)
+        if target is not None and session.worker is not None and session.worker.channel:
+            session.worker.channel.send(Migrate(session.conn, target))
+
+    async def _wait_lingering_producers(self) -> None:
+        """As a single-process node: the workers' producers of participants that moved
+        stay a few seconds, and the node exits after them."""
+        deadline = time.monotonic() + MIGRATED_LINGER + 1.0
+        while time.monotonic() < deadline and self.hub.has_local_producers():
+            await asyncio.sleep(0.1)
+
+    async def hang_up(self, participant_id: str) -> None:
+        """End a participant's session on its worker and close its socket."""
+        session = self._session_of(participant_id)
+        if session is not None:
+            await session.close()
+            session.ended(WSCloseCode.GOING_AWAY, b"node stopping")
 
     async def worker_stats(self, timeout: float = 5.0) -> list[dict[str, Any] | None]:
         """Each worker's own ``/stats`` (None for a worker that is down or did not answer)."""

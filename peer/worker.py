@@ -35,6 +35,7 @@ from peer.ipc import (
     Hangup,
     Hello,
     Load,
+    Migrate,
     Open,
     SessionEnded,
     SiblingRoom,
@@ -44,6 +45,7 @@ from peer.ipc import (
     WorkerSetup,
     receive_pipe,
 )
+from peer.logs import configure_logging
 from peer.server import NodeConfig, NodeServer
 from peer.session import ParticipantSession
 from peer.siblings import SiblingRooms
@@ -216,6 +218,10 @@ class Worker:
                     self._open(frame.conn)
                 elif isinstance(frame, Hangup):
                     self._spawn(self._end(frame.conn))
+                elif isinstance(frame, Migrate):
+                    session = self.sessions.get(frame.conn)
+                    if session is not None:
+                        session.migrate(dict(frame.target))
                 elif isinstance(frame, StatsRequest):
                     stats = self.server.stats()
                     stats["piped_producers"] = sorted(
@@ -281,16 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--pipe-channel", type=int, required=True, help="inherited socket fd")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-json", action="store_true")
     parser.add_argument("--uvloop", action="store_true")
     args = parser.parse_args(argv)
     die_with_parent(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
-    logging.basicConfig(
-        level=args.log_level,
-        format=f"%(asctime)s %(levelname)s worker-{args.worker_id} %(name)s: %(message)s",
-    )
-    for name in ("aioice", "aiortc", "aiohttp"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    configure_logging(args.log_level, args.log_json, worker=args.worker_id)
     if args.uvloop:
         with contextlib.suppress(ImportError):
             import uvloop

@@ -25,6 +25,7 @@ from .protocol import ALPN, PROTOCOL_VERSION, ErrorCode, ProtocolError
 from .source import (
     CODEC_PARAM_KEYS,
     PacketListener,
+    PendingSource,
     ProducerLookup,
     RelayRtcpSource,
     RelaySource,
@@ -39,6 +40,7 @@ __all__ = [
     "NackTracker",
     "OriginFlowStats",
     "PacketListener",
+    "PendingSource",
     "ProducerLookup",
     "ProtocolError",
     "RelayConfig",

@@ -268,6 +268,9 @@ class RemoteProducer:
         self._listeners: tuple[PacketListener, ...] = ()
         self._rtcp_listeners: tuple[PacketListener, ...] = ()
         self._close_cbs: list[Callable[[], None]] = []
+        #: Closed because its origin went away (a worker died, a link ended) rather than
+        #: by the origin closing it: a republished track may follow.
+        self.lost = False
         self._state_cbs: list[Callable[[str], None]] = []
         self._cache: list[bytes | None] = [None] * cache_size
         self._mask = cache_size - 1
@@ -443,10 +446,12 @@ class RemoteProducer:
             self.keyframes.pending = True
             self._set_state(INTERRUPTED)
 
-    def close(self) -> None:
-        """Close for good and notify ``on_close`` callbacks (idempotent)."""
+    def close(self, lost: bool = False) -> None:
+        """Close for good and notify ``on_close`` callbacks (idempotent). ``lost``: the
+        producer did not end, its origin went away (:attr:`lost`)."""
         if self.state == CLOSED:
             return
+        self.lost = lost
         self.flow_id = None
         self._set_state(CLOSED)
         self._listeners = ()

@@ -28,7 +28,7 @@ from .protocol import (
     Unsubscribe,
     datagram_prefix,
 )
-from .source import PacketListener, ProducerLookup, RelaySource
+from .source import PacketListener, PendingSource, ProducerLookup, RelaySource
 
 __all__ = ["OriginFlow", "OriginFlows", "OriginOutput"]
 
@@ -99,6 +99,7 @@ class OriginFlows:
         self.flows: dict[int, OriginFlow] = {}
         self.by_producer: dict[str, OriginFlow] = {}
         self._next_flow = 1
+        self._closed = False
 
     def on_message(self, msg: ControlMessage, now: float) -> None:
         """A control message from the remote side (one of :data:`ORIGIN_MESSAGES`)."""
@@ -150,20 +151,45 @@ class OriginFlows:
                 send(ErrorMsg(msg.request_id, ErrorCode.TOO_MANY_FLOWS, "too many flows"))
                 return
             try:
-                source = self.lookup(msg.producer_id)
+                found = self.lookup(msg.producer_id)
             except Exception:
                 log.exception("relay: producer lookup failed")
-                source = None
-            if source is None:
-                send(ErrorMsg(msg.request_id, ErrorCode.NOT_FOUND, "unknown producer"))
+                found = None
+            if isinstance(found, PendingSource):
+                found.when_resolved(lambda source: self._resolved(msg, source))
                 return
-            if self._next_flow > MAX_FLOW_ID:
-                send(ErrorMsg(msg.request_id, ErrorCode.TOO_MANY_FLOWS, "out of flow ids"))
-                return
-            flow = OriginFlow(
-                self._next_flow, msg.producer_id, source, self.config.keyframe_interval
-            )
-            self._next_flow += 1
+            self._open_flow(msg, found)
+            return
+        self._answer(msg, flow)
+
+    def _resolved(self, msg: Subscribe, source: RelaySource | None) -> None:
+        """A deferred lookup answered: finish the SUBSCRIBE (unless the connection closed
+        meanwhile, or another request opened the flow first)."""
+        if self._closed:
+            return
+        flow = self.by_producer.get(msg.producer_id)
+        if flow is not None:
+            self._answer(msg, flow)
+        else:
+            self._open_flow(msg, source)
+
+    def _open_flow(self, msg: Subscribe, source: RelaySource | None) -> None:
+        send = self.out.send_msg
+        if source is None:
+            send(ErrorMsg(msg.request_id, ErrorCode.NOT_FOUND, "unknown producer"))
+            return
+        if len(self.flows) >= self.config.max_flows_per_connection:
+            send(ErrorMsg(msg.request_id, ErrorCode.TOO_MANY_FLOWS, "too many flows"))
+            return
+        if self._next_flow > MAX_FLOW_ID:
+            send(ErrorMsg(msg.request_id, ErrorCode.TOO_MANY_FLOWS, "out of flow ids"))
+            return
+        flow = OriginFlow(self._next_flow, msg.producer_id, source, self.config.keyframe_interval)
+        self._next_flow += 1
+        self._answer(msg, flow)
+
+    def _answer(self, msg: Subscribe, flow: OriginFlow) -> None:
+        send = self.out.send_msg
         source = flow.source
         try:
             codec = dict(source.codec_params())
@@ -225,7 +251,8 @@ class OriginFlows:
     def _source_closed(self, flow: OriginFlow) -> None:
         if self.flows.get(flow.flow_id) is flow:
             self._drop_flow(flow)
-            self.out.send_msg(ProducerClosed(flow.flow_id))
+            lost = bool(getattr(flow.source, "lost", False))
+            self.out.send_msg(ProducerClosed(flow.flow_id, lost))
 
     def _drop_flow(self, flow: OriginFlow) -> None:
         self.flows.pop(flow.flow_id, None)
@@ -245,5 +272,6 @@ class OriginFlows:
 
     def close(self) -> None:
         """The connection is gone: stop listening to every producer."""
+        self._closed = True
         for flow in list(self.flows.values()):
             self._drop_flow(flow)

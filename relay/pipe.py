@@ -100,6 +100,7 @@ class RelayPipe:
         self._backlog_bytes = 0
         self._inflight: dict[str, asyncio.Future[RemoteProducer]] = {}
         self._close_cbs: list[Callable[[], None]] = []
+        self._closing = False
         self._conn_timer = Timer(self._loop, self._on_conn_timer)
         self._flow_timer = Timer(self._loop, self._on_flow_timer)
         self._close_sent = False
@@ -176,10 +177,13 @@ class RelayPipe:
         else:
             self._close_cbs.append(cb)
 
-    async def close(self) -> None:
-        """Close the pipe: tell the peer, end every flow in both directions."""
+    async def close(self, lost: bool = False) -> None:
+        """Close the pipe: tell the peer, end every flow in both directions. ``lost``: the
+        other end is gone (its process died), so what came through it was lost, not ended
+        (:attr:`~relay.RemoteProducer.lost`)."""
         if self.state == "closed":
             return
+        self._closing = not lost
         self.connection.abort(ErrorCode.SHUTDOWN, "pipe closed")
         await asyncio.sleep(0)
 
@@ -281,7 +285,8 @@ class RelayPipe:
         self._loop.call_soon(self._finish)
 
     def _finish(self) -> None:
-        self.flows.close()
+        # Closed from the other end (or it died): what came through it was lost, not ended.
+        self.flows.close(lost=not self._closing)
         self._conn_timer.cancel()
         self._flow_timer.cancel()
         sock, self._sock = self._sock, None

@@ -198,9 +198,12 @@ class Nack(_Msg, tag=15):
 
 
 class ProducerClosed(_Msg, tag=16):
-    """The origin producer of the flow closed; the flow id is dead."""
+    """The origin producer of the flow closed; the flow id is dead. ``lost``: it did not
+    end but was lost on the origin's side (it came from a process or node that went away),
+    so a republished track may follow."""
 
     flow_id: _U32
+    lost: bool = False
 
 
 class Heartbeat(_Msg, tag=20):

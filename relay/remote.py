@@ -96,12 +96,13 @@ class RemoteFlows:
         for rp in list(self.producers.values()):
             rp.set_interrupted()
 
-    def close(self) -> None:
-        """Close every remote producer for good (the link closes)."""
+    def close(self, lost: bool = False) -> None:
+        """Close every remote producer for good (the link closes; ``lost``: it went down
+        without being closed, see :attr:`RemoteProducer.lost`)."""
         if self.conn is not None:
             self.detach("link closed")
         for rp in list(self.producers.values()):
-            rp.close()
+            rp.close(lost=lost)
         self.producers.clear()
         self.flows.clear()
         self._lingers.clear()
@@ -215,7 +216,7 @@ class RemoteFlows:
                 self.counters.unknown_flow_requests += 1
                 return
             self._forget(rp)
-            rp.close()
+            rp.close(lost=msg.lost)
         else:
             self.counters.control_unexpected += 1
 

@@ -8,6 +8,7 @@ from typing import Protocol
 __all__ = [
     "CODEC_PARAM_KEYS",
     "PacketListener",
+    "PendingSource",
     "ProducerLookup",
     "RelayRtcpSource",
     "RelaySource",
@@ -92,5 +93,34 @@ class RelayRtcpSource(Protocol):
         ...
 
 
-#: Resolves a producer id to a local source (``None`` if unknown).
-ProducerLookup = Callable[[str], RelaySource | None]
+class PendingSource:
+    """A lookup's answer that comes later: the producer is being fetched (from a worker
+    process, or from another node). The origin answers the SUBSCRIBE once
+    :meth:`resolve` is called, with the source or ``None`` (not found)."""
+
+    def __init__(self) -> None:
+        self.resolved = False
+        self.source: RelaySource | None = None
+        self._waiters: list[Callable[[RelaySource | None], None]] = []
+
+    def when_resolved(self, cb: Callable[[RelaySource | None], None]) -> None:
+        """Call ``cb(source)`` once resolved (at once if it already is)."""
+        if self.resolved:
+            cb(self.source)
+        else:
+            self._waiters.append(cb)
+
+    def resolve(self, source: RelaySource | None) -> None:
+        """The answer; later calls are ignored."""
+        if self.resolved:
+            return
+        self.resolved = True
+        self.source = source
+        waiters, self._waiters = self._waiters, []
+        for cb in waiters:
+            cb(source)
+
+
+#: Resolves a producer id to a local source (``None`` if unknown), or to a
+#: :class:`PendingSource` that resolves later.
+ProducerLookup = Callable[[str], "RelaySource | PendingSource | None"]

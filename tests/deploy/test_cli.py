@@ -194,12 +194,6 @@ CASES = [
     (["node", "--log-level", "LOUD"], GOOD, 2, "--log-level"),
     (["node", "--workers", "-1"], GOOD, 2, "use 1 or more"),
     (["node", "--worker-watermark", "0"], GOOD, 2, "use a share in (0, 1]"),
-    (
-        ["node", "--workers", "2", "--region", "eu", "--dht-port", "0"],
-        GOOD,
-        2,
-        "does not work with the overlay",
-    ),
     (["bench", "nosuch"], {}, 2, "unknown benchmark"),
     (["nosuch"], {}, 2, "invalid choice"),
 ]

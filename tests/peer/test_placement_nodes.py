@@ -15,6 +15,7 @@ from peer.overlay import Overlay
 from peer.placement import PlacementPolicy
 from peer.scaling import ScalePolicy
 from peer.server import NodeConfig, NodeServer
+from peer.supervisor import Supervisor
 from tests.conftest import SECRET, token
 
 
@@ -26,19 +27,19 @@ async def start(
     scale: ScalePolicy | None = None,
     webhook: str | None = None,
     watermark: float = 0.30,
+    workers: int = 1,
     **config: object,
 ) -> tuple[NodeServer, Overlay]:
     identity = NodeIdentity.generate()
-    server = NodeServer(
-        NodeConfig(
-            port=0,
-            api_secret=SECRET,
-            max_cpu=100.0,
-            relay_port=0,
-            identity=identity.private_key,
-            **config,  # type: ignore[arg-type]
-        )
+    node_config = NodeConfig(
+        port=0,
+        api_secret=SECRET,
+        max_cpu=100.0,
+        relay_port=0,
+        identity=identity.private_key,
+        **config,  # type: ignore[arg-type]
     )
+    server = Supervisor(node_config, workers) if workers > 1 else NodeServer(node_config)
     await server.start()
     directory = Directory(identity, region, host="127.0.0.1", port=0, bootstrap=bootstrap, ttl=6.0)
     overlay = Overlay(

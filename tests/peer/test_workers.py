@@ -112,7 +112,7 @@ async def test_killed_worker_participants_told_others_keep_receiving(supervisor,
         assert event["url"] == supervisor.url
     # frank, on the surviving worker, sees the dead worker's participants leave.
     await frank.wait_event("participant_left", participant_id=pub0.participant_id, timeout=20)
-    await frank.wait_event("producer_removed", timeout=20)
+    await frank.wait_event("producer_removed", reason="origin_lost", timeout=20)
     # Participants of the other worker keep receiving.
     before = kept.frames_decoded
     await asyncio.sleep(1.5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from relay import ErrorCode, RelayConfig, SubscribeError
+from relay import ErrorCode, PendingSource, RelayConfig, SubscribeError
 from relay import protocol as p
 from tests.relay.helpers import VP8, Collector, FakeSource, seq_of
 from tests.relay.memory import handshake, live_producer, node_pair, pull
@@ -147,6 +147,21 @@ def test_producer_close_propagates() -> None:
     src.close()
     wire.flush()
     assert closed == [True] and "cam" not in b.remote.producers  # type: ignore[union-attr]
+    assert not rp.lost
+
+
+def test_a_lost_producer_is_closed_as_lost_on_the_other_end() -> None:
+    """A relayed producer whose own origin went away (a dead worker behind a pipe) is
+    closed as lost, not ended: subscribers keep their tracks for a republished one."""
+    a, b, wire = node_pair()
+    handshake(b, wire)
+    src = a.sources["cam"] = FakeSource()
+    rp = pull(b, wire, "cam")
+    rp.add_packet_listener(Collector())
+    src.lost = True  # type: ignore[attr-defined]
+    src.close()
+    wire.flush()
+    assert rp.closed and rp.lost
 
 
 def test_garbage_is_counted_and_other_flows_keep_flowing() -> None:
@@ -276,3 +291,33 @@ def test_room_state_before_authentication_closes() -> None:
     wire.flush()
     assert a.conn.close_out is not None
     assert a.conn.close_out[0] == ErrorCode.PROTOCOL_VIOLATION
+
+
+def test_a_lookup_answered_later_opens_the_flow_then() -> None:
+    """A producer being fetched (from a worker process, or another node) is answered once
+    it arrives; one that never does is NOT_FOUND."""
+    a, b, wire = node_pair()
+    handshake(b, wire)
+    pending = PendingSource()
+    a.sources["cam"] = pending  # type: ignore[assignment]
+    results = b.subscribe("cam")
+    wire.flush()
+    assert results == []  # no answer yet
+    src = FakeSource()
+    pending.resolve(src)
+    wire.flush()
+    rp = live_producer(results)
+    col = Collector()
+    rp.add_packet_listener(col)
+    sent = [src.emit_next() for _ in range(5)]
+    wire.flush()
+    assert col.packets == sent
+
+    missing = PendingSource()
+    a.sources["gone"] = missing  # type: ignore[assignment]
+    results = b.subscribe("gone")
+    wire.flush()
+    missing.resolve(None)
+    wire.flush()
+    (err,) = results
+    assert isinstance(err, SubscribeError) and err.code == ErrorCode.NOT_FOUND
