@@ -78,6 +78,24 @@ async def joiner() -> AsyncIterator[Callable[[str, str], Awaitable[CascadeClient
         await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)
 
 
+async def _publish(client: CascadeClient) -> str:
+    """Publish a small video; its producer id."""
+    (video,) = await client.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+    return str(video["producer_id"])
+
+
+async def _one_publisher_per_worker(
+    eu: Supervisor, join: Callable[[str, str], Awaitable[CascadeClient]]
+) -> list[tuple[CascadeClient, str]]:
+    """alice publishing on worker 0 and carol on worker 1 of ``eu``."""
+    out = []
+    for worker, name in enumerate(("alice", "carol")):
+        pin(eu, worker)
+        client = await join(eu.url, name)
+        out.append((client, await _publish(client)))
+    return out
+
+
 async def _decodes(client: CascadeClient, producer_ids: set[str], timeout: float = 30) -> None:
     """``client`` shows video of every producer in ``producer_ids``, without decode errors."""
     tracks = await client.wait_for_tracks(len(producer_ids), "video", timeout=timeout)
@@ -96,17 +114,10 @@ async def _decodes(client: CascadeClient, producer_ids: set[str], timeout: float
 
 async def test_room_over_two_workers_and_a_second_node_one_flow_per_producer() -> None:
     async with workers_and_single() as (eu, us), joiner() as client:
-        video = PatternVideoTrack
-        pin(eu, 0)
-        alice = await client(eu.url, "alice")
-        (a_video,) = await alice.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
-        pin(eu, 1)
-        carol = await client(eu.url, "carol")
-        (c_video,) = await carol.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+        (alice, a_id), (carol, c_id) = await _one_publisher_per_worker(eu, client)
         assert {worker_of(eu, alice), worker_of(eu, carol)} == {0, 1}
         bob = await client(us.url, "bob")
-        (d_video,) = await bob.publish([video(160, 120, periodic_keyframes=False)])
-        a_id, c_id, d_id = (v["producer_id"] for v in (a_video, c_video, d_video))
+        d_id = await _publish(bob)
 
         # us decodes the producers of both eu workers; each eu worker decodes the
         # other worker's producer and the one relayed from us.
@@ -217,15 +228,8 @@ async def test_draining_a_workers_node_moves_its_participants_and_media_continue
 
 async def test_a_killed_worker_ends_only_its_relayed_producers_and_its_publisher_comes_back():
     async with workers_and_single() as (eu, us), joiner() as client:
-        video = PatternVideoTrack
-        pin(eu, 0)
-        alice = await client(eu.url, "alice")
-        (a_video,) = await alice.publish([video(160, 120, periodic_keyframes=False)])
-        pin(eu, 1)
-        carol = await client(eu.url, "carol")
-        (c_video,) = await carol.publish([video(160, 120, periodic_keyframes=False)])
+        (_alice, a_id), (carol, c_id) = await _one_publisher_per_worker(eu, client)
         bob = await client(us.url, "bob")
-        a_id, c_id = a_video["producer_id"], c_video["producer_id"]
         await _decodes(bob, {a_id, c_id})
         kept = next(t for t in bob.tracks.values() if t.producer_id == a_id)
         watched = next(t for t in bob.tracks.values() if t.producer_id == c_id)
