@@ -26,6 +26,7 @@ from playwright.async_api import Browser, Page, async_playwright
 from dht import Directory, NodeIdentity
 from peer.overlay import Overlay
 from peer.server import NodeConfig, NodeServer
+from peer.supervisor import Supervisor
 from tests.peer.browser_scenario import CHROMIUM_ARGS
 
 DEBUG = bool(os.environ.get("CASCADE_DEBUG"))
@@ -97,21 +98,25 @@ CAPTIONS = """() => [...document.querySelectorAll('figure[data-kind=video] figca
   .map((c) => c.textContent)"""
 
 
-async def start_overlay(count: int) -> tuple[list[NodeServer], list[Overlay]]:
-    """``count`` nodes (ports 8080, 8081, ...) in one DHT, each in its own region."""
+async def start_overlay(count: int, workers: int = 1) -> tuple[list[NodeServer], list[Overlay]]:
+    """``count`` nodes (ports 8080, 8081, ...) in one DHT, each in its own region; the first
+    runs ``workers`` media worker processes (pages spread over them: watermark 0)."""
     servers: list[NodeServer] = []
     overlays: list[Overlay] = []
     bootstrap: list[tuple[str, int]] = []
     for i in range(count):
         identity = NodeIdentity.generate()
-        server = NodeServer(
-            NodeConfig(
-                port=8080 + i,
-                api_secret=SECRET,
-                dev=True,
-                relay_port=0,
-                identity=identity.private_key,
-            )
+        config = NodeConfig(
+            port=8080 + i,
+            api_secret=SECRET,
+            dev=True,
+            relay_port=0,
+            identity=identity.private_key,
+        )
+        server = (
+            Supervisor(config, workers, watermark=0.0)
+            if i == 0 and workers > 1
+            else NodeServer(config)
         )
         await server.start()
         directory = Directory(
@@ -185,13 +190,13 @@ def media_summary(servers: list[NodeServer]) -> str:
             for pid, m in members.items():
                 prods = [
                     f"{k[-4:]}:{v['packets']}/kf{v['keyframes']}/pli{v['plis']}"
-                    for k, v in m["producers"].items()
+                    for k, v in m.get("producers", {}).items()
                     if v["kind"] == "video"
                 ]
                 cons = [
                     f"{v['producer_id'][-4:]}:{v['packets']}/pli{v['plis']}"
                     f"/kf{v['keyframes_replayed']}"
-                    for v in m["consumers"].values()
+                    for v in m.get("consumers", {}).values()
                     if v["kind"] == "video"
                 ]
                 lines.append(f"{server.url[-4:]} {m['name']} ({pid}) pub {prods} sub {cons}")
@@ -245,6 +250,7 @@ async def run(
     screenshot: str | None,
     region_hint: str | None = None,
     drain: bool = False,
+    workers: int = 1,
 ) -> dict:
     servers: list[NodeServer] = []
     overlays: list[Overlay] = []
@@ -253,7 +259,7 @@ async def run(
         await server.start()
         servers.append(server)
     else:
-        servers, overlays = await start_overlay(nodes_n)
+        servers, overlays = await start_overlay(nodes_n, workers)
     SERVERS[:] = servers
     lag = asyncio.ensure_future(report_loop_lag())
     result: dict[str, Any] = {}
@@ -273,6 +279,8 @@ async def run(
             result["frames"] = await wait_all_decode(pages, expect, 30)
             result["missing"] = missing(result["frames"], expect)
             result["live"] = await live_streams(pages, 20, pages_n - 1)
+            if isinstance(servers[0], Supervisor):  # pages per worker of the first node
+                result["worker_pages"] = [len(h.conns) for h in servers[0].pool.workers]
             result["captions"] = {n: await p.evaluate(CAPTIONS) for n, p in pages.items()}
             if screenshot:
                 await pages[f"page{pages_n}"].screenshot(path=screenshot)
@@ -333,6 +341,7 @@ def main() -> int:
     parser.add_argument("--screenshot")
     parser.add_argument("--region-hint", help="region every page asks for (nodes are r0, r1, ...)")
     parser.add_argument("--drain", action="store_true", help="drain the last node, then check")
+    parser.add_argument("--workers", type=int, default=1, help="media workers of the first node")
     args = parser.parse_args()
     if os.environ.get("CASCADE_LOG"):  # e.g. INFO: the nodes' log lines, timestamped
         logging.basicConfig(
@@ -349,6 +358,7 @@ def main() -> int:
             args.screenshot,
             args.region_hint,
             args.drain,
+            args.workers,
         )
     )
     print(json.dumps(result))

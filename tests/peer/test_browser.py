@@ -112,6 +112,27 @@ def test_two_nodes_two_pages_each_all_decode_each_other():
     assert set(result["live_after_rejoin"].values()) == {3}, result
 
 
+def test_pages_on_two_workers_of_one_node_and_on_a_second_node_all_decode_each_other():
+    # The first node runs two media workers (its pages spread over them): pages on it
+    # decode each other through the pipe between the workers, and the other node's pages
+    # through the supervisor, the node's relay end.
+    result = run_in_namespace(
+        "tests.peer.browser_pages",
+        "--pages",
+        "4",
+        "--gap",
+        "0.5",
+        "--nodes",
+        "2",
+        "--workers",
+        "2",
+        timeout=160,
+    )
+    assert result["missing"] == [], result
+    assert set(result["live"].values()) == {3}, result
+    assert result["worker_pages"] == [1, 1], result
+
+
 def test_page_on_one_node_is_redirected_to_the_rooms_node_and_decodes(tmp_path):
     # Both pages ask for region r0; the second page is opened on the r1 node's demo page.
     result = run_in_namespace(
