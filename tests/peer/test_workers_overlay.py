@@ -13,6 +13,8 @@ import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import pytest
+
 from bench.cluster import until
 from dht import Directory, NodeIdentity
 from peer.client import CascadeClient
@@ -20,6 +22,7 @@ from peer.media import PatternVideoTrack
 from peer.overlay import Overlay
 from peer.server import NodeConfig, NodeServer
 from peer.supervisor import Supervisor
+from relay import RelayError
 from tests.conftest import SECRET, token
 from tests.peer.test_drain import FRANKFURT, PARIS, grows
 from tests.peer.test_overlay import start_node
@@ -144,6 +147,22 @@ async def test_room_over_two_workers_and_a_second_node_one_flow_per_producer() -
         everyone = {alice.participant_id, carol.participant_id, bob.participant_id}
         for cl in (alice, carol, bob):
             assert _seen(cl) == everyone - {cl.participant_id}
+
+        # A node of the directory without participants in a room may not pull its
+        # producers from the workers (open mode), and the call goes on.
+        host, port = eu.relay.address
+        dave = CascadeClient(eu.url)
+        try:
+            await dave.connect()
+            await dave.join("private", token("private", "dave"))
+            private = await _publish(dave)
+            await until(lambda: eu.hub.producer_room(private) == "private", 10)
+            with pytest.raises(RelayError) as refused:
+                await us.pull_remote_producer("private", eu_key, host, port, private)
+            assert "not allowed" in str(refused.value)
+        finally:
+            await dave.close()
+        await _decodes(bob, {a_id, c_id})
 
         # A publisher on a worker leaves: the other node sees it go.
         await carol.close()
