@@ -233,6 +233,11 @@ async def node(
         await server.stop()
 
 
+def per_packet_ratio(case: dict[str, Any], baseline: dict[str, Any]) -> float:
+    """CPU per packet of ``case`` over ``baseline``'s."""
+    return round(case["cpu_us_per_packet"] / max(0.01, baseline["cpu_us_per_packet"]), 3)
+
+
 def worker_pids(server: Supervisor) -> list[int]:
     return [h.pid for h in server.pool.workers if h.pid is not None]
 
@@ -343,10 +348,7 @@ async def spanning(args: argparse.Namespace, slices: CpuSlices) -> dict[str, Any
                 out[case] = min(windows, key=lambda w: w["cpu_us_per_packet"] or 1e9)
             finally:
                 await load.close()
-    ratio = out["two_workers"]["cpu_us_per_packet"] / max(
-        0.01, out["one_worker"]["cpu_us_per_packet"]
-    )
-    out["ratio"] = round(ratio, 3)
+    ratio = out["ratio"] = per_packet_ratio(out["two_workers"], out["one_worker"])
     print(
         f"spanning: {out['one_worker']['cpu_us_per_packet']} us/packet on 1 worker, "
         f"{out['two_workers']['cpu_us_per_packet']} us/packet spanning 2 ({ratio:.2f}x)"
@@ -430,10 +432,7 @@ async def overlay(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
             cluster.stop()
-    ratio = out["two_workers"]["cpu_us_per_packet"] / max(
-        0.01, out["one_process"]["cpu_us_per_packet"]
-    )
-    out["ratio"] = round(ratio, 3)
+    ratio = out["ratio"] = per_packet_ratio(out["two_workers"], out["one_process"])
     print(
         f"overlay: relay flows {out['one_process']['relay_flows']} (1 process) and "
         f"{out['two_workers']['relay_flows']} (2 workers); receiving node "

@@ -93,6 +93,8 @@ class Directory:
         self._rooms: dict[str, RoomEntry] = {}
         self._tombstones: dict[bytes, float] = {}
         self._seq = SequenceCounter()
+        # key -> sequence number of the newest record of ours being published under it
+        self._latest: dict[bytes, int] = {}
         self._refresher: asyncio.Task[None] | None = None
         self._announced = False
 
@@ -154,22 +156,31 @@ class Directory:
 
     async def _publish(self, key: bytes, body: Body) -> int:
         now = self.clock()
+        seq = self._seq.next(now)
         wire = sign_record(
             self.identity,
             key,
             body,
-            seq=self._seq.next(now),
+            seq=seq,
             expires_at=now + self.ttl,
             certificate=self.certificate,
         )
+        self._latest[key] = seq
         if body is None:
             self._tombstones[key] = now + self.ttl
         else:
             self._tombstones.pop(key, None)
         try:
             accepted = await self.server.put_record(key, wire)
-            if accepted < self.server.config.quorum:
-                # too few holders took it (lost contacts, overload): crawl and store again
+            if self.clock() >= now + self.ttl:
+                log.warning(
+                    "a record outlived its %.0f s ttl while being published (peers too slow "
+                    "to answer): it expires on its holders before it is refreshed",
+                    self.ttl,
+                )
+            elif accepted < self.server.config.quorum and self._latest.get(key) == seq:
+                # too few holders took it (lost contacts, overload): crawl and store again,
+                # unless a newer record of ours for this key is on its way already
                 accepted = max(accepted, await self.server.put_record(key, wire))
             return accepted
         except Exception:
@@ -262,23 +273,31 @@ class Directory:
         return sorted(self._rooms)
 
     async def refresh(self) -> None:
-        """Republish every live record (and recent tombstones) with a new sequence and expiry."""
-        await self.server.heal(self._bootstrap)
+        """Republish every live record (and recent tombstones) with a new sequence and expiry,
+        while healing a thin routing table. The records are signed at once: a heal slowed by
+        peers that time out must not hold them back until they have expired."""
         now = self.clock()
         self._tombstones = {k: t for k, t in self._tombstones.items() if t > now}
-        jobs: list[Awaitable[object]] = [
-            self._publish(room_key(r), e) for r, e in self._rooms.items()
-        ]
+        jobs: list[Awaitable[object]] = [self.server.heal(self._bootstrap)]
+        jobs.extend(self._publish(room_key(r), e) for r, e in self._rooms.items())
         jobs.extend(self._publish(k, None) for k in list(self._tombstones))
+        keys = {room_key(r) for r in self._rooms} | set(self._tombstones)
         if self._announced:
             jobs.append(self._publish_node())
+            keys.update(node_record_keys(self._record))
+        self._latest = {k: v for k, v in self._latest.items() if k in keys}
         await asyncio.gather(*jobs)
 
     async def _refresh_forever(self) -> None:
-        # jittered (75-100% of the interval) so that nodes started together do not refresh
-        # in lock-step bursts
+        # Jittered (75-100% of the interval) so that nodes started together do not refresh
+        # in lock-step bursts; counted from the start of the previous refresh, so that a
+        # slow one (a loaded machine) does not stretch the time between two signings.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
-            await asyncio.sleep(self.refresh_interval * random.uniform(0.75, 1.0))
+            wait = self.refresh_interval * random.uniform(0.75, 1.0) - (loop.time() - started)
+            await asyncio.sleep(max(0.0, wait))
+            started = loop.time()
             try:
                 await self.refresh()
             except Exception:

@@ -14,7 +14,13 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from dht.protocol import CrawlResult, DirectoryProtocol, RecordCrawl, map_address
-from dht.records import RecordRejected, SignedRecord, ValidationPolicy, merge_records
+from dht.records import (
+    RecordRejected,
+    RejectReason,
+    SignedRecord,
+    ValidationPolicy,
+    merge_records,
+)
 from dht.storage import RecordStorage
 
 log = logging.getLogger(__name__)
@@ -255,7 +261,12 @@ class DirectoryServer(Server):
                 self.storage.put(key, wire)
                 accepted += 1
             except RecordRejected as exc:
-                log.warning("own record refused locally: %s", exc)
+                if exc.reason is RejectReason.STALE:
+                    # a newer record of ours for this key was stored meanwhile (two
+                    # publishes of one key overlapped): the newest one is kept, as it should
+                    log.debug("own record superseded locally by a newer one")
+                else:
+                    log.warning("own record refused locally: %s", exc)
         for peer in unresponsive:  # slow, maybe alive: store without waiting
             self.protocol.keep_alive(
                 asyncio.ensure_future(self.protocol.call_store(peer, key, wire))

@@ -24,16 +24,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+import socket
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
-from peer.engine import Producer
-from peer.ipc import SUPERVISOR_ID, Member, ProducerInfo, RoomState, SiblingRoom, send_pipe
+from peer.engine import Node, Producer
+from peer.ipc import (
+    SUPERVISOR_ID,
+    Channel,
+    Member,
+    ProducerInfo,
+    RoomState,
+    SiblingRoom,
+    send_pipe,
+)
 from peer.relay_bridge import ProducerRelaySource
+from peer.room import Rooms
 from relay import PendingSource, RelayPipe, RelaySource
-
-if TYPE_CHECKING:
-    from peer.supervisor import Supervisor
 
 log = logging.getLogger("cascade.relay_hub")
 
@@ -45,6 +52,30 @@ FETCH_TIMEOUT = 8.0
 _ROOM_CHANGES = frozenset(
     {"participant_joined", "participant_left", "producer_added", "producer_removed"}
 )
+
+
+class HubHost(Protocol):
+    """What the hub needs of the supervisor (``peer.supervisor.Supervisor``)."""
+
+    rooms: Rooms
+    node: Node
+    pipe_sockets: Callable[[], tuple[socket.socket, socket.socket]]
+    # Set by the overlay (None outside one).
+    pull_producer: Callable[[str, str], Awaitable[bool]] | None
+    remote_participants: Callable[[str], Awaitable[list[dict[str, object]]]]
+    remote_producers: Callable[[str], list[dict[str, object]]]
+
+    def room_workers(self, room: str) -> set[int]:
+        """Workers with participants of ``room``."""
+
+    def worker_link(self, worker_id: int) -> tuple[Channel | None, socket.socket | None]:
+        """The worker's frame channel and pipe channel (None while it is down)."""
+
+    def tell(self, participant_id: str, message: dict[str, object]) -> None:
+        """Send ``message`` to a participant on any worker."""
+
+    async def hang_up(self, participant_id: str) -> None:
+        """End a participant's session."""
 
 
 class WorkerMember:
@@ -98,7 +129,7 @@ class RelayHub:
     """The supervisor's side of the overlay: stand-in members, the node's local producers
     for the directory, and the pipes between the relay endpoint and the workers."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: HubHost) -> None:
         self.supervisor = supervisor
         # (room, worker id) -> that worker's local producers of the room
         self._producers: dict[tuple[str, int], list[ProducerInfo]] = {}
@@ -238,8 +269,8 @@ class RelayHub:
         previous = self._sent.get(key)
         if previous == state or (previous is None and not state.members and not state.producers):
             return
-        handle = self.supervisor.pool.workers[worker_id]
-        if handle.channel is None:
+        channel, _ = self.supervisor.worker_link(worker_id)
+        if channel is None:
             return
         if state.producers:
             try:
@@ -248,7 +279,7 @@ class RelayHub:
                 log.warning("no pipe to worker %d: %s", worker_id, exc)
                 return  # sent again at the next refresh
         self._sent[key] = state
-        handle.channel.send(state)
+        channel.send(state)
 
     async def introduce(self, worker_id: int, room: str) -> None:
         """Before a participant's join reaches ``worker_id``: the room on other nodes, so
@@ -270,12 +301,12 @@ class RelayHub:
         opening = self._opening.get(worker_id)
         if opening is not None:
             return opening
-        handle = self.supervisor.pool.workers[worker_id]
+        _, pipe_channel = self.supervisor.worker_link(worker_id)
         ours, theirs = self.supervisor.pipe_sockets()
         try:
-            if handle.pipe_channel is None:
+            if pipe_channel is None:
                 raise ConnectionError(f"worker {worker_id} is down")
-            send_pipe(handle.pipe_channel, SUPERVISOR_ID, theirs)
+            send_pipe(pipe_channel, SUPERVISOR_ID, theirs)
         except OSError as exc:
             ours.close()
             raise ConnectionError(f"handing a pipe to worker {worker_id}: {exc!r}") from exc
@@ -414,4 +445,4 @@ def _by_id(info: ProducerInfo) -> str:
     return info.producer_id
 
 
-__all__ = ["RelayHub", "WorkerMember"]
+__all__ = ["HubHost", "RelayHub", "WorkerMember"]

@@ -7,10 +7,13 @@ talk to rooms; the HTTP edge only creates sessions.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from peer.engine import Node, Producer, Router, same_codec
+
+log = logging.getLogger("cascade.room")
 
 
 class Member(Protocol):
@@ -82,6 +85,9 @@ class Room:
         A track republished after its publisher moved (same ``source``) replaces the older
         incarnation, which closes as ``migrating``; an incoming producer older than the one
         already here is closed at once and False returned.
+
+        A member that cannot take the producer (its media connection just closed: it is
+        leaving or moving) is skipped; every other member still gets it.
         """
         owner = producer.participant_id
         for other in list(self.router.producers.values()):
@@ -91,10 +97,6 @@ class Room:
                 producer.close("migrating")
                 return False
             self._replace(other, producer)
-        for member in self.members:
-            if member.participant_id != owner:
-                member.post({"type": "producer_added", "producer": producer.describe()})
-                member.auto_subscribe_to(producer)
 
         def removed(p: Producer) -> None:
             self.broadcast(
@@ -105,6 +107,14 @@ class Room:
                 self.changed()
 
         producer.on_close(removed)
+        for member in self.members:
+            if member.participant_id == owner:
+                continue
+            member.post({"type": "producer_added", "producer": producer.describe()})
+            try:
+                member.auto_subscribe_to(producer)
+            except Exception:
+                log.exception("%s could not subscribe to %s", member.participant_id, producer.id)
         if producer.origin == "local":
             self.changed()
         return True

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCRtpTransceiver, RTCSessionDescription
+from aiortc.exceptions import InvalidStateError
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 
 from peer import aiortc_adapter as rtc
@@ -518,12 +519,18 @@ class ParticipantSession:
         producer = self.router.producers.get(producer_id)
         if producer is not None and self._is_mine(producer):
             raise ProtocolError("bad_request", "cannot consume your own producer")
+        if self.subscribe_pc is not None and self.subscribe_pc.connectionState == "closed":
+            raise SfuError("media_closed", "your media connection is closed: join again")
         consumer = self.router.create_consumer(producer_id, self.participant_id, paused=paused)
         if self.subscribe_pc is None:
             self.subscribe_pc = RTCPeerConnection(rtc.rtc_configuration())
             self._watch_connection(self.subscribe_pc, "subscribe")
         track = rtc.SilentTrack(consumer.kind)
-        transceiver = self.subscribe_pc.addTransceiver(track, direction="sendonly")
+        try:
+            transceiver = self.subscribe_pc.addTransceiver(track, direction="sendonly")
+        except InvalidStateError:  # its transport closed a moment ago (the client closed it)
+            consumer.close()
+            raise SfuError("media_closed", "your media connection is closed: join again") from None
         transceiver.setCodecPreferences(_codec_preferences(consumer.producer.codec))
         sub = _Subscription(consumer, transceiver, track)
         rtc.hook_sender(
@@ -631,10 +638,16 @@ class ParticipantSession:
     # -- connection state and stats --------------------------------------------
 
     def _watch_connection(self, pc: RTCPeerConnection, role: str) -> None:
+        # A connection that fails, or that the client closes (aiortc closes it once the
+        # client's DTLS close arrives) while the session goes on, ends the session: it can
+        # carry no more media, and the client rejoins (or is leaving anyway).
         @pc.on("connectionstatechange")
         async def on_state() -> None:
-            if pc.connectionState == "failed":
-                log.info("%s %s connection failed", self.participant_id, role)
+            state = pc.connectionState
+            mine = pc in (self.publish_pc, self.subscribe_pc)
+            closed_by_client = state == "closed" and not self._closed and mine
+            if state == "failed" or closed_by_client:
+                log.info("%s %s connection %s", self.participant_id, role, state)
                 await self.close()
                 if self._disconnect is not None:
                     with contextlib.suppress(Exception):

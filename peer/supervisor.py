@@ -722,6 +722,11 @@ class Supervisor(NodeServer):
         workers.update(h.worker_id for h in self.pool.workers if room in h.rooms)
         return workers
 
+    def worker_link(self, worker_id: int) -> tuple[Channel | None, socket.socket | None]:
+        """The worker's frame channel and pipe channel (None while it is down)."""
+        handle = self.pool.workers[worker_id]
+        return handle.channel, handle.pipe_channel
+
     def _session_of(self, participant_id: str) -> RemoteSession | None:
         for session in self.conns.values():
             if session.participant_id == participant_id:

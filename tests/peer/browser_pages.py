@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -23,10 +26,47 @@ from playwright.async_api import Browser, Page, async_playwright
 from dht import Directory, NodeIdentity
 from peer.overlay import Overlay
 from peer.server import NodeConfig, NodeServer
+from peer.supervisor import Supervisor
 from tests.peer.browser_scenario import CHROMIUM_ARGS
 
 DEBUG = bool(os.environ.get("CASCADE_DEBUG"))
 SECRET = "browser-test-secret-0123456789abcdef"
+_STARTED = time.monotonic()
+
+
+def dump_tasks_later(seconds: float) -> None:
+    """After ``seconds``, print every pending asyncio task's stack to stderr (a daemon
+    timer): a scenario killed at its timeout shows where it was waiting."""
+
+    def dump() -> None:
+        tasks = [o for o in gc.get_objects() if isinstance(o, asyncio.Task) and not o.done()]
+        progress(f"still running: {len(tasks)} pending asyncio tasks")
+        for task in tasks:
+            try:
+                task.print_stack(limit=6, file=sys.stderr)
+            except Exception as exc:  # the loop keeps running meanwhile
+                print(f"{task!r}: {exc!r}", file=sys.stderr)
+
+    timer = threading.Timer(seconds, dump)
+    timer.daemon = True
+    timer.start()
+
+
+async def report_loop_lag(threshold: float = 1.0) -> None:
+    """Print on stderr each time this process's event loop (the nodes' loop) woke up more
+    than ``threshold`` seconds late: a loaded machine starves it."""
+    while True:
+        asked = time.monotonic()
+        await asyncio.sleep(0.1)
+        late = time.monotonic() - asked - 0.1
+        if late > threshold:
+            progress(f"event loop {late:.1f} s late")
+
+
+def progress(step: str) -> None:
+    """One timestamped line on stderr: a scenario that times out shows how far it got."""
+    print(f"[{time.monotonic() - _STARTED:6.1f}s] {step}", file=sys.stderr, flush=True)
+
 
 # Frames decoded per remote participant (by the name the page learnt for it).
 FRAMES_BY_NAME = """async () => {
@@ -43,6 +83,13 @@ FRAMES_BY_NAME = """async () => {
   return out;
 }"""
 
+# What a page knows of its own connection (for failure output).
+PAGE_STATE = """() => { const s = window.cascade; return {
+  node: s.node, participant: s.participantId, moves: s.moves,
+  status: document.getElementById('status').textContent,
+  pub: s.pubPc && s.pubPc.connectionState, sub: s.subPc && s.subPc.connectionState,
+  mids: [...s.byMid.keys()] }; }"""
+
 # Tags every video tile, then lists the tags: a tile kept across a move keeps its tag.
 TAG_TILES = """() => [...document.querySelectorAll('figure[data-kind=video]')].map((f) => {
   f.dataset.tag ??= Math.random().toString(36).slice(2); return f.dataset.tag; })"""
@@ -51,21 +98,25 @@ CAPTIONS = """() => [...document.querySelectorAll('figure[data-kind=video] figca
   .map((c) => c.textContent)"""
 
 
-async def start_overlay(count: int) -> tuple[list[NodeServer], list[Overlay]]:
-    """``count`` nodes (ports 8080, 8081, ...) in one DHT, each in its own region."""
+async def start_overlay(count: int, workers: int = 1) -> tuple[list[NodeServer], list[Overlay]]:
+    """``count`` nodes (ports 8080, 8081, ...) in one DHT, each in its own region; the first
+    runs ``workers`` media worker processes (pages spread over them: watermark 0)."""
     servers: list[NodeServer] = []
     overlays: list[Overlay] = []
     bootstrap: list[tuple[str, int]] = []
     for i in range(count):
         identity = NodeIdentity.generate()
-        server = NodeServer(
-            NodeConfig(
-                port=8080 + i,
-                api_secret=SECRET,
-                dev=True,
-                relay_port=0,
-                identity=identity.private_key,
-            )
+        config = NodeConfig(
+            port=8080 + i,
+            api_secret=SECRET,
+            dev=True,
+            relay_port=0,
+            identity=identity.private_key,
+        )
+        server = (
+            Supervisor(config, workers, watermark=0.0)
+            if i == 0 and workers > 1
+            else NodeServer(config)
         )
         await server.start()
         directory = Directory(
@@ -82,21 +133,31 @@ async def start_overlay(count: int) -> tuple[list[NodeServer], list[Overlay]]:
 async def join_page(
     browser: Browser, url: str, name: str, room: str, region: str | None = None
 ) -> Page:
+    progress(f"{name} joins on {url}")
     page = await browser.new_page(viewport={"width": 1000, "height": 700})
     if DEBUG:
-        page.on(
-            "websocket",
-            lambda ws: ws.on(
-                "framereceived", lambda f: print(name, "<", str(f)[:300], file=sys.stderr)
-            ),
-        )
+
+        def trace(ws: Any) -> None:
+            ws.on("framesent", lambda f: progress(f"{name} > {str(f)[:200]}"))
+            ws.on("framereceived", lambda f: progress(f"{name} < {str(f)[:200]}"))
+
+        page.on("websocket", trace)
     await page.goto(url)
+    refused = {
+        f"{srv.url[-4:]} {k}": v
+        for srv in SERVERS
+        for k, v in srv.stats()["limits"].items()
+        if v and k != "relay_pending"
+    }
+    progress(f"{name} loaded the page (nodes' limits hit so far: {refused})")
     await page.fill("#room", room)
     await page.fill("#name", name)
     if region:
         await page.fill("#region", region)
     await page.click("#join-button")
+    progress(f"{name} clicked join")
     await page.wait_for_function("window.cascade.published !== undefined", timeout=30000)
+    progress(f"{name} published")
     return page
 
 
@@ -120,6 +181,31 @@ def missing(frames: dict[str, dict[str, int]], expect: dict[str, set[str]]) -> l
     ]
 
 
+def media_summary(servers: list[NodeServer]) -> str:
+    """Per node and participant: packets, keyframes and PLIs of each video producer, and
+    packets of each video consumer (with its producer, PLIs and replayed keyframes)."""
+    lines = []
+    for server in servers:
+        for members in server.stats()["rooms"].values():
+            for pid, m in members.items():
+                prods = [
+                    f"{k[-4:]}:{v['packets']}/kf{v['keyframes']}/pli{v['plis']}"
+                    for k, v in m.get("producers", {}).items()
+                    if v["kind"] == "video"
+                ]
+                cons = [
+                    f"{v['producer_id'][-4:]}:{v['packets']}/pli{v['plis']}"
+                    f"/kf{v['keyframes_replayed']}"
+                    for v in m.get("consumers", {}).values()
+                    if v["kind"] == "video"
+                ]
+                lines.append(f"{server.url[-4:]} {m['name']} ({pid}) pub {prods} sub {cons}")
+    return "\n".join(lines)
+
+
+SERVERS: list[NodeServer] = []
+
+
 async def wait_all_decode(
     pages: dict[str, Page], expect: dict[str, set[str]], timeout: float
 ) -> dict[str, dict[str, int]]:
@@ -130,6 +216,12 @@ async def wait_all_decode(
         for name, page in pages.items():
             frames[name] = await page.evaluate(FRAMES_BY_NAME)
         if not missing(frames, expect) or time.monotonic() > deadline:
+            progress(f"decoding: missing {missing(frames, expect)} {frames}")
+            if missing(frames, expect):
+                print(media_summary(SERVERS), file=sys.stderr)
+                for name, page in pages.items():
+                    seen = await page.evaluate(PAGE_STATE)
+                    print(f"{name}: {json.dumps(seen)[:600]}", file=sys.stderr)
             return frames
         await asyncio.sleep(0.25)
 
@@ -146,6 +238,7 @@ async def live_streams(pages: dict[str, Page], timeout: float, want: int) -> dic
             n: sum(1 for k, v in after[n].items() if v - before[n].get(k, 0) >= 2) for n in pages
         }
         if all(v >= want for v in live.values()) or time.monotonic() > deadline:
+            progress(f"live streams per page: {live}")
             return live
 
 
@@ -157,6 +250,7 @@ async def run(
     screenshot: str | None,
     region_hint: str | None = None,
     drain: bool = False,
+    workers: int = 1,
 ) -> dict:
     servers: list[NodeServer] = []
     overlays: list[Overlay] = []
@@ -165,7 +259,9 @@ async def run(
         await server.start()
         servers.append(server)
     else:
-        servers, overlays = await start_overlay(nodes_n)
+        servers, overlays = await start_overlay(nodes_n, workers)
+    SERVERS[:] = servers
+    lag = asyncio.ensure_future(report_loop_lag())
     result: dict[str, Any] = {}
     try:
         async with async_playwright() as pw:
@@ -183,6 +279,8 @@ async def run(
             result["frames"] = await wait_all_decode(pages, expect, 30)
             result["missing"] = missing(result["frames"], expect)
             result["live"] = await live_streams(pages, 20, pages_n - 1)
+            if isinstance(servers[0], Supervisor):  # pages per worker of the first node
+                result["worker_pages"] = [len(h.conns) for h in servers[0].pool.workers]
             result["captions"] = {n: await p.evaluate(CAPTIONS) for n, p in pages.items()}
             if screenshot:
                 await pages[f"page{pages_n}"].screenshot(path=screenshot)
@@ -208,8 +306,10 @@ async def run(
             if rejoin:
                 first = pages["page1"]
                 await leave_page(first)
+                progress("page1 left")
                 await asyncio.sleep(1.0)
                 await rejoin_page(first)
+                progress("page1 rejoined")
                 result["frames_after_rejoin"] = await wait_all_decode(pages, expect, 30)
                 result["missing_after_rejoin"] = missing(result["frames_after_rejoin"], expect)
                 result["live_after_rejoin"] = await live_streams(pages, 25, pages_n - 1)
@@ -224,6 +324,7 @@ async def run(
             result["node_stats"] = [s.stats() for s in servers]
             await browser.close()
     finally:
+        lag.cancel()
         for overlay in overlays:
             await overlay.stop()
         for server in servers:
@@ -240,7 +341,14 @@ def main() -> int:
     parser.add_argument("--screenshot")
     parser.add_argument("--region-hint", help="region every page asks for (nodes are r0, r1, ...)")
     parser.add_argument("--drain", action="store_true", help="drain the last node, then check")
+    parser.add_argument("--workers", type=int, default=1, help="media workers of the first node")
     args = parser.parse_args()
+    if os.environ.get("CASCADE_LOG"):  # e.g. INFO: the nodes' log lines, timestamped
+        logging.basicConfig(
+            level=os.environ["CASCADE_LOG"], format="%(relativeCreated)8.0fms %(name)s %(message)s"
+        )
+    if os.environ.get("CASCADE_TASK_DUMP_AFTER"):
+        dump_tasks_later(float(os.environ["CASCADE_TASK_DUMP_AFTER"]))
     result = asyncio.run(
         run(
             args.pages,
@@ -250,6 +358,7 @@ def main() -> int:
             args.screenshot,
             args.region_hint,
             args.drain,
+            args.workers,
         )
     )
     print(json.dumps(result))

@@ -50,7 +50,8 @@ def run_in_namespace(
                 capture_output=True,
                 text=True,
                 timeout=timeout,
-                env={**os.environ, **(env or {})},
+                # The scenario prints its pending asyncio tasks shortly before it is killed.
+                env={**os.environ, "CASCADE_TASK_DUMP_AFTER": str(timeout - 8), **(env or {})},
             )
         except subprocess.TimeoutExpired as exc:
             # Fail with what the scenario printed (pytest-timeout would show nothing of it).
@@ -109,6 +110,27 @@ def test_two_nodes_two_pages_each_all_decode_each_other():
     assert result["missing_after_rejoin"] == [], result
     assert set(result["live"].values()) == {3}, result
     assert set(result["live_after_rejoin"].values()) == {3}, result
+
+
+def test_pages_on_two_workers_of_one_node_and_on_a_second_node_all_decode_each_other():
+    # The first node runs two media workers (its pages spread over them): pages on it
+    # decode each other through the pipe between the workers, and the other node's pages
+    # through the supervisor, the node's relay end.
+    result = run_in_namespace(
+        "tests.peer.browser_pages",
+        "--pages",
+        "4",
+        "--gap",
+        "0.5",
+        "--nodes",
+        "2",
+        "--workers",
+        "2",
+        timeout=160,
+    )
+    assert result["missing"] == [], result
+    assert set(result["live"].values()) == {3}, result
+    assert result["worker_pages"] == [1, 1], result
 
 
 def test_page_on_one_node_is_redirected_to_the_rooms_node_and_decodes(tmp_path):

@@ -163,3 +163,41 @@ async def test_every_late_joiner_decodes_every_publisher(node, clients: ClientFa
         assert all(t.stats()["decode_errors"] == 0 for t in tracks)
         audio = await client.wait_for_tracks(3, "audio", timeout=20)
         assert {t.participant_id for t in audio} == others
+
+
+async def test_a_member_whose_media_connection_closed_does_not_cost_the_others_a_producer(
+    node, clients: ClientFactory
+):
+    # "gone" closed its subscribe connection (a client moving to another node or leaving
+    # does that) but its signaling socket is still open: the node still lists it until the
+    # socket closes. A producer published meanwhile reaches every other member, and both
+    # of the publisher's producers are announced.
+    first = await clients("closed", "first")
+    gone = await clients("closed", "gone")
+    gone.reconnect = False  # it stays as it is: no failover
+    last = await clients("closed", "last")
+    seed = await clients("closed", "seed")
+    await seed.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+    for member in (first, gone, last):
+        await member.wait_for_tracks(1, "video")
+    session = next(
+        m for m in node.rooms.members("closed") if m.participant_id == gone.participant_id
+    )
+    await rtc.close_peer_connection(gone._subscribe_pc)
+
+    async def transport_closed() -> None:
+        pc = session.subscribe_pc
+        while pc.connectionState != "closed":
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(transport_closed(), 10)
+    pub = await clients("closed", "pub")
+    produced = await pub.publish(
+        [PatternVideoTrack(160, 120, periodic_keyframes=False), ToneAudioTrack()]
+    )
+    for member in (first, last):
+        video = await member.wait_for_tracks(2, "video", timeout=20)
+        audio = await member.wait_for_tracks(1, "audio", timeout=20)
+        assert {t.producer_id for t in video + audio} >= {p["producer_id"] for p in produced}
+    # The member whose media connection closed is let go (its client rejoins if it wants).
+    assert gone.participant_id not in node.rooms.get("closed")

@@ -98,6 +98,37 @@ def test_leave_of_a_stranger_changes_nothing() -> None:
     assert rooms.members("r") == [a]
 
 
+class ClosedMedia(Participant):
+    """A member whose media connection closed a moment ago: subscribing fails."""
+
+    def auto_subscribe_to(self, producer: Producer) -> None:
+        raise RuntimeError("RTCPeerConnection is closed")
+
+
+def test_a_member_that_cannot_subscribe_does_not_cost_the_others_the_producer() -> None:
+    node = Node()
+    rooms = Rooms(node)
+    owner, first, broken, last = (
+        Participant("a"), Participant("b"), ClosedMedia("x"), Participant("c")
+    )  # fmt: skip
+    for p in (owner, first, broken, last):
+        room, _ = rooms.join("r", p)
+    changes: list[str] = []
+    rooms.changed = changes.append
+    producers = [
+        room.router.add_producer(Producer(room.router, "a", kind, CodecInfo(mime, 90000)))
+        for kind, mime in (("video", "video/VP8"), ("audio", "audio/opus"))
+    ]
+    for producer in producers:
+        assert room.announce_producer(producer)
+    ids = [p.id for p in producers]
+    assert first.consumed == ids and last.consumed == ids
+    assert changes == ["r", "r"]  # the room's share changed: told to the overlay each time
+    producers[0].close()
+    assert last.inbox[-1]["type"] == "producer_removed"
+    assert changes == ["r", "r", "r"]
+
+
 def test_a_new_producer_reaches_everyone_but_its_owner() -> None:
     node = Node()
     rooms = Rooms(node)

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
 
 from bench.cluster import until
 from dht import Directory, NodeIdentity
@@ -20,6 +22,7 @@ from peer.media import PatternVideoTrack
 from peer.overlay import Overlay
 from peer.server import NodeConfig, NodeServer
 from peer.supervisor import Supervisor
+from relay import RelayError
 from tests.conftest import SECRET, token
 from tests.peer.test_drain import FRANKFURT, PARIS, grows
 from tests.peer.test_overlay import start_node
@@ -60,6 +63,42 @@ async def workers_and_single() -> AsyncIterator[tuple[Supervisor, NodeServer]]:
             await server.stop()
 
 
+@contextlib.asynccontextmanager
+async def joiner() -> AsyncIterator[Callable[[str, str], Awaitable[CascadeClient]]]:
+    """Joins participants to ``ROOM`` on a node's URL; closes them all at the end."""
+    clients: list[CascadeClient] = []
+
+    async def join(url: str, identity: str) -> CascadeClient:
+        cl = CascadeClient(url)
+        clients.append(cl)
+        await cl.connect()
+        await cl.join(ROOM, token(ROOM, identity), name=identity)
+        return cl
+
+    try:
+        yield join
+    finally:
+        await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)
+
+
+async def _publish(client: CascadeClient) -> str:
+    """Publish a small video; its producer id."""
+    (video,) = await client.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+    return str(video["producer_id"])
+
+
+async def _one_publisher_per_worker(
+    eu: Supervisor, join: Callable[[str, str], Awaitable[CascadeClient]]
+) -> list[tuple[CascadeClient, str]]:
+    """alice publishing on worker 0 and carol on worker 1 of ``eu``."""
+    out = []
+    for worker, name in enumerate(("alice", "carol")):
+        pin(eu, worker)
+        client = await join(eu.url, name)
+        out.append((client, await _publish(client)))
+    return out
+
+
 async def _decodes(client: CascadeClient, producer_ids: set[str], timeout: float = 30) -> None:
     """``client`` shows video of every producer in ``producer_ids``, without decode errors."""
     tracks = await client.wait_for_tracks(len(producer_ids), "video", timeout=timeout)
@@ -77,68 +116,59 @@ async def _decodes(client: CascadeClient, producer_ids: set[str], timeout: float
 
 
 async def test_room_over_two_workers_and_a_second_node_one_flow_per_producer() -> None:
-    clients: list[CascadeClient] = []
+    async with workers_and_single() as (eu, us), joiner() as client:
+        (alice, a_id), (carol, c_id) = await _one_publisher_per_worker(eu, client)
+        assert {worker_of(eu, alice), worker_of(eu, carol)} == {0, 1}
+        bob = await client(us.url, "bob")
+        d_id = await _publish(bob)
 
-    async def client(url: str, identity: str) -> CascadeClient:
-        cl = CascadeClient(url)
-        clients.append(cl)
-        await cl.connect()
-        await cl.join(ROOM, token(ROOM, identity), name=identity)
-        return cl
+        # us decodes the producers of both eu workers; each eu worker decodes the
+        # other worker's producer and the one relayed from us.
+        await _decodes(bob, {a_id, c_id})
+        await _decodes(alice, {c_id, d_id})
+        await _decodes(carol, {a_id, d_id})
 
-    async with workers_and_single() as (eu, us):
+        # One relay flow per producer per remote node, in both directions.
+        eu_key = eu.relay_public_key
+        us_key = us.relay_public_key
+        assert us.relay is not None and eu.relay is not None
+        assert set(us.relay.links[eu_key].producers) == {a_id, c_id}
+        assert set(eu.relay.links[us_key].producers) == {d_id}
+        served_by_us = [f for f in us.relay.origin_flows() if f[0] == eu_key]
+        assert [f[1] for f in served_by_us] == [d_id]
+        served_by_eu = sorted(f[1] for f in eu.relay.origin_flows() if f[0] == us_key)
+        assert served_by_eu == sorted([a_id, c_id])
+
+        # Everyone sees everyone, wherever they are.
+        stats = await _get(eu, "/overlay")
+        assert stats["relayed_producers"][ROOM] == [d_id]
+        # Participants of the workers node know where to fail over.
+        assert [f["url"] for f in alice.fallbacks] == [us.url]
+        everyone = {alice.participant_id, carol.participant_id, bob.participant_id}
+        for cl in (alice, carol, bob):
+            assert _seen(cl) == everyone - {cl.participant_id}
+
+        # A node of the directory without participants in a room may not pull its
+        # producers from the workers (open mode), and the call goes on.
+        host, port = eu.relay.address
+        dave = CascadeClient(eu.url)
         try:
-            video = PatternVideoTrack
-            pin(eu, 0)
-            alice = await client(eu.url, "alice")
-            (a_video,) = await alice.publish(
-                [PatternVideoTrack(160, 120, periodic_keyframes=False)]
-            )
-            pin(eu, 1)
-            carol = await client(eu.url, "carol")
-            (c_video,) = await carol.publish(
-                [PatternVideoTrack(160, 120, periodic_keyframes=False)]
-            )
-            assert {worker_of(eu, alice), worker_of(eu, carol)} == {0, 1}
-            bob = await client(us.url, "bob")
-            (d_video,) = await bob.publish([video(160, 120, periodic_keyframes=False)])
-            a_id, c_id, d_id = (v["producer_id"] for v in (a_video, c_video, d_video))
-
-            # us decodes the producers of both eu workers; each eu worker decodes the
-            # other worker's producer and the one relayed from us.
-            await _decodes(bob, {a_id, c_id})
-            await _decodes(alice, {c_id, d_id})
-            await _decodes(carol, {a_id, d_id})
-
-            # One relay flow per producer per remote node, in both directions.
-            eu_key = eu.relay_public_key
-            us_key = us.relay_public_key
-            assert us.relay is not None and eu.relay is not None
-            assert set(us.relay.links[eu_key].producers) == {a_id, c_id}
-            assert set(eu.relay.links[us_key].producers) == {d_id}
-            served_by_us = [f for f in us.relay.origin_flows() if f[0] == eu_key]
-            assert [f[1] for f in served_by_us] == [d_id]
-            served_by_eu = sorted(f[1] for f in eu.relay.origin_flows() if f[0] == us_key)
-            assert served_by_eu == sorted([a_id, c_id])
-
-            # Everyone sees everyone, wherever they are.
-            stats = await _get(eu, "/overlay")
-            assert stats["relayed_producers"][ROOM] == [d_id]
-            # Participants of the workers node know where to fail over.
-            assert [f["url"] for f in alice.fallbacks] == [us.url]
-            everyone = {alice.participant_id, carol.participant_id, bob.participant_id}
-            for cl in (alice, carol, bob):
-                assert _seen(cl) == everyone - {cl.participant_id}
-
-            # A publisher on a worker leaves: the other node sees it go.
-            await carol.close()
-            await bob.wait_event("producer_removed", producer_id=c_id, timeout=15)
-            await bob.wait_event(
-                "participant_left", participant_id=carol.participant_id, timeout=15
-            )
-            await _decodes(bob, {a_id})
+            await dave.connect()
+            await dave.join("private", token("private", "dave"))
+            private = await _publish(dave)
+            await until(lambda: eu.hub.producer_room(private) == "private", 10)
+            with pytest.raises(RelayError) as refused:
+                await us.pull_remote_producer("private", eu_key, host, port, private)
+            assert "not allowed" in str(refused.value)
         finally:
-            await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)
+            await dave.close()
+        await _decodes(bob, {a_id, c_id})
+
+        # A publisher on a worker leaves: the other node sees it go.
+        await carol.close()
+        await bob.wait_event("producer_removed", producer_id=c_id, timeout=15)
+        await bob.wait_event("participant_left", participant_id=carol.participant_id, timeout=15)
+        await _decodes(bob, {a_id})
 
 
 def _videos(client: CascadeClient) -> int:
@@ -216,54 +246,35 @@ async def test_draining_a_workers_node_moves_its_participants_and_media_continue
 
 
 async def test_a_killed_worker_ends_only_its_relayed_producers_and_its_publisher_comes_back():
-    clients: list[CascadeClient] = []
+    async with workers_and_single() as (eu, us), joiner() as client:
+        (_alice, a_id), (carol, c_id) = await _one_publisher_per_worker(eu, client)
+        bob = await client(us.url, "bob")
+        await _decodes(bob, {a_id, c_id})
+        kept = next(t for t in bob.tracks.values() if t.producer_id == a_id)
+        watched = next(t for t in bob.tracks.values() if t.producer_id == c_id)
 
-    async def client(url: str, identity: str) -> CascadeClient:
-        cl = CascadeClient(url)
-        clients.append(cl)
-        await cl.connect()
-        await cl.join(ROOM, token(ROOM, identity), name=identity)
-        return cl
-
-    async with workers_and_single() as (eu, us):
-        try:
-            video = PatternVideoTrack
-            pin(eu, 0)
-            alice = await client(eu.url, "alice")
-            (a_video,) = await alice.publish([video(160, 120, periodic_keyframes=False)])
-            pin(eu, 1)
-            carol = await client(eu.url, "carol")
-            (c_video,) = await carol.publish([video(160, 120, periodic_keyframes=False)])
-            bob = await client(us.url, "bob")
-            a_id, c_id = a_video["producer_id"], c_video["producer_id"]
-            await _decodes(bob, {a_id, c_id})
-            kept = next(t for t in bob.tracks.values() if t.producer_id == a_id)
-            watched = next(t for t in bob.tracks.values() if t.producer_id == c_id)
-
-            pin(eu, 0)  # carol's rejoin goes to the surviving worker
-            victim = eu.pool.workers[1]
-            old_pid = victim.pid
-            assert old_pid is not None
-            os.kill(old_pid, signal.SIGKILL)
-            await carol.wait_event("reconnect", timeout=20)
-            # The other node keeps alice (the other worker) all along ...
-            before = kept.frames_decoded
-            assert await until(lambda: kept.frames_decoded > before + 10, 15)
-            # ... and gets carol back, republished from worker 0, on the track it had.
-            frames = watched.frames_decoded
-            if not await until(lambda: watched.frames_decoded > frames + 10, 40):
-                for e in bob.events:
-                    print("EVENT", {k: v for k, v in e.items() if k not in ("sdp",)})
-                for t in bob.tracks.values():
-                    print("TRACK", t.producer_id, t.source, t.frames_decoded, t.stats())
-                raise AssertionError("carol's track never resumed")
-            assert not watched.ended
-            assert worker_of(eu, carol) == 0
-            assert us.relay is not None
-            link = us.relay.links[eu.relay_public_key]
-            assert await until(lambda: c_id not in link.producers, 20)
-            assert a_id in link.producers and len(link.producers) == 2
-            assert await until(lambda: victim.up and victim.pid != old_pid, 20)
-            assert kept.stats()["decode_errors"] == 0
-        finally:
-            await asyncio.gather(*(cl.close() for cl in clients), return_exceptions=True)
+        pin(eu, 0)  # carol's rejoin goes to the surviving worker
+        victim = eu.pool.workers[1]
+        old_pid = victim.pid
+        assert old_pid is not None
+        os.kill(old_pid, signal.SIGKILL)
+        await carol.wait_event("reconnect", timeout=20)
+        # The other node keeps alice (the other worker) all along ...
+        before = kept.frames_decoded
+        assert await until(lambda: kept.frames_decoded > before + 10, 15)
+        # ... and gets carol back, republished from worker 0, on the track it had.
+        frames = watched.frames_decoded
+        if not await until(lambda: watched.frames_decoded > frames + 10, 40):
+            for e in bob.events:
+                print("EVENT", {k: v for k, v in e.items() if k not in ("sdp",)})
+            for t in bob.tracks.values():
+                print("TRACK", t.producer_id, t.source, t.frames_decoded, t.stats())
+            raise AssertionError("carol's track never resumed")
+        assert not watched.ended
+        assert worker_of(eu, carol) == 0
+        assert us.relay is not None
+        link = us.relay.links[eu.relay_public_key]
+        assert await until(lambda: c_id not in link.producers, 20)
+        assert a_id in link.producers and len(link.producers) == 2
+        assert await until(lambda: victim.up and victim.pid != old_pid, 20)
+        assert kept.stats()["decode_errors"] == 0
