@@ -27,9 +27,12 @@ What we rely on, and why:
     ``_loss.congestion_window`` / ``bytes_in_flight`` and ``_loss._pacer``;
   * receiving: ``host_cid``, ``_spaces[Epoch.ONE_RTT]`` (``expected_packet_number``,
     ``received_packets``, ``ack_queue``, ``largest_received_*``, ``ack_at``),
-    ``_ack_delay``, ``_spin_highest_pn`` / ``_spin_bit``, ``_remote_ack_delay_exponent``,
+    ``_ack_delay``, ``_spin_highest_pn`` / ``_spin_bit`` / ``_is_client``,
+    ``_remote_ack_delay_exponent``, ``_configuration.max_datagram_frame_size``,
     ``_loss.peer_completed_address_validation`` and ``_loss.on_ack_received`` (RTT, loss
     detection, congestion control, delivery handlers), ``_close_at`` / ``_idle_timeout()``.
+  * timers: ``_loss_at`` and ``_close_at`` (whether a timer that fired may have queued
+    retransmissions or probes);
   * the steady state (:meth:`DatagramFastPath.steady`) reads ``_state``,
     ``_handshake_confirmed``, ``_close_pending``, ``_network_paths``, ``_quic_logger``,
     ``_peer_cid.sequence_number``, ``_remote_preferred_address``,
@@ -60,7 +63,7 @@ What we rely on, and why:
   (its timer), ``_closed`` and ``_connection_id_issued_handler`` /
   ``_connection_id_retired_handler`` / ``_connection_terminated_handler`` (set by
   ``QuicServer``); it replaces ``_process_events`` and ``_handle_timer``.
-- :class:`AdmittingQuicServer` reads ``QuicServer._configuration``, ``_protocols`` (is a
+- :class:`AdmittingQuicServer` reads ``QuicServer._configuration``, ``_loop``, ``_protocols`` (is a
   connection id known; a short-header packet goes straight to its protocol, as aioquic's
   server would after parsing the header) and ``_transport``.
 """
