@@ -221,6 +221,12 @@ class WorkerPool:
         handle.channel = channel
         handle.up = True
         handle.load = None
+        handle.cpu = 0.0
+        if handle.ps is not None:
+            # Measure from here: the worker's start-up (imports) is not load, and counted it
+            # made a just-started node look full, sending its first joins elsewhere.
+            with contextlib.suppress(psutil.Error):
+                handle.ps.cpu_percent(None)
         handle.ready.set()
         log.debug("worker %d up (pid %d)", handle.worker_id, hello.pid)
         try:

@@ -276,6 +276,8 @@ async def run(
                 await asyncio.sleep(gap)
             names = set(pages)
             expect = {n: names - {n} for n in names}
+            if isinstance(servers[0], Supervisor):  # pages per worker of the first node
+                result["worker_pages_joined"] = [len(h.conns) for h in servers[0].pool.workers]
             result["frames"] = await wait_all_decode(pages, expect, 30)
             result["missing"] = missing(result["frames"], expect)
             result["live"] = await live_streams(pages, 20, pages_n - 1)

@@ -92,18 +92,17 @@ def test_four_pages_two_seconds_apart_all_decode_each_other():
     assert result["missing"] == [], result
 
 
-def test_two_nodes_two_pages_each_all_decode_each_other():
-    result = run_in_namespace(
-        "tests.peer.browser_pages",
-        "--pages",
-        "4",
-        "--gap",
-        "0.5",
-        "--nodes",
-        "2",
-        "--rejoin",
+def four_pages_on_two_nodes(*extra: str) -> dict:
+    """The browser scenario with four pages joining half a second apart, alternately on two
+    overlay nodes."""
+    return run_in_namespace(
+        "tests.peer.browser_pages", "--pages", "4", "--gap", "0.5", "--nodes", "2", *extra,
         timeout=160,
-    )
+    )  # fmt: skip
+
+
+def test_two_nodes_two_pages_each_all_decode_each_other():
+    result = four_pages_on_two_nodes("--rejoin")
     # Every page decodes three other videos (two of them relayed from the other node),
     # before and after one page leaves and joins again.
     assert result["missing"] == [], result
@@ -116,18 +115,7 @@ def test_pages_on_two_workers_of_one_node_and_on_a_second_node_all_decode_each_o
     # The first node runs two media workers (its pages spread over them): pages on it
     # decode each other through the pipe between the workers, and the other node's pages
     # through the supervisor, the node's relay end.
-    result = run_in_namespace(
-        "tests.peer.browser_pages",
-        "--pages",
-        "4",
-        "--gap",
-        "0.5",
-        "--nodes",
-        "2",
-        "--workers",
-        "2",
-        timeout=160,
-    )
+    result = four_pages_on_two_nodes("--workers", "2")
     assert result["missing"] == [], result
     assert set(result["live"].values()) == {3}, result
     assert result["worker_pages"] == [1, 1], result
