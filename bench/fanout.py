@@ -9,6 +9,7 @@ subscriber fps and decode errors, for Cascade at each N, and in the same run for
     python -m bench.fanout                     # N = 10, 50, 100 (+ Janus, MediaRelay)
     python -m bench.fanout --sizes 10 --duration 5 --no-janus
     python -m bench.fanout --ingress-baseline  # + Cascade on aiortc's receive path (before)
+    python -m bench.fanout --source-baseline   # + Cascade's forwarding core not compiled
 
 Prints a table, then one JSON object as the last line. Diagnostics: CASCADE_BENCH_PROFILE=PREFIX
 records a py-spy profile of the Cascade node per N (py-spy must be installed);
@@ -208,7 +209,11 @@ def publisher_tracks(bitrate: int) -> list[Any]:
 
 
 def start_cascade(
-    port: int, fast_ingress: bool = True, fast_rtcp: bool = True, gc_tuning: bool = True
+    port: int,
+    fast_ingress: bool = True,
+    fast_rtcp: bool = True,
+    gc_tuning: bool = True,
+    compiled: bool = True,
 ) -> subprocess.Popen[bytes]:
     """A Cascade node on the server core, in the servers' namespace, limits off."""
     # The node listens off loopback: monitoring (if loaded) wants a token.
@@ -216,6 +221,8 @@ def start_cascade(
     env["CASCADE_FAST_INGRESS"] = "1" if fast_ingress else "0"
     env["CASCADE_FAST_RTCP"] = "1" if fast_rtcp else "0"
     env["CASCADE_GC_TUNING"] = "1" if gc_tuning else "0"
+    if not compiled:
+        env["CASCADE_COMPILED"] = "0"
     cmd = [
         *in_server_ns(),
         "taskset",
@@ -249,9 +256,13 @@ def start_cascade(
     )
 
 
-def cascade_case_name(fast_ingress: bool, fast_rtcp: bool, gc_tuning: bool = True) -> str:
-    """``cascade``, or the baseline it is: publisher media or RTCP through aiortc, or
-    CPython's default collector settings."""
+def cascade_case_name(
+    fast_ingress: bool, fast_rtcp: bool, gc_tuning: bool = True, compiled: bool = True
+) -> str:
+    """``cascade``, or the baseline it is: publisher media or RTCP through aiortc,
+    CPython's default collector settings, or the forwarding core run from its sources."""
+    if not compiled:
+        return "cascade-source"
     if not fast_ingress:
         return "cascade-aiortc-ingress"
     if not fast_rtcp:
@@ -267,11 +278,12 @@ async def run_cascade(
     gc_tuning: bool = True,
     port: int = 18080,
     ready: asyncio.Barrier | None = None,
+    compiled: bool = True,
 ) -> CaseResult:
     """One publisher, ``n`` subscribers on a Cascade node (``ready``: wait there for the
     other cases before warming up and measuring, see ``--concurrent``)."""
-    result = CaseResult(cascade_case_name(fast_ingress, fast_rtcp, gc_tuning), n)
-    server = start_cascade(port, fast_ingress, fast_rtcp, gc_tuning)
+    result = CaseResult(cascade_case_name(fast_ingress, fast_rtcp, gc_tuning, compiled), n)
+    server = start_cascade(port, fast_ingress, fast_rtcp, gc_tuning, compiled)
     clients: list[CascadeClient] = []
     try:
         wait_port(port)
@@ -538,6 +550,7 @@ BASELINES = (
     ("cascade-aiortc-rtcp", "aiortc_rtcp"),
     ("cascade-default-gc", "default_gc"),
     ("cascade-aiortc-rtcp-default-gc", "aiortc_rtcp_default_gc"),
+    ("cascade-source", "source"),
 )
 
 
@@ -557,6 +570,10 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         if args.gc_baseline:
             cases.append(
                 lambda ready, n=n: run_cascade(n, args, gc_tuning=False, port=18083, ready=ready)
+            )
+        if args.source_baseline:
+            cases.append(
+                lambda ready, n=n: run_cascade(n, args, port=18085, ready=ready, compiled=False)
             )
         if args.janus:
             cases.append(lambda ready, n=n: run_janus(n, args, ready=ready))
@@ -696,6 +713,11 @@ def main(argv: list[str] | None = None) -> int:
         "--gc-baseline",
         action="store_true",
         help="also run Cascade with CASCADE_GC_TUNING=0 (CPython's collector defaults)",
+    )
+    parser.add_argument(
+        "--source-baseline",
+        action="store_true",
+        help="also run Cascade with CASCADE_COMPILED=0 (the forwarding core from its sources)",
     )
     parser.add_argument(
         "--concurrent",

@@ -12,6 +12,7 @@ of the received videos, decode errors of the decoding participant, and the ratio
     python -m bench.rooms --ingress-baseline      # + Cascade on aiortc's receive path
     python -m bench.rooms --rtcp-baseline         # + Cascade with RTCP through aiortc
     python -m bench.rooms --gc-baseline           # + Cascade with CPython's GC defaults
+    python -m bench.rooms --source-baseline       # + Cascade's forwarding core not compiled
     python -m bench.rooms --rooms 4 --concurrent  # all cases at once, same seconds measured
 
 Choose R so that Cascade's server CPU is about 50 % of its core (printed). Prints a table,
@@ -121,12 +122,13 @@ async def run_cascade(
     gc_tuning: bool = True,
     port: int = 18080,
     ready: asyncio.Barrier | None = None,
+    compiled: bool = True,
 ) -> CaseResult:
     """R rooms of 5 SDK participants on one Cascade node (``ready``: wait there for the
     other cases before warming up and measuring, see ``--concurrent``)."""
-    name = fanout.cascade_case_name(fast_ingress, fast_rtcp, gc_tuning)
+    name = fanout.cascade_case_name(fast_ingress, fast_rtcp, gc_tuning, compiled)
     result = CaseResult(name, args.rooms)
-    server = fanout.start_cascade(port, fast_ingress, fast_rtcp, gc_tuning)
+    server = fanout.start_cascade(port, fast_ingress, fast_rtcp, gc_tuning, compiled)
     clients: list[CascadeClient] = []
     try:
         fanout.wait_port(port)
@@ -252,6 +254,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 args, fast_rtcp=False, gc_tuning=False, port=18084, ready=ready
             )
         )
+    if args.source_baseline:
+        cases.append(lambda ready: run_cascade(args, port=18085, ready=ready, compiled=False))
     if args.janus:
         cases.append(lambda ready: run_janus(args, ready=ready))
     results = await fanout.run_cases(cases, args.concurrent)
@@ -305,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         "--before-baseline",
         action="store_true",
         help="+ Cascade with both RTCP through aiortc and CPython's GC defaults",
+    )
+    parser.add_argument(
+        "--source-baseline",
+        action="store_true",
+        help="+ Cascade with CASCADE_COMPILED=0 (the forwarding core from its sources)",
     )
     parser.add_argument(
         "--concurrent",

@@ -15,6 +15,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mypy_extensions import mypyc_attr
+
 from common.ratelimit import KeyframeLimiter
 from peer.rtp import (
     CachedPacket,
@@ -128,6 +130,8 @@ class Producer:
         # Set for relayed producers: asks upstream for packets this cache does not hold.
         self.fetch_missing: Callable[[list[int]], None] | None = None
         self._timing_countdown = FORWARD_TIMING_EVERY
+        # The transport adapter's receiver of a local publisher, kept alive with it.
+        self.receiver: object | None = None
 
     def on_close(self, listener: Callable[[Producer], None]) -> None:
         """Call ``listener`` once when this producer closes."""
@@ -578,6 +582,8 @@ class Router:
             producer.close()
 
 
+# The supervisor's node (peer/supervisor.py) is an interpreted subclass.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Node:
     """All routers on this node, plus node-wide admission control."""
 

@@ -498,7 +498,7 @@ def nack_items(lost: list[int]) -> list[tuple[int, int]]:
 
 def nack_packet(sender_ssrc: int, media_ssrc: int, lost: list[int]) -> bytes:
     """RTCP transport feedback: Generic NACK for ``lost`` sequence numbers."""
-    fci = b"".join(_NACK_ITEM.pack(pid, blp) for pid, blp in nack_items(lost)[:200])
+    fci = b"".join([_NACK_ITEM.pack(pid, blp) for pid, blp in nack_items(lost)[:200]])
     return (
         _RTCP_HEADER.pack(0x80 | NACK_FMT, RTCP_RTPFB, 2 + len(fci) // 4, sender_ssrc)
         + media_ssrc.to_bytes(4, "big")
@@ -517,7 +517,7 @@ def remb_packet(sender_ssrc: int, bitrate: int, ssrcs: list[int]) -> bytes:
         b"REMB"
         + bytes([len(ssrcs), (exponent << 2) | (mantissa >> 16)])
         + (mantissa & 0xFFFF).to_bytes(2, "big")
-        + b"".join(s.to_bytes(4, "big") for s in ssrcs)
+        + b"".join([s.to_bytes(4, "big") for s in ssrcs])
     )
     return (
         _RTCP_HEADER.pack(0x80 | REMB_FMT, RTCP_PSFB, 2 + len(fci) // 4, sender_ssrc)

@@ -458,7 +458,7 @@ class ParticipantSession:
                 rtc.send_pli(receiver, ssrc)
 
         producer.send_keyframe_request = send_pli
-        producer.receiver = receiver  # type: ignore[attr-defined]
+        producer.receiver = receiver
         self.router.add_producer(producer)
         self.producers[producer.id] = producer
         self._ptx[producer.id] = transceiver
