@@ -9,7 +9,7 @@ What we rely on, and why:
   per publisher connection (where aioice hands over a non-STUN datagram, before its
   ``_queue`` and aiortc's DTLS task); media of tapped receivers is decrypted there with
   ``RTCDtlsTransport._rx_srtp`` (pylibsrtp's ``Session._srtp`` / ``_cdata`` / ``_buffer``
-  and ``srtp_unprotect`` called directly, as :class:`SenderSink` protects) and handed to
+  and ``srtp_unprotect`` called directly, as :func:`sender_sink` protects) and handed to
   :class:`peer.ingress.IngressStream`. SSRCs are routed with
   ``RTCDtlsTransport._rtp_router`` (``ssrc_table``, ``payload_type_table``: aiortc's own
   SSRC-then-unique-payload-type rule); a learned SSRC is added to ``ssrc_table`` so
@@ -107,6 +107,7 @@ from aiortc.rtp import RtcpRrPacket, RtcpSenderInfo, RtcpSrPacket, RtpPacket
 from pylibsrtp._binding import ffi as _srtp_ffi
 from pylibsrtp._binding import lib as _srtp_lib
 
+from peer.egress import ProtectedSender
 from peer.ingress import IngressConfig, IngressStream, PacketHandler
 from peer.rtcp import ReportSchedule, RtcpFeedback, bye, parse_feedback, sdes_cnames, sender_report
 from peer.rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, OutboundParams
@@ -856,92 +857,40 @@ def _send_socket(protocol: Any) -> socket.socket:
 _SRTP_MAX_TRAILER_LEN = 144  # pylibsrtp.SRTP_MAX_TRAILER_LEN
 
 
-class SenderSink:
-    """Synchronous SRTP-protect + sendto on a sender's transport (the hot path).
+def sender_sink(sender: RTCRtpSender) -> ProtectedSender:
+    """The consumer's sink on ``sender``'s transport: a :class:`peer.egress.ProtectedSender`
+    bound to it here.
 
-    Protection calls libsrtp through pylibsrtp's own session and buffer, without the
-    per-call allocation and checks of ``Session.protect``; sending uses a dup of the
-    ICE pair's socket. Until the sender's DTLS transport is connected, packets are
-    dropped (and counted); the first packet after that resolves the SRTP session and
-    the nominated ICE pair.
+    Protection calls libsrtp through pylibsrtp's own session and buffer (``Session._srtp``,
+    ``_cdata``, ``_buffer``), without the per-call allocation and checks of
+    ``Session.protect``; sending uses a dup of the nominated ICE pair's socket. Until the
+    sender's DTLS transport is connected, packets are dropped (and counted); the first packet
+    after that binds the SRTP session and the nominated pair.
     """
+    dtls = sender.transport
+    length = _srtp_ffi.new("int *")
 
-    __slots__ = (
-        "_addr",
-        "_buffer",
-        "_cdata",
-        "_ctx",
-        "_dtls",
-        "_length",
-        "_limit",
-        "_protect",
-        "_sendto",
-        "_session",
-        "_view",
-        "dropped",
-    )
-
-    def __init__(self, sender: RTCRtpSender) -> None:
-        self._dtls = sender.transport
-        self._session: Any = None  # keeps the libsrtp context alive while _ctx is used
-        self._ctx: Any = None
-        self._cdata: Any = None
-        self._buffer: Any = None
-        self._view: memoryview | None = None
-        self._length = _srtp_ffi.new("int *")
-        self._limit = 0
-        self._protect = _srtp_lib.srtp_protect
-        self._sendto: Callable[[bytes, Any], int] | None = None
-        self._addr: Any = None
-        self.dropped = 0
-
-    def _resolve(self) -> bool:
-        dtls = self._dtls
+    def resolve(sink: ProtectedSender) -> bool:
         if dtls._state != DtlsState.CONNECTED or dtls._tx_srtp is None:
             return False
         pair = dtls.transport._connection._nominated.get(1)
         if pair is None or pair.protocol.transport is None:
             return False
         session = dtls._tx_srtp
-        self._session = session
-        self._cdata = session._cdata
-        self._buffer = session._buffer
-        self._view = memoryview(session._buffer)  # sendto from it: no copy to bytes
-        self._limit = len(session._cdata) - _SRTP_MAX_TRAILER_LEN
-        self._sendto = _send_socket(pair.protocol).sendto
-        self._addr = pair.remote_addr
-        self._ctx = session._srtp[0]
+        sink.bind(
+            protect=_srtp_lib.srtp_protect,
+            ctx=session._srtp[0],
+            cdata=session._cdata,
+            buffer=session._buffer,
+            length=length,
+            limit=len(session._cdata) - _SRTP_MAX_TRAILER_LEN,
+            sendto=_send_socket(pair.protocol).sendto,
+            addr=pair.remote_addr,
+            keep=session,  # keeps the libsrtp context alive while it is used
+        )
         return True
 
-    def __call__(self, data: bytes) -> None:
-        n = len(data)
-        length = self._length
-        length[0] = n
-        try:
-            if n > self._limit:
-                raise ValueError("packet too long for SRTP buffer")
-            buffer = self._buffer
-            buffer[0:n] = data
-            if self._protect(self._ctx, self._cdata, length):
-                raise ValueError("srtp_protect failed")
-            self._sendto(self._view[: length[0]], self._addr)  # type: ignore[index, misc, arg-type]
-        except BlockingIOError:  # socket buffer full: drop, as a router queue would
-            self.dropped += 1
-        except Exception:  # not connected yet, or the transport broke
-            self.dropped += 1
-            self._ctx = None
-            self._limit = 0
-            if n and self._resolve():
-                self._retry(data)
-
-    def _retry(self, data: bytes) -> None:
-        with contextlib.suppress(Exception):
-            n = len(data)
-            self._length[0] = n
-            self._buffer[0:n] = data
-            if not self._protect(self._ctx, self._cdata, self._length):
-                self._sendto(self._buffer[0 : self._length[0]], self._addr)  # type: ignore[misc]
-                self.dropped -= 1
+    return ProtectedSender(resolve)
 
 
 def hook_sender(

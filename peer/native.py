@@ -36,7 +36,7 @@ from types import ModuleType
 
 log = logging.getLogger("cascade.native")
 
-MODULES = ("peer.rtp", "peer.stats", "peer.ingress", "peer.rtcp", "peer.engine")
+MODULES = ("peer.rtp", "peer.stats", "peer.ingress", "peer.rtcp", "peer.engine", "peer.egress")
 GROUP = "cascade_core"
 ROOT = Path(__file__).resolve().parent.parent
 STAMP_NAME = ".native-build.json"  # beside the sources: the digests a build is valid for

@@ -622,7 +622,7 @@ class ParticipantSession:
         if sub.consumer.closed:
             return
         params = rtc.outbound_params(sub.transceiver)
-        sub.consumer.attach(params, rtc.SenderSink(sender))
+        sub.consumer.attach(params, rtc.sender_sink(sender))
         sub.attached = True
 
     async def _answer(self, message: Answer) -> None:

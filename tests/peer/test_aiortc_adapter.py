@@ -102,7 +102,7 @@ async def tapped_call(
 
 
 async def test_tap_forwards_packets_without_decoding_and_sink_sends():
-    """Publisher -> tapped receiver (no decoder) -> SenderSink on a second pc -> decoding viewer."""
+    """Publisher -> tapped receiver (no decoder) -> sender_sink on a second pc -> decoding viewer."""
     got: list[tuple[int, bytes]] = []
     track = PatternVideoTrack(160, 120)
     pub, node, tapped, t = await tapped_call(track, lambda s, ts, m, p, lvl: got.append((s, p)))
@@ -265,7 +265,7 @@ async def test_subscriber_rtcp_reaches_the_consumer_hooks(monkeypatch, fast_rtcp
     fast_before = rtc.ingress_counters.rtcp_received
     handed_before = rtc.ingress_counters.rtcp_handed_to_aiortc
     params = rtc.outbound_params(transceiver)
-    sink = rtc.SenderSink(transceiver.sender)
+    sink = rtc.sender_sink(transceiver.sender)
     writer = HeaderWriter(params)
     ext = shared_extensions(writer.shared_layout, 0, None)
     skipped = set(range(30, 200, 10))
