@@ -195,8 +195,17 @@ class ParticipantSession:
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("session task failed: %r", task.exception())
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        pc = self.subscribe_pc
+        if isinstance(exc, InvalidStateError) and (
+            self._closed or pc is None or pc.connectionState == "closed"
+        ):
+            # A renegotiation the closing of the participant's connection overtook.
+            log.debug("session task ended with its connection: %r", exc)
+            return
+        log.warning("session task failed: %r", exc)
 
     async def handle(self, message: ClientMessage) -> None:
         """Dispatch one validated client message; errors become ``error`` replies."""
