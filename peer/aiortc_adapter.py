@@ -74,6 +74,10 @@ What we rely on, and why:
   or any other surprise from a stranger would end the transport for good. The
   guard makes every exception but ``ConnectionError`` (the transport closed) and
   cancellation drop that one datagram; :data:`dropped_datagrams` counts them.
+- ``RTCPeerConnection._RTCPeerConnection__isClosed``: ``close()`` interrupted (its
+  task cancelled) or failing half-way leaves this future pending, and every later
+  ``close()`` awaits it for ever. :func:`close_peer_connection` runs each close once,
+  shielded from its callers' cancellation, and settles the future if it failed.
 - ``aioice.ice.StunProtocol.datagram_received``: STUN parsing raises more than
   the ``ValueError`` it catches (e.g. ``struct.error`` on a truncated attribute);
   on uvloop an exception there closes the ICE socket. Guarded the same way.
@@ -1096,11 +1100,38 @@ def _ice_connections(pc: Any) -> list[tuple[Any, Any]]:
     return list(seen.values())
 
 
-async def close_peer_connection(pc: Any) -> None:
+CLOSE_TIMEOUT = 10.0
+_closings: weakref.WeakKeyDictionary[Any, asyncio.Future[None]] = weakref.WeakKeyDictionary()
+
+
+async def close_peer_connection(pc: Any, timeout: float = CLOSE_TIMEOUT) -> None:
     """Close ``pc``, whatever state it is in (consent checks that an ICE connect()
-    completing after the close would start are stopped by the wrapped ``connect()``)."""
-    with contextlib.suppress(Exception):
+    completing after the close would start are stopped by the wrapped ``connect()``).
+
+    The close runs in a task of its own, once per connection, that a cancelled caller
+    does not cancel: ``RTCPeerConnection.close()`` interrupted half-way leaves its
+    ``_RTCPeerConnection__isClosed`` future pending, and every later ``close()`` would
+    wait on it for ever (a client closed while one of its tasks was closing the same
+    connection hung). A caller waits at most ``timeout``.
+    """
+    closing = _closings.get(pc)
+    if closing is None:
+        closing = _closings[pc] = asyncio.ensure_future(_close(pc))
+    try:
+        await asyncio.wait_for(asyncio.shield(closing), timeout)
+    except TimeoutError:
+        log.warning("peer connection still closing after %.0f s", timeout)
+
+
+async def _close(pc: Any) -> None:
+    try:
         await pc.close()
+    except Exception as exc:
+        log.debug("peer connection close failed: %r", exc)
+        # aiortc's own future stays pending after a failed close: settle it.
+        closed = getattr(pc, "_RTCPeerConnection__isClosed", None)
+        if isinstance(closed, asyncio.Future) and not closed.done():
+            closed.set_result(True)
 
 
 def local_candidate_ports(pc: Any) -> list[tuple[str, int]]:

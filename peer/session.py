@@ -371,8 +371,7 @@ class ParticipantSession:
             self._writer.cancel()
         for pc in (self.publish_pc, self.subscribe_pc):
             if pc is not None:
-                with contextlib.suppress(Exception):
-                    await pc.close()
+                await rtc.close_peer_connection(pc)
 
     # -- publishing -------------------------------------------------------------
 
@@ -434,8 +433,7 @@ class ParticipantSession:
     async def _drop_publish_pc(self, pc: RTCPeerConnection) -> None:
         if self.publish_pc is pc:
             self.publish_pc = None
-        with contextlib.suppress(Exception):
-            await pc.close()
+        await rtc.close_peer_connection(pc)
 
     def _create_producer(
         self, transceiver: RTCRtpTransceiver, codec: Any, source: str | None

@@ -102,7 +102,7 @@ async def tapped_call(
 
 
 async def test_tap_forwards_packets_without_decoding_and_sink_sends():
-    """Publisher -> tapped receiver (no decoder) -> sender_sink on a second pc -> decoding viewer."""
+    """Publisher -> tapped receiver (no decoder) -> sender_sink on a second pc -> viewer."""
     got: list[tuple[int, bytes]] = []
     track = PatternVideoTrack(160, 120)
     pub, node, tapped, t = await tapped_call(track, lambda s, ts, m, p, lvl: got.append((s, p)))
@@ -291,3 +291,38 @@ async def test_subscriber_rtcp_reaches_the_consumer_hooks(monkeypatch, fast_rtcp
     assert rtc.ingress_counters.rtcp_handed_to_aiortc == handed_before
     await rtc.close_peer_connection(node)
     await rtc.close_peer_connection(sub)
+
+
+async def test_a_close_cancelled_half_way_does_not_hang_the_next_close():
+    """A client closed while one of its tasks was closing the same connection hung for
+    ever: aiortc's close() interrupted leaves its closing future pending."""
+    pub, node, _, _ = await tapped_call(PatternVideoTrack(160, 120, 10, 100_000), lambda *a: None)
+    for _ in range(300):
+        if pub.connectionState == "connected" and node.connectionState == "connected":
+            break
+        await asyncio.sleep(0.02)
+    assert pub.connectionState == "connected"
+    first = asyncio.ensure_future(rtc.close_peer_connection(pub))
+    await asyncio.sleep(0)  # the close has started and waits on its senders
+    first.cancel()
+    await asyncio.wait_for(rtc.close_peer_connection(pub), 15)
+    assert pub.connectionState == "closed"
+    await rtc.close_peer_connection(node)
+    assert node.connectionState == "closed"
+
+
+async def test_a_plain_close_cancelled_half_way_hangs_the_next_one():
+    """What the test above guards against, on aiortc's own close() (aiortc 1.16)."""
+    pub, node, _, _ = await tapped_call(PatternVideoTrack(160, 120, 10, 100_000), lambda *a: None)
+    for _ in range(300):
+        if pub.connectionState == "connected":
+            break
+        await asyncio.sleep(0.02)
+    first = asyncio.ensure_future(pub.close())
+    await asyncio.sleep(0)
+    first.cancel()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(pub.close())), 2)
+    closing = pub._RTCPeerConnection__isClosed  # type: ignore[attr-defined]
+    closing.set_result(True)  # release the waiter; the connection is left to the node's close
+    await rtc.close_peer_connection(node)
