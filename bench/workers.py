@@ -10,8 +10,10 @@ Parts:
   worker over its Unix socket (no quota).
 - ``capacity``: rooms of 1 publisher (video + audio) and ``--room-subs`` subscribers are added
   one per step; a step passes at 0 decode errors (one decoding probe per worker), at most
-  0.1 % packets lost at the subscribers and no subscriber stalled (its stream stopped).
-  Reported: the highest forwarded packets/s that passed, with 1 worker and with 2 workers,
+  0.1 % packets lost at the subscribers, no subscriber stalled (its stream stopped) and at
+  least 97 % of the step's rate delivered (rooms x the first step's packets/s: a saturated
+  worker first builds a backlog, which is not loss yet). Reported: the rate of the highest
+  step that passed, with 1 worker and with 2 workers,
   and where packing put each room (at low load every participant is on worker 0; the second
   worker takes the overflow). The packing
   watermark is ``--watermark`` of the slice (a worker's CPU cannot pass its quota).
@@ -58,6 +60,7 @@ from peer.tokens import issue_token
 SECRET = "bench-workers-secret-0123456789abcdef0123"
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 PERIOD_US = 100_000
+DELIVERED = 0.97  # a capacity step passes if subscribers got this share of what was sent
 
 
 # -- cgroup v1 cpu quota ---------------------------------------------------------------
@@ -284,7 +287,8 @@ async def capacity(workers: int, args: argparse.Namespace, slices: CpuSlices) ->
     """Add rooms until a step loses more than 0.1 % or a probe sees a decode error."""
     watermark = args.watermark * slices.quota_us / slices.period_us
     steps: list[dict[str, Any]] = []
-    best = 0
+    best = best_rooms = 0
+    per_room = 0.0  # forwarded packets/s of one room, from the first step
     async with node(workers, watermark, slices, args.uvloop) as server:
         load = Load(server.url, args.width, args.bitrate)
         probed: set[int] = set()
@@ -307,14 +311,22 @@ async def capacity(workers: int, args: argparse.Namespace, slices: CpuSlices) ->
                 result["rooms"] = step
                 result["workers_of_room"] = where
                 result["participants"] = [len(h.conns) for h in server.pool.workers]
+                if step == 1:
+                    per_room = float(result["forwarded_pps"])
+                # A worker past its slice first falls behind (a backlog in its socket
+                # buffers, not loss yet): the step must deliver what its rooms send.
+                expected = per_room * step
+                result["expected_pps"] = round(expected)
                 steps.append(result)
                 ok = (
                     result["loss"] <= 0.001
                     and result["decode_errors"] == 0
                     and result["stalled"] == 0
+                    and result["forwarded_pps"] >= DELIVERED * expected
                 )
                 print(
-                    f"  {workers} worker(s), {step} rooms: {result['forwarded_pps']} pps, "
+                    f"  {workers} worker(s), {step} rooms: {result['forwarded_pps']} pps "
+                    f"of {expected:.0f}, "
                     f"loss {result['loss']:.3%}, decode errors {result['decode_errors']}, "
                     f"stalled {result['stalled']}, "
                     f"workers {result['worker_cpu']:.2f} CPU, generator "
@@ -324,11 +336,17 @@ async def capacity(workers: int, args: argparse.Namespace, slices: CpuSlices) ->
                 )
                 if not ok:
                     break
-                best = max(best, int(result["forwarded_pps"]))
+                best, best_rooms = round(expected), step
         finally:
             throttled = slices.throttled()
             await load.close()
-    return {"workers": workers, "max_pps": best, "steps": steps, "throttled": throttled}
+    return {
+        "workers": workers,
+        "max_pps": best,
+        "max_rooms": best_rooms,
+        "steps": steps,
+        "throttled": throttled,
+    }
 
 
 async def spanning(args: argparse.Namespace, slices: CpuSlices) -> dict[str, Any]:
