@@ -95,11 +95,36 @@ def _read_stamp(root: Path = ROOT) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
+SHARED = f"{GROUP}__mypyc"  # the top-level module name of the library the modules share
+
+
+def shared_library_path(root: Path = ROOT) -> Path:
+    return root / f"{SHARED}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+
+
 def extensions_present(root: Path = ROOT) -> bool:
     """Whether every compiled module and the library they share are on disk."""
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    shared = root / f"{GROUP}__mypyc{suffix}"
-    return shared.exists() and all(extension_path(m, root).exists() for m in MODULES)
+    return shared_library_path(root).exists() and all(
+        extension_path(m, root).exists() for m in MODULES
+    )
+
+
+def _load_shared_library() -> None:
+    """Import the shared library from the project root by path: the compiled modules import
+    it by its top-level name, and the root is on ``sys.path`` only when the node is started
+    from there (not for ``.venv/bin/cascade`` run elsewhere)."""
+    if SHARED in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(SHARED, shared_library_path())
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {shared_library_path()}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[SHARED] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[SHARED]
+        raise
 
 
 def current_state(root: Path = ROOT) -> str:
@@ -137,6 +162,13 @@ def select() -> str:
         state = current_state()
     except OSError:  # a source file unreadable: let the normal import report it
         state = ABSENT
+    if state == COMPILED:
+        try:
+            _load_shared_library()
+        except ImportError as exc:
+            log.warning("peer: the compiled forwarding core does not load (%s); running "
+                        "the sources", exc)  # fmt: skip
+            state = ABSENT
     if state != COMPILED:
         sys.meta_path.insert(0, _SourceFinder())
         if state == STALE:

@@ -40,7 +40,7 @@ def test_build_state(
     assert native.build_state(stamp, DIGESTS, present, tag, env) == state
 
 
-def _loaded_files(env: dict[str, str]) -> dict[str, str]:
+def _loaded_files(env: dict[str, str], cwd: Path = ROOT) -> dict[str, str]:
     code = (
         "import importlib, json, peer.native as n\n"
         "mods = [importlib.import_module(m) for m in n.MODULES]\n"
@@ -48,7 +48,7 @@ def _loaded_files(env: dict[str, str]) -> dict[str, str]:
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=ROOT,
+        cwd=cwd,
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -74,6 +74,20 @@ def test_a_build_is_used_whole_or_not_at_all() -> None:
         assert sorted(compiled) == sorted(native.MODULES)
     else:
         assert compiled == [], (state, files)
+
+
+def test_the_compiled_core_loads_whatever_the_working_directory(tmp_path: Path) -> None:
+    """`.venv/bin/cascade` started elsewhere: the project root is not on sys.path."""
+    env = {k: v for k, v in os.environ.items() if k != "CASCADE_COMPILED"}
+    for package in ("peer", "common"):  # the packages, as the editable install maps them
+        (tmp_path / package).symlink_to(ROOT / package)
+    env["PYTHONPATH"] = str(tmp_path)
+    files = _loaded_files(env, cwd=tmp_path)
+    compiled = [m for m, f in files.items() if not f.endswith(".py")]
+    if native.current_state() == native.COMPILED:
+        assert sorted(compiled) == sorted(native.MODULES), files
+    else:
+        assert compiled == [], files
 
 
 def test_the_setup_compiles_the_core_where_there_is_a_compiler() -> None:
