@@ -289,8 +289,16 @@ async def test_nack_repair_across_a_lossy_pipe(supervisor, join) -> None:
         assert lossy.dropped > 5  # the pipe really lost packets
         assert track.stats()["decode_errors"] == 0
         assert track.frames_decoded - frames > 60
-        stats = await (await _get(supervisor, "/stats"))
-        assert stats["workers"][1]["pipe_repaired"] > 0
+        # Repairs counted so far (asked of the worker): on a loaded machine the first
+        # losses and their repairs can come late in the window.
+        repaired = 0
+        for _ in range(50):
+            stats = await (await _get(supervisor, "/stats"))
+            repaired = stats["workers"][1]["pipe_repaired"]
+            if repaired:
+                break
+            await asyncio.sleep(0.2)
+        assert repaired > 0
     finally:
         lossy.close()
 
