@@ -38,6 +38,7 @@ log = logging.getLogger("cascade.native")
 
 MODULES = ("peer.rtp", "peer.stats", "peer.ingress", "peer.rtcp", "peer.engine", "peer.egress")
 GROUP = "cascade_core"
+SHARED = f"{GROUP}__mypyc"  # the top-level module name of the library the modules share
 ROOT = Path(__file__).resolve().parent.parent
 STAMP_NAME = ".native-build.json"  # beside the sources: the digests a build is valid for
 ENV = "CASCADE_COMPILED"
@@ -93,9 +94,6 @@ def _read_stamp(root: Path = ROOT) -> dict[str, object] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-SHARED = f"{GROUP}__mypyc"  # the top-level module name of the library the modules share
 
 
 def shared_library_path(root: Path = ROOT) -> Path:
@@ -178,11 +176,6 @@ def select() -> str:
             )
     _selected = state
     return state
-
-
-def loaded_compiled(module: ModuleType) -> bool:
-    """Whether ``module`` was loaded from a compiled extension."""
-    return not str(getattr(module, "__file__", "")).endswith(".py")
 
 
 def build(force: bool = False) -> str:
