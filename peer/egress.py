@@ -63,39 +63,28 @@ class ProtectedSender:
         self._addr = addr
         self._keep = keep
 
-    @property
-    def bound(self) -> bool:
-        return self._limit > 0
-
     def __call__(self, data: bytes) -> None:
-        n = len(data)
         try:
-            if n > self._limit:
-                raise ValueError("packet too long for the SRTP buffer, or not bound")
-            length = self._length
-            length[0] = n
-            self._buffer[0:n] = data
-            if self._protect(self._ctx, self._cdata, length):
-                raise ValueError("srtp_protect failed")
-            self._sendto(self._view[: length[0]], self._addr)
+            self._send(data)
         except BlockingIOError:  # socket buffer full: drop, as a router queue would
             self.dropped += 1
         except Exception:  # not connected yet, or the transport broke
             self.dropped += 1
             self._limit = 0
-            if n and self._resolve(self):
-                self._retry(data)
+            if data and self._resolve(self):
+                try:
+                    self._send(data)
+                    self.dropped -= 1
+                except Exception:
+                    return
 
-    def _retry(self, data: bytes) -> None:
+    def _send(self, data: bytes) -> None:
         n = len(data)
-        try:
-            if n > self._limit:
-                return
-            length = self._length
-            length[0] = n
-            self._buffer[0:n] = data
-            if not self._protect(self._ctx, self._cdata, length):
-                self._sendto(self._view[: length[0]], self._addr)
-                self.dropped -= 1
-        except Exception:
-            return
+        if n > self._limit:
+            raise ValueError("packet too long for the SRTP buffer, or not bound")
+        length = self._length
+        length[0] = n
+        self._buffer[0:n] = data
+        if self._protect(self._ctx, self._cdata, length):
+            raise ValueError("srtp_protect failed")
+        self._sendto(self._view[: length[0]], self._addr)
