@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -96,6 +97,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aioice.candidate
 import aioice.ice
 from aiortc import (
     MediaStreamTrack,
@@ -112,6 +114,7 @@ from pylibsrtp._binding import ffi as _srtp_ffi
 from pylibsrtp._binding import lib as _srtp_lib
 
 from peer.egress import ProtectedSender
+from peer.ice_port import IcePortRoutes
 from peer.ingress import IngressConfig, IngressStream, PacketHandler
 from peer.rtcp import ReportSchedule, RtcpFeedback, bye, parse_feedback, sdes_cnames, sender_report
 from peer.rtp import URI_ABS_SEND_TIME, URI_AUDIO_LEVEL, URI_MID, OutboundParams
@@ -243,6 +246,8 @@ ICE_RECEIVE_BUFFER = 2 * 1024 * 1024
 async def _announcing_gather_candidates(self: aioice.ice.Connection) -> None:
     await _ORIGINAL_GATHER_CANDIDATES(self)
     for protocol in self._protocols:
+        if isinstance(protocol.transport, _PortMember):
+            continue  # the shared port has its own, larger buffer
         sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -256,6 +261,198 @@ async def _announcing_gather_candidates(self: aioice.ice.Connection) -> None:
         # checks keep using the bound socket, only the advertised address changes
         if candidate.type == "host" and (":" in candidate.host) == v6:
             candidate.host = announce
+
+
+class SharedIcePort(asyncio.DatagramProtocol):
+    """One UDP socket carrying the ICE transports of every node connection on one address.
+
+    Each transport keeps its own aioice ``StunProtocol`` (checks, consent, candidates as
+    before) whose asyncio transport is a :class:`_PortMember` of this socket; datagrams
+    are routed to it by :class:`peer.ice_port.IcePortRoutes`.
+    """
+
+    def __init__(self) -> None:
+        self.routes: IcePortRoutes[aioice.ice.StunProtocol] = IcePortRoutes()
+        self.transport: asyncio.DatagramTransport | None = None
+        self.address: tuple[str, int] = ("", 0)
+        self._send_socket: socket.socket | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        self.address = tuple(transport.get_extra_info("sockname")[:2])
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * ICE_RECEIVE_BUFFER)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        address = (addr[0], addr[1])
+        protocol = self.routes.route(data, address)
+        if protocol is not None:
+            protocol.datagram_received(data, address)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("ICE port %s: %r", self.address, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._send_socket is not None:
+            self._send_socket.close()
+            self._send_socket = None
+        for member in list(self.routes.members()):
+            if isinstance(member.transport, _PortMember):
+                member.transport.close()
+
+    def send_socket(self) -> socket.socket:
+        """A plain non-blocking dup of the port's socket (see :func:`_send_socket`)."""
+        if self._send_socket is None:
+            assert self.transport is not None
+            raw = self.transport.get_extra_info("socket")
+            sock = socket.socket(raw.family, socket.SOCK_DGRAM, 0, os.dup(raw.fileno()))
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 * 1024 * 1024)
+            self._send_socket = sock
+        return self._send_socket
+
+    def attach(self, connection: aioice.ice.Connection, component: int) -> aioice.ice.StunProtocol:
+        """A StunProtocol of ``connection`` on this port, with its host candidate."""
+        protocol = aioice.ice.StunProtocol(connection)
+        protocol.connection_made(_PortMember(self, protocol))
+        host, port = self.address
+        protocol.local_candidate = aioice.Candidate(
+            foundation=aioice.candidate.candidate_foundation("host", "udp", host),
+            component=component,
+            transport="udp",
+            priority=aioice.candidate.candidate_priority(component, "host"),
+            host=host,
+            port=port,
+            type="host",
+        )
+        self.routes.add(connection.local_username, protocol)
+        return protocol
+
+    def close(self) -> None:
+        """Close the socket (its transports' protocols are told)."""
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _PortMember(asyncio.DatagramTransport):
+    """One ICE transport's view of a :class:`SharedIcePort`."""
+
+    def __init__(self, port: SharedIcePort, protocol: aioice.ice.StunProtocol) -> None:
+        super().__init__()
+        self.port = port
+        self._protocol = protocol
+        self._closing = False
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        if self._closing or self.port.transport is None:
+            return
+        self.port.routes.sent(self._protocol, data)
+        self.port.transport.sendto(data, addr)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if self.port.transport is None:
+            return default
+        return self.port.transport.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.port.routes.remove(self._protocol)
+        asyncio.get_running_loop().call_soon(self._protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+
+class SharedIcePorts:
+    """A node's shared ICE ports, one per ICE address (the same port number when free)."""
+
+    def __init__(self, ports: dict[str, SharedIcePort]) -> None:
+        self.by_address = ports
+
+    @property
+    def port(self) -> int:
+        """The first port's number (0 if none is open)."""
+        return next((p.address[1] for p in self.by_address.values()), 0)
+
+    def stats(self) -> dict[str, int]:
+        """The port, the transports on it and the datagrams nobody was found for."""
+        ports = self.by_address.values()
+        return {
+            "port": self.port,
+            "transports": sum(len(p.routes) for p in ports),
+            "unroutable": sum(p.routes.unroutable for p in ports),
+        }
+
+    def close(self) -> None:
+        """Close every port."""
+        for port in self.by_address.values():
+            port.close()
+
+
+async def open_shared_ice_ports(addresses: list[str], port: int) -> SharedIcePorts:
+    """Bind one UDP socket per address on ``port`` (0: a free port, then the same number
+    on the other addresses where possible). Raises OSError if ``port`` is taken."""
+    loop = asyncio.get_running_loop()
+    ports: dict[str, SharedIcePort] = {}
+    try:
+        for address in addresses:
+            _, protocol = await loop.create_datagram_endpoint(
+                SharedIcePort, local_addr=(address, port)
+            )
+            ports[address] = protocol
+            if port == 0:
+                port = protocol.address[1]
+    except OSError:
+        for opened in ports.values():
+            opened.close()
+        raise
+    return SharedIcePorts(ports)
+
+
+_shared_ports: contextvars.ContextVar[SharedIcePorts | None] = contextvars.ContextVar(
+    "cascade_shared_ice_ports", default=None
+)
+
+
+async def set_local_description(pc: Any, description: Any, ports: SharedIcePorts | None) -> None:
+    """``pc.setLocalDescription(description)``, gathering on ``ports`` if given (host
+    candidates on the node's shared ICE ports instead of a socket per transport)."""
+    token = _shared_ports.set(ports)
+    try:
+        await pc.setLocalDescription(description)
+    finally:
+        _shared_ports.reset(token)
+
+
+_ORIGINAL_COMPONENT_CANDIDATES = aioice.ice.Connection.get_component_candidates
+
+
+async def _component_candidates(
+    self: aioice.ice.Connection, component: int, addresses: list[str], timeout: int = 5
+) -> list[Any]:
+    ports = _shared_ports.get()
+    if ports is None:
+        return await _ORIGINAL_COMPONENT_CANDIDATES(self, component, addresses, timeout)
+    candidates = []
+    for address in addresses:
+        port = ports.by_address.get(address)
+        if port is None or port.transport is None:
+            continue
+        protocol = port.attach(self, component)
+        self._protocols.append(protocol)
+        candidates.append(protocol.local_candidate)
+    return candidates
+
+
+aioice.ice.Connection.get_component_candidates = _component_candidates  # type: ignore[method-assign]
 
 
 def _configured_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
@@ -849,6 +1046,8 @@ def _send_socket(protocol: Any) -> socket.socket:
     """
     sock = _dup_sockets.get(protocol)
     if sock is None:
+        if isinstance(protocol.transport, _PortMember):
+            return protocol.transport.port.send_socket()
         raw = protocol.transport.get_extra_info("socket")
         sock = socket.socket(raw.family, socket.SOCK_DGRAM, 0, os.dup(raw.fileno()))
         sock.setblocking(False)

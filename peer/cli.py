@@ -431,6 +431,7 @@ def run_node(args: argparse.Namespace, extensions: list[Any] | None = None) -> i
         dev=args.dev,
         ice_addresses=plan.ice_bind,
         ice_announce=plan.ice_announce,
+        ice_port=args.ice_port,
         max_consumers=args.max_consumers,
         max_cpu=args.max_cpu,
         max_egress_pps=args.max_egress_pps,

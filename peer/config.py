@@ -69,6 +69,13 @@ NODE_OPTIONS: tuple[Option, ...] = (
         metavar="IP",
     ),
     Option(
+        "ice-port",
+        "one UDP port for every participant's media (0: any free port; workers use PORT, "
+        "PORT+1, ...); default: a port per participant",
+        type=int,
+        metavar="PORT",
+    ),
+    Option(
         "announce-ip",
         "this host's address as others reach it: ICE candidates, and the default of "
         "--public-url, --relay-announce and --dht-announce",

@@ -39,6 +39,8 @@ class WorkerSetup(msgspec.Struct, tag="setup"):
     max_egress_pps: float
     keyframe_request_delay: float
     answer_timeout: float
+    # This worker's shared ICE port (the node's --ice-port plus the worker's index).
+    ice_port: int | None = None
 
 
 #: The supervisor as a sibling of a room's workers (in :class:`SiblingRoom` and as the

@@ -49,6 +49,9 @@ class NodeConfig:
     ice_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     # Address put in ICE host candidates instead of the bound one (e.g. bound to 0.0.0.0).
     ice_announce: str | None = None
+    # One UDP port for every participant's ICE transport (0: any free port); None: a port
+    # per transport.
+    ice_port: int | None = None
     # Signaling URL announced to clients and other nodes (default: http://host:port).
     public_url: str = ""
     max_consumers: int = 2000
@@ -156,6 +159,8 @@ class NodeServer:
         self._drain_task: asyncio.Task[None] | None = None
         self.drain_log: list[dict[str, object]] = []
         rtc.set_ice_addresses(config.ice_addresses, config.ice_announce)
+        # The shared ICE ports (``ice_port``), open while the node serves.
+        self.ice_ports: rtc.SharedIcePorts | None = None
 
     # -- relaying ----------------------------------------------------------------
 
@@ -480,6 +485,7 @@ class NodeServer:
             "codec_instances": sum(s.codec_instances() for s in sessions),
             "bad_messages": self.counters.bad_messages,
             "datagrams_dropped": rtc.dropped_datagrams.count,
+            "ice_port": self.ice_ports.stats() if self.ice_ports is not None else None,
             "limits": self.limit_counters(),
             "process": self.process_stats(),
             "rooms": rooms,
@@ -653,6 +659,10 @@ class NodeServer:
             self.config.port,
             reuse_address=True,
         )
+        if self.config.ice_port is not None:
+            self.ice_ports = await rtc.open_shared_ice_ports(
+                self.config.ice_addresses, self.config.ice_port
+            )
         self._ticker = asyncio.ensure_future(self._tick())
         if self.config.relay_port is not None:
             self.relay = RelayEndpoint(
@@ -684,6 +694,8 @@ class NodeServer:
             self._http_server.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.ice_ports is not None:
+            self.ice_ports.close()
 
     @property
     def url(self) -> str:

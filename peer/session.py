@@ -64,6 +64,8 @@ class SessionHost(Protocol):
     # node is draining (it takes nobody new).
     fallbacks: Callable[[str], list[dict[str, object]]]
     draining: bool
+    # The node's shared ICE ports (None: a socket per transport).
+    ice_ports: rtc.SharedIcePorts | None
 
     async def place(self, room: str, region: str | None) -> Placement | None:
         """Where a new participant of ``room`` should go (None outside an overlay)."""
@@ -394,7 +396,7 @@ class ParticipantSession:
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=message.sdp, type="offer"))
             answer = await pc.createAnswer()
-            await pc.setLocalDescription(answer)
+            await rtc.set_local_description(pc, answer, self.server.ice_ports)
         except Exception as exc:
             if fresh:
                 await self._drop_publish_pc(pc)
@@ -590,7 +592,7 @@ class ParticipantSession:
                 neg.pending.clear()
                 neg.answered.clear()
                 offer = await pc.createOffer()
-                await pc.setLocalDescription(offer)
+                await rtc.set_local_description(pc, offer, self.server.ice_ports)
                 await self.send(
                     {
                         "type": "offer",

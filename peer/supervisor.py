@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -217,7 +218,10 @@ class WorkerPool:
         if handle.pid != hello.pid:  # a stale worker of a previous start
             channel.close()
             return
-        channel.send(self.setup)
+        port = self.setup.ice_port
+        if port:
+            port += hello.worker_id
+        channel.send(msgspec.structs.replace(self.setup, ice_port=port))
         handle.channel = channel
         handle.up = True
         handle.load = None
@@ -541,7 +545,8 @@ class Supervisor(NodeServer):
         log_json: bool = False,
         uvloop: bool = False,
     ) -> None:
-        super().__init__(config)
+        # the workers bind the shared ICE ports, the supervisor carries no media
+        super().__init__(dataclasses.replace(config, ice_port=None))
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.watermark = watermark
@@ -571,6 +576,7 @@ class Supervisor(NodeServer):
             token_public_key=public_key,
             ice_addresses=list(config.ice_addresses),
             ice_announce=config.ice_announce,
+            ice_port=config.ice_port,
             max_consumers=math.ceil(config.max_consumers / workers),
             max_cpu=config.max_cpu,
             max_egress_pps=config.max_egress_pps / workers,

@@ -84,6 +84,7 @@ class Worker:
                 token_public_key=public_key,
                 ice_addresses=setup.ice_addresses,
                 ice_announce=setup.ice_announce,
+                ice_port=setup.ice_port,
                 max_consumers=setup.max_consumers,
                 max_cpu=setup.max_cpu,
                 max_egress_pps=setup.max_egress_pps,
