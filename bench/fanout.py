@@ -10,6 +10,7 @@ subscriber fps and decode errors, for Cascade at each N, and in the same run for
     python -m bench.fanout --sizes 10 --duration 5 --no-janus
     python -m bench.fanout --ingress-baseline  # + Cascade on aiortc's receive path (before)
     python -m bench.fanout --source-baseline   # + Cascade's forwarding core not compiled
+    python -m bench.fanout --port-per-transport-baseline   # + Cascade with a socket per transport
 
 Prints a table, then one JSON object as the last line. Diagnostics: CASCADE_BENCH_PROFILE=PREFIX
 records a py-spy profile of the Cascade node per N (py-spy must be installed);
@@ -214,6 +215,7 @@ def start_cascade(
     fast_rtcp: bool = True,
     gc_tuning: bool = True,
     compiled: bool = True,
+    shared_port: bool = True,
 ) -> subprocess.Popen[bytes]:
     """A Cascade node on the server core, in the servers' namespace, limits off."""
     # The node listens off loopback: monitoring (if loaded) wants a token.
@@ -250,6 +252,8 @@ def start_cascade(
         "0",
         "--log-level",
         "WARNING",
+        "--ice-port",
+        "0" if shared_port else "per-transport",
     ]
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, preexec_fn=os.setpgrp, stdout=subprocess.DEVNULL
@@ -257,10 +261,17 @@ def start_cascade(
 
 
 def cascade_case_name(
-    fast_ingress: bool, fast_rtcp: bool, gc_tuning: bool = True, compiled: bool = True
+    fast_ingress: bool,
+    fast_rtcp: bool,
+    gc_tuning: bool = True,
+    compiled: bool = True,
+    shared_port: bool = True,
 ) -> str:
     """``cascade``, or the baseline it is: publisher media or RTCP through aiortc,
-    CPython's default collector settings, or the forwarding core run from its sources."""
+    CPython's default collector settings, the forwarding core run from its sources, or a
+    socket per ICE transport instead of the node's one port."""
+    if not shared_port:
+        return "cascade-port-per-transport"
     if not compiled:
         return "cascade-source"
     if not fast_ingress:
@@ -279,11 +290,13 @@ async def run_cascade(
     port: int = 18080,
     ready: asyncio.Barrier | None = None,
     compiled: bool = True,
+    shared_port: bool = True,
 ) -> CaseResult:
     """One publisher, ``n`` subscribers on a Cascade node (``ready``: wait there for the
     other cases before warming up and measuring, see ``--concurrent``)."""
-    result = CaseResult(cascade_case_name(fast_ingress, fast_rtcp, gc_tuning, compiled), n)
-    server = start_cascade(port, fast_ingress, fast_rtcp, gc_tuning, compiled)
+    name = cascade_case_name(fast_ingress, fast_rtcp, gc_tuning, compiled, shared_port)
+    result = CaseResult(name, n)
+    server = start_cascade(port, fast_ingress, fast_rtcp, gc_tuning, compiled, shared_port)
     clients: list[CascadeClient] = []
     try:
         wait_port(port)
@@ -551,6 +564,7 @@ BASELINES = (
     ("cascade-default-gc", "default_gc"),
     ("cascade-aiortc-rtcp-default-gc", "aiortc_rtcp_default_gc"),
     ("cascade-source", "source"),
+    ("cascade-port-per-transport", "port_per_transport"),
 )
 
 
@@ -574,6 +588,10 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         if args.source_baseline:
             cases.append(
                 lambda ready, n=n: run_cascade(n, args, port=18085, ready=ready, compiled=False)
+            )
+        if args.port_per_transport_baseline:
+            cases.append(
+                lambda ready, n=n: run_cascade(n, args, port=18086, ready=ready, shared_port=False)
             )
         if args.janus:
             cases.append(lambda ready, n=n: run_janus(n, args, ready=ready))
@@ -718,6 +736,11 @@ def main(argv: list[str] | None = None) -> int:
         "--source-baseline",
         action="store_true",
         help="also run Cascade with CASCADE_COMPILED=0 (the forwarding core from its sources)",
+    )
+    parser.add_argument(
+        "--port-per-transport-baseline",
+        action="store_true",
+        help="also run Cascade with a socket per ICE transport (--ice-port per-transport)",
     )
     parser.add_argument(
         "--concurrent",

@@ -13,6 +13,7 @@ of the received videos, decode errors of the decoding participant, and the ratio
     python -m bench.rooms --rtcp-baseline         # + Cascade with RTCP through aiortc
     python -m bench.rooms --gc-baseline           # + Cascade with CPython's GC defaults
     python -m bench.rooms --source-baseline       # + Cascade's forwarding core not compiled
+    python -m bench.rooms --port-per-transport-baseline   # + a socket per ICE transport
     python -m bench.rooms --rooms 4 --concurrent  # all cases at once, same seconds measured
 
 Choose R so that Cascade's server CPU is about 50 % of its core (printed). Prints a table,
@@ -123,12 +124,13 @@ async def run_cascade(
     port: int = 18080,
     ready: asyncio.Barrier | None = None,
     compiled: bool = True,
+    shared_port: bool = True,
 ) -> CaseResult:
     """R rooms of 5 SDK participants on one Cascade node (``ready``: wait there for the
     other cases before warming up and measuring, see ``--concurrent``)."""
-    name = fanout.cascade_case_name(fast_ingress, fast_rtcp, gc_tuning, compiled)
+    name = fanout.cascade_case_name(fast_ingress, fast_rtcp, gc_tuning, compiled, shared_port)
     result = CaseResult(name, args.rooms)
-    server = fanout.start_cascade(port, fast_ingress, fast_rtcp, gc_tuning, compiled)
+    server = fanout.start_cascade(port, fast_ingress, fast_rtcp, gc_tuning, compiled, shared_port)
     clients: list[CascadeClient] = []
     try:
         fanout.wait_port(port)
@@ -256,6 +258,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.source_baseline:
         cases.append(lambda ready: run_cascade(args, port=18085, ready=ready, compiled=False))
+    if args.port_per_transport_baseline:
+        cases.append(lambda ready: run_cascade(args, port=18086, ready=ready, shared_port=False))
     if args.janus:
         cases.append(lambda ready: run_janus(args, ready=ready))
     results = await fanout.run_cases(cases, args.concurrent)
@@ -314,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         "--source-baseline",
         action="store_true",
         help="+ Cascade with CASCADE_COMPILED=0 (the forwarding core from its sources)",
+    )
+    parser.add_argument(
+        "--port-per-transport-baseline",
+        action="store_true",
+        help="+ Cascade with a socket per ICE transport (--ice-port per-transport)",
     )
     parser.add_argument(
         "--concurrent",

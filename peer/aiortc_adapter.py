@@ -113,7 +113,8 @@ from aiortc.rtp import RtcpRrPacket, RtcpSenderInfo, RtcpSrPacket, RtpPacket
 from pylibsrtp._binding import ffi as _srtp_ffi
 from pylibsrtp._binding import lib as _srtp_lib
 
-from peer.egress import ProtectedSender
+from peer import datagrams
+from peer.egress import BatchScope, ProtectedSender, SendBatch
 from peer.ice_port import IcePortRoutes
 from peer.ingress import IngressConfig, IngressStream, PacketHandler
 from peer.rtcp import ReportSchedule, RtcpFeedback, bye, parse_feedback, sdes_cnames, sender_report
@@ -276,6 +277,9 @@ class SharedIcePort(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.address: tuple[str, int] = ("", 0)
         self._send_socket: socket.socket | None = None
+        self._scope = _batch_scope()
+        self._batch: SendBatch | None = None
+        self._batch_made = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -289,12 +293,21 @@ class SharedIcePort(asyncio.DatagramProtocol):
         address = (addr[0], addr[1])
         protocol = self.routes.route(data, address)
         if protocol is not None:
-            protocol.datagram_received(data, address)
+            # what this datagram fans out to leaves in one sendmmsg when it is handled
+            scope = self._scope
+            scope.enter()
+            try:
+                protocol.datagram_received(data, address)
+            finally:
+                scope.exit()
 
     def error_received(self, exc: Exception) -> None:
         log.debug("ICE port %s: %r", self.address, exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._batch is not None:
+            self._batch.flush()
+            self._batch = None
         if self._send_socket is not None:
             self._send_socket.close()
             self._send_socket = None
@@ -313,6 +326,22 @@ class SharedIcePort(asyncio.DatagramProtocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 * 1024 * 1024)
             self._send_socket = sock
         return self._send_socket
+
+    def batch(self) -> SendBatch | None:
+        """The port's :class:`peer.egress.SendBatch` (None without ``sendmmsg`` or when
+        :data:`BATCHED_SENDS` is off)."""
+        if not self._batch_made and self.transport is not None:
+            self._batch_made = True
+            if BATCHED_SENDS and datagrams.available():
+                self._batch = datagrams.send_batch(self.send_socket(), self._scope)
+        return self._batch
+
+    def batch_stats(self) -> dict[str, int]:
+        """Datagrams sent in batches, the ``sendmmsg`` calls and datagrams dropped."""
+        batch = self._batch
+        if batch is None:
+            return {"sent": 0, "calls": 0, "dropped": 0}
+        return {"sent": batch.sent, "calls": batch.calls, "dropped": batch.dropped}
 
     def attach(self, connection: aioice.ice.Connection, component: int) -> aioice.ice.StunProtocol:
         """A StunProtocol of ``connection`` on this port, with its host candidate."""
@@ -385,10 +414,14 @@ class SharedIcePorts:
     def stats(self) -> dict[str, int]:
         """The port, the transports on it and the datagrams nobody was found for."""
         ports = self.by_address.values()
+        batches = [p.batch_stats() for p in ports]
         return {
             "port": self.port,
             "transports": sum(len(p.routes) for p in ports),
             "unroutable": sum(p.routes.unroutable for p in ports),
+            "batched_datagrams": sum(b["sent"] for b in batches),
+            "sendmmsg_calls": sum(b["calls"] for b in batches),
+            "batch_dropped": sum(b["dropped"] for b in batches),
         }
 
     def close(self) -> None:
@@ -415,6 +448,21 @@ async def open_shared_ice_ports(addresses: list[str], port: int) -> SharedIcePor
             opened.close()
         raise
     return SharedIcePorts(ports)
+
+
+# Fan-outs on a shared port leave in one sendmmsg (CASCADE_BATCHED_SENDS=0: a sendto each).
+BATCHED_SENDS = os.environ.get("CASCADE_BATCHED_SENDS", "1") != "0"
+_scopes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BatchScope] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _batch_scope() -> BatchScope:
+    loop = asyncio.get_running_loop()
+    scope = _scopes.get(loop)
+    if scope is None:
+        scope = _scopes[loop] = BatchScope(loop.call_soon)
+    return scope
 
 
 _shared_ports: contextvars.ContextVar[SharedIcePorts | None] = contextvars.ContextVar(
@@ -1080,6 +1128,19 @@ def sender_sink(sender: RTCRtpSender) -> ProtectedSender:
         if pair is None or pair.protocol.transport is None:
             return False
         session = dtls._tx_srtp
+        transport = pair.protocol.transport
+        batch = transport.port.batch() if isinstance(transport, _PortMember) else None
+        if batch is not None:
+            name, namelen = datagrams.socket_address(pair.remote_addr)
+            sink.bind_batch(
+                protect=_srtp_lib.srtp_protect,
+                ctx=session._srtp[0],
+                batch=batch,
+                name=name,
+                namelen=namelen,
+                keep=(session, name),
+            )
+            return True
         sink.bind(
             protect=_srtp_lib.srtp_protect,
             ctx=session._srtp[0],

@@ -33,6 +33,19 @@ def parse_location(text: str) -> tuple[float, float]:
     return (lat, lon)
 
 
+def parse_ice_port(text: str | int) -> int | None:
+    """``"40000"`` -> 40000; ``"per-transport"`` -> None (a socket per ICE transport)."""
+    if str(text) == "per-transport":
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        raise ValueError(f"ICE port must be 0-65535 or 'per-transport', not {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"ICE port {port} is out of range 0-65535")
+    return port
+
+
 @dataclass(frozen=True)
 class Option:
     """One node option: ``--name`` on the command line, ``name`` in the config file."""
@@ -70,9 +83,10 @@ NODE_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "ice-port",
-        "one UDP port for every participant's media (0: any free port; workers use PORT, "
-        "PORT+1, ...); default: a port per participant",
-        type=int,
+        "the one UDP port of every participant's media (0: any free port; workers use PORT, "
+        "PORT+1, ...), or 'per-transport' for a port per participant connection",
+        type=parse_ice_port,
+        default=0,
         metavar="PORT",
     ),
     Option(
