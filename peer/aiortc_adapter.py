@@ -59,6 +59,13 @@ What we rely on, and why:
   ends (``close()`` only closes the sockets gathered so far). Without this, a
   participant leaving while the node gathers for its offer leaks UDP sockets. The
   gathered sockets also get a larger receive buffer (:data:`ICE_RECEIVE_BUFFER`).
+- ``aioice.ice.Connection.get_component_candidates``, ``_protocols`` and
+  ``local_username``; ``aioice.ice.StunProtocol`` built by us: a node connection gathering
+  under :func:`set_local_description` with shared ports gets, per ICE address, a
+  ``StunProtocol`` whose transport is a :class:`_PortMember` of the node's
+  :class:`SharedIcePort` (its host candidate built as aioice builds one), routed by its
+  ``local_username``. ``sender_sink`` then binds the consumer to the port's
+  :class:`peer.egress.SendBatch`.
 - ``aioice.ice.StunProtocol.connection_lost``: closes our dup of the ICE socket
   (see :func:`_send_socket`) when the ICE socket closes, instead of whenever the
   garbage collector gets to the protocol.

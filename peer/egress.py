@@ -194,8 +194,8 @@ class SendBatch:
 
     def add(self, data: bytes, protect: Any, ctx: Any, name: Any, namelen: int) -> None:
         """Copy ``data`` into the next slot, protect it there with ``protect(ctx, ...)``
-        and address it to ``name``. Raises ValueError if it is too long or protection
-        fails (the slot is not used)."""
+        and address it to ``name`` (a C ``sockaddr`` the caller keeps alive). Raises
+        ValueError if it is too long or protection fails (the slot is not used)."""
         n = len(data)
         if n > self.limit:
             raise ValueError("packet too long for the SRTP buffer")

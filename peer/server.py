@@ -659,10 +659,7 @@ class NodeServer:
             self.config.port,
             reuse_address=True,
         )
-        if self.config.ice_port is not None:
-            self.ice_ports = await rtc.open_shared_ice_ports(
-                self.config.ice_addresses, self.config.ice_port
-            )
+        await self.open_ice_ports()
         self._ticker = asyncio.ensure_future(self._tick())
         if self.config.relay_port is not None:
             self.relay = RelayEndpoint(
@@ -694,8 +691,21 @@ class NodeServer:
             self._http_server.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        self.close_ice_ports()
+
+    async def open_ice_ports(self) -> None:
+        """Bind the node's shared ICE ports (``ice_port``; nothing if it is None).
+        Raises OSError if the port is taken."""
+        if self.config.ice_port is not None and self.ice_ports is None:
+            self.ice_ports = await rtc.open_shared_ice_ports(
+                self.config.ice_addresses, self.config.ice_port
+            )
+
+    def close_ice_ports(self) -> None:
+        """Close the shared ICE ports (after the sessions on them)."""
         if self.ice_ports is not None:
             self.ice_ports.close()
+            self.ice_ports = None
 
     @property
     def url(self) -> str:

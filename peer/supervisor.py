@@ -532,6 +532,24 @@ class WorkersNode(Node):
         return out
 
 
+def check_ice_ports(setup: WorkerSetup, workers: int) -> None:
+    """Raise OSError, naming the worker, if one of the workers' fixed ICE ports is taken
+    (else that worker would fail and be restarted for ever)."""
+    if not setup.ice_port:
+        return
+    for worker_id in range(workers):
+        port = setup.ice_port + worker_id
+        for address in setup.ice_addresses:
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                try:
+                    probe.bind((address, port))
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno, f"ICE port {address}:{port} of worker {worker_id} is taken"
+                    ) from None
+
+
 class Supervisor(NodeServer):
     """A node whose media runs in ``workers`` worker processes."""
 
@@ -701,8 +719,9 @@ class Supervisor(NodeServer):
             )
 
     async def start(self) -> None:
-        """Listen (a port in use fails before any worker starts), then start the workers;
-        joins that arrive meanwhile wait for them."""
+        """Listen (a port in use fails before any worker starts, the workers' ICE ports
+        included), then start the workers; joins that arrive meanwhile wait for them."""
+        check_ice_ports(self.pool.setup, len(self.pool.workers))
         await super().start()
         await self.pool.start()
 

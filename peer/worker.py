@@ -238,6 +238,7 @@ class Worker:
             for conn in list(self.sessions):
                 await self._end(conn)
             await self.siblings.close()
+            self.server.close_ice_ports()
 
     def _dispatch(self, conn: int, data: bytes) -> None:
         queue = self._queues.get(conn)
@@ -267,6 +268,12 @@ async def serve(socket_path: str, worker_id: int, pipe_channel: int) -> None:
     if not isinstance(setup, WorkerSetup):
         raise SystemExit(f"worker {worker_id}: expected settings, got {setup!r}")
     worker = Worker(worker_id, channel, setup)
+    try:
+        await worker.server.open_ice_ports()
+    except OSError as exc:
+        raise SystemExit(
+            f"worker {worker_id}: cannot bind ICE port {setup.ice_port}: {exc}"
+        ) from None
     worker.watch_pipes(socket.socket(fileno=pipe_channel))
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()

@@ -10,12 +10,19 @@ from peer.config import (
     NODE_OPTIONS,
     ConfigError,
     add_options,
+    parse_ice_port,
     parse_location,
     read_config_file,
     resolve,
 )
 
-SAMPLE = {str: '"x"', int: "7", float: "0.5", parse_location: '"48.86,2.35"'}
+SAMPLE = {
+    str: '"x"',
+    int: "7",
+    float: "0.5",
+    parse_location: '"48.86,2.35"',
+    parse_ice_port: "40000",
+}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -58,6 +65,10 @@ def test_every_flag_is_a_config_key(tmp_path):
         ("uvloop = false\n", ["--uvloop"], {"uvloop": True}),
         ("log-json = true\ndev = true\n", [], {"log_json": True, "dev": True}),
         ("max-cpu = 1\n", [], {"max_cpu": 1.0}),
+        ("", [], {"ice_port": 0}),
+        ("ice-port = 40000\n", [], {"ice_port": 40000}),
+        ('ice-port = "per-transport"\n', [], {"ice_port": None}),
+        ("ice-port = 40000\n", ["--ice-port", "per-transport"], {"ice_port": None}),
     ],
 )
 def test_flags_override_file(tmp_path, file, argv, expected):
@@ -97,3 +108,16 @@ def test_location_option(text, ok):
             parse_location(text)
     else:
         assert parse_location(text) == ok
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [("40000", 40000), ("0", 0), (40000, 40000), ("per-transport", None), ("65536", "range"),
+     ("-1", "range"), ("x", "per-transport")],
+)  # fmt: skip
+def test_ice_port_option(text, ok):
+    if isinstance(ok, str):
+        with pytest.raises(ValueError, match=ok):
+            parse_ice_port(text)
+    else:
+        assert parse_ice_port(text) == ok

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -21,10 +22,33 @@ from peer.supervisor import Supervisor
 from tests.conftest import SECRET, token
 
 
+def _free_port_pair() -> int:
+    """A UDP port P with P + 1 free too (each worker binds its own ICE port)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+            if port < 65535:
+                with (
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
+                    contextlib.suppress(OSError),
+                ):
+                    b.bind(("127.0.0.1", port + 1))
+                    return port
+    raise RuntimeError("no two adjacent free UDP ports")
+
+
+def ice_ports(client: CascadeClient) -> set[int]:
+    """The ports in the node's ICE candidates, as this client got them."""
+    sdps = [pc.remoteDescription.sdp for pc in (client._publish_pc, client._subscribe_pc) if pc]
+    return {int(p) for sdp in sdps for p in re.findall(r"udp \d+ \S+ (\d+) typ host", sdp)}
+
+
 @pytest.fixture
 async def supervisor() -> AsyncIterator[Supervisor]:
     # max_cpu far above any reading: the clients share this machine's cores with the workers.
-    node = Supervisor(NodeConfig(port=0, api_secret=SECRET, max_cpu=100.0), workers=2)
+    config = NodeConfig(port=0, api_secret=SECRET, max_cpu=100.0, ice_port=_free_port_pair())
+    node = Supervisor(config, workers=2)
     await node.start()
     try:
         yield node
@@ -81,6 +105,10 @@ async def test_room_on_a_worker_decodes_video_and_audio(supervisor, join) -> Non
     # Low load: packing keeps the whole room on one worker, the other has nobody.
     workers = {worker_of(supervisor, c) for c in [pub, *subs]}
     assert len(workers) == 1
+    # everyone's media on that worker's one ICE port (the node's --ice-port + its index)
+    assert supervisor.config.ice_port is None  # the supervisor carries no media
+    base = supervisor.pool.setup.ice_port
+    assert base and all(ice_ports(c) == {base + min(workers)} for c in [pub, *subs])
     stats = await (await _get(supervisor, "/stats"))
     assert stats["totals"]["consumers"] == 4
     assert stats["codec_instances"] == 0
@@ -138,6 +166,8 @@ async def test_killed_worker_participants_told_others_keep_receiving(supervisor,
     watcher = await join("a", "erin")
     await watcher.wait_for_tracks(1, "video", timeout=30)
     assert worker_of(supervisor, watcher) == 0
+    # the new process bound the dead one's ICE port again
+    assert ice_ports(watcher) == {supervisor.pool.setup.ice_port}
 
 
 async def test_supervisor_stop_leaves_no_process() -> None:
@@ -403,4 +433,15 @@ async def test_consumers_refused_by_a_worker_count_on_the_node() -> None:
         assert node.node.consumers_refused == 1  # a counter: kept across the restart
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        await node.stop()
+
+
+async def test_a_taken_worker_ice_port_fails_the_start_before_any_worker() -> None:
+    base = _free_port_pair()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", base + 1))
+        node = Supervisor(NodeConfig(port=0, api_secret=SECRET, ice_port=base), workers=2)
+        with pytest.raises(OSError, match=f"ICE port 127.0.0.1:{base + 1} of worker 1"):
+            await node.start()
+        assert all(h.pid is None for h in node.pool.workers)
         await node.stop()
