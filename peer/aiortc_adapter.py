@@ -271,6 +271,10 @@ async def _announcing_gather_candidates(self: aioice.ice.Connection) -> None:
             candidate.host = announce
 
 
+# Receive buffer of a shared ICE port (the kernel doubles it for bookkeeping).
+SHARED_PORT_BUFFER = 16 * 1024 * 1024
+
+
 class SharedIcePort(asyncio.DatagramProtocol):
     """One UDP socket carrying the ICE transports of every node connection on one address.
 
@@ -293,8 +297,22 @@ class SharedIcePort(asyncio.DatagramProtocol):
         sock = transport.get_extra_info("socket")
         self.address = tuple(transport.get_extra_info("sockname")[:2])
         if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * ICE_RECEIVE_BUFFER)
+            # every participant's media queues here: as large as the kernel allows
+            # (SO_RCVBUFFORCE as root, else up to net.core.rmem_max)
+            for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+                if option is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, option, SHARED_PORT_BUFFER)
+                        break
+            size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+            if size < SHARED_PORT_BUFFER // 4:
+                log.warning(
+                    "ICE port %s: receive buffer %d KiB (net.core.rmem_max); a node with "
+                    "many participants wants %d MiB",
+                    self.address[1],
+                    size // 1024,
+                    SHARED_PORT_BUFFER // (1 << 20),
+                )
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         address = (addr[0], addr[1])
@@ -329,8 +347,11 @@ class SharedIcePort(asyncio.DatagramProtocol):
             raw = self.transport.get_extra_info("socket")
             sock = socket.socket(raw.family, socket.SOCK_DGRAM, 0, os.dup(raw.fileno()))
             sock.setblocking(False)
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 * 1024 * 1024)
+            for option in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+                if option is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, option, 8 * 1024 * 1024)
+                        break
             self._send_socket = sock
         return self._send_socket
 
