@@ -83,10 +83,14 @@ def send_datagrams(
 
 
 async def send_hostile_burst(
-    targets: Iterable[tuple[str, int]], batch: int = 40, pause: float = 0.005
+    targets: Iterable[tuple[str, int]],
+    batch: int = 40,
+    pause: float = 0.005,
+    sock: socket.socket | None = None,
 ) -> None:
     """Send the whole :func:`hostile_datagrams` generator to ``targets`` in small paced
-    batches, so a call under attack keeps getting CPU between them."""
+    batches, so a call under attack keeps getting CPU between them (from ``sock`` if
+    given, else from a new socket per batch)."""
     import asyncio
 
     targets = list(targets)
@@ -94,7 +98,7 @@ async def send_hostile_burst(
     for data in hostile_datagrams():
         pending.append(data)
         if len(pending) == batch:
-            send_datagrams(targets, pending)
+            send_datagrams(targets, pending, sock)
             pending.clear()
             await asyncio.sleep(pause)
-    send_datagrams(targets, pending)
+    send_datagrams(targets, pending, sock)

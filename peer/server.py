@@ -51,7 +51,7 @@ class NodeConfig:
     ice_announce: str | None = None
     # One UDP port for every participant's ICE transport (0: any free port); None: a port
     # per transport.
-    ice_port: int | None = None
+    ice_port: int | None = 0
     # Signaling URL announced to clients and other nodes (default: http://host:port).
     public_url: str = ""
     max_consumers: int = 2000

@@ -54,10 +54,14 @@ def hung_test_report(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture
-async def node() -> AsyncIterator[NodeServer]:
+async def node(request: pytest.FixtureRequest) -> AsyncIterator[NodeServer]:
     # The clients run in this same process, so the node's CPU reading includes their work
     # (pattern encoding, decoding): admission by CPU is exercised in its own test instead.
-    server = NodeServer(NodeConfig(port=0, api_secret=SECRET, dev=True, max_cpu=100.0))
+    # Indirect parameter: the node's ICE port (default 0, one free port; None: per transport).
+    ice_port = getattr(request, "param", 0)
+    server = NodeServer(
+        NodeConfig(port=0, api_secret=SECRET, dev=True, max_cpu=100.0, ice_port=ice_port)
+    )
     await server.start()
     try:
         yield server

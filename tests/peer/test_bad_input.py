@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import struct
 import time
 
 import aiohttp
@@ -286,10 +288,23 @@ async def _grows(read, by: int = 1, timeout: float = 15.0) -> bool:
     return False
 
 
+def _stun_check(ufrag: str) -> bytes:
+    """A connectivity check naming our side's ``ufrag`` (no integrity: a forger's)."""
+    value = f"{ufrag}:attacker".encode()
+    attr = struct.pack("!HH", 0x0006, len(value)) + value + b"\0" * (-len(value) % 4)
+    return struct.pack("!HHI", 1, len(attr), 0x2112A442) + os.urandom(12) + attr
+
+
+def _ufrag(pc) -> str:
+    return pc.localDescription.sdp.split("a=ice-ufrag:")[1].split()[0]
+
+
+@pytest.mark.parametrize("node", [0, None], indirect=True, ids=["one-port", "port-per-transport"])
 async def test_hostile_datagrams_on_ice_ports_never_stop_the_call(node, clients: ClientFactory):
     """Issue 7.1: every datagram class at the publisher's and a subscriber's ICE ports on
     the node; both subscribers keep decoding and the attacked subscriber's RTCP (NACK,
-    PLI) still reaches the node."""
+    PLI) still reaches the node. On the node's one ICE port, strangers' datagrams reach no
+    transport; the attacker here knows each transport's ufrag, so that its datagrams do."""
     from bench.hostile import send_datagrams, send_hostile_burst
     from peer import aiortc_adapter as rtc
 
@@ -304,8 +319,17 @@ async def test_hostile_datagrams_on_ice_ports_never_stop_the_call(node, clients:
     )
     assert len(targets) >= 2
 
-    send_datagrams(targets, [b"\x80" + b"\x00" * 1500])  # the reproduction of issue 7.1
-    await send_hostile_burst(targets)
+    if node.ice_ports is None:
+        send_datagrams(targets, [b"\x80" + b"\x00" * 1500])  # the reproduction of issue 7.1
+        await send_hostile_burst(targets)
+    else:
+        (port,) = set(targets)
+        for pc in (publisher_pc, victim.subscribe_pc):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+                attacker.bind(("127.0.0.1", 0))
+                send_datagrams([port], [_stun_check(_ufrag(pc))], attacker)  # routes it
+                send_datagrams([port], [b"\x80" + b"\x00" * 1500], attacker)
+                await send_hostile_burst([port], sock=attacker)
 
     for track in tracks:
         assert await _grows(lambda t=track: t.frames_decoded, by=20)
