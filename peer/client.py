@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.exceptions import InvalidStateError
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
@@ -272,8 +273,15 @@ class CascadeClient:
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None and not self._closing:
-            log.warning("client task failed: %r", task.exception())
+        if task.cancelled() or task.exception() is None or self._closing:
+            return
+        exc = task.exception()
+        pc = self._subscribe_pc
+        if isinstance(exc, InvalidStateError) and (pc is None or pc.signalingState == "closed"):
+            # an offer the node sent as our connection closed (the node went away)
+            log.debug("client task ended with its connection: %r", exc)
+            return
+        log.warning("client task failed: %r", exc)
 
     # -- room -------------------------------------------------------------------
 
