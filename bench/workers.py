@@ -51,6 +51,7 @@ import psutil
 
 from peer import aiortc_adapter as rtc
 from peer.client import CascadeClient
+from peer.config import parse_ice_port
 from peer.media import PatternVideoTrack, ToneAudioTrack
 from peer.packing import Packing, PackReason
 from peer.server import NodeConfig, NodeServer
@@ -216,9 +217,14 @@ async def window(load: Load, pids: list[int], seconds: float) -> dict[str, float
 
 @contextlib.asynccontextmanager
 async def node(
-    workers: int, watermark: float, slices: CpuSlices | None, uvloop: bool = True
+    workers: int,
+    watermark: float,
+    slices: CpuSlices | None,
+    uvloop: bool = True,
+    ice_port: int | None = 0,
 ) -> AsyncIterator[Supervisor]:
     config = NodeConfig(
+        ice_port=ice_port,
         port=0,
         api_secret=SECRET,
         max_cpu=100.0,
@@ -289,7 +295,7 @@ async def capacity(workers: int, args: argparse.Namespace, slices: CpuSlices) ->
     steps: list[dict[str, Any]] = []
     best = best_rooms = 0
     per_room = 0.0  # forwarded packets/s of one room, from the first step
-    async with node(workers, watermark, slices, args.uvloop) as server:
+    async with node(workers, watermark, slices, args.uvloop, args.ice_port) as server:
         load = Load(server.url, args.width, args.bitrate)
         probed: set[int] = set()
         try:
@@ -353,7 +359,7 @@ async def spanning(args: argparse.Namespace, slices: CpuSlices) -> dict[str, Any
     """CPU per forwarded packet: one room on 1 worker against the same room on 2."""
     out: dict[str, Any] = {}
     for case in ("one_worker", "two_workers"):
-        async with node(2, 0.6, slices, args.uvloop) as server:
+        async with node(2, 0.6, slices, args.uvloop, args.ice_port) as server:
             load = Load(server.url, args.width, args.bitrate)
             try:
                 pin(server, 0)
@@ -543,6 +549,12 @@ def main(argv: list[str] | None = None) -> int:
         "--watermark", type=float, default=0.6, help="packing watermark, of the slice"
     )
     parser.add_argument("--room-subs", type=int, default=8)
+    parser.add_argument(
+        "--ice-port",
+        type=parse_ice_port,
+        default=0,
+        help="the workers' ICE ports as cascade node --ice-port (per-transport: a socket each)",
+    )
     parser.add_argument("--max-rooms", type=int, default=12)
     parser.add_argument("--span-subs", type=int, default=16)
     parser.add_argument("--overlay-subs", type=int, default=8)

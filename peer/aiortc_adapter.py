@@ -64,8 +64,9 @@ What we rely on, and why:
   under :func:`set_local_description` with shared ports gets, per ICE address, a
   ``StunProtocol`` whose transport is a :class:`_PortMember` of the node's
   :class:`SharedIcePort` (its host candidate built as aioice builds one), routed by its
-  ``local_username``. ``sender_sink`` then binds the consumer to the port's
-  :class:`peer.egress.SendBatch`.
+  ``local_username``, which is first made longer and unique on the node's ports
+  (``Connection._local_username``, read again by aiortc for the SDP after gathering).
+  ``sender_sink`` then binds the consumer to the port's :class:`peer.egress.SendBatch`.
 - ``aioice.ice.StunProtocol.connection_lost``: closes our dup of the ICE socket
   (see :func:`_send_socket`) when the ICE socket closes, instead of whenever the
   garbage collector gets to the protocol.
@@ -106,6 +107,7 @@ from typing import Any
 
 import aioice.candidate
 import aioice.ice
+import aioice.utils
 from aiortc import (
     MediaStreamTrack,
     RTCBundlePolicy,
@@ -511,12 +513,37 @@ async def set_local_description(pc: Any, description: Any, ports: SharedIcePorts
 _ORIGINAL_COMPONENT_CANDIDATES = aioice.ice.Connection.get_component_candidates
 
 
+# ICE username fragment of a connection on a shared port: aioice's 4 characters collide
+# among a few hundred transports (1 % at ~540), so longer, and unique on the node's ports.
+SHARED_PORT_UFRAG_LENGTH = 8
+
+
+def _new_ufrag() -> str:
+    return aioice.utils.random_string(SHARED_PORT_UFRAG_LENGTH)
+
+
+def _unique_ufrag(conn: aioice.ice.Connection, ports: SharedIcePorts) -> None:
+    def taken(ufrag: str) -> bool:
+        for port in ports.by_address.values():
+            owner = port.routes.member_of(ufrag)
+            if owner is not None and owner.receiver is not conn:
+                return True
+        return False
+
+    ufrag = conn.local_username
+    while len(ufrag) < SHARED_PORT_UFRAG_LENGTH or taken(ufrag):
+        ufrag = _new_ufrag()
+    # read again by aiortc after gathering, for the SDP (add_transport_description)
+    conn._local_username = ufrag
+
+
 async def _component_candidates(
     self: aioice.ice.Connection, component: int, addresses: list[str], timeout: int = 5
 ) -> list[Any]:
     ports = _shared_ports.get()
-    if ports is None:
+    if ports is None or component != 1:  # aiortc multiplexes RTCP: component 1 only
         return await _ORIGINAL_COMPONENT_CANDIDATES(self, component, addresses, timeout)
+    _unique_ufrag(self, ports)
     candidates = []
     for address in addresses:
         port = ports.by_address.get(address)

@@ -80,6 +80,10 @@ class IcePortRoutes(Generic[Member]):
         """Every member on the port."""
         return list(self._addresses)
 
+    def member_of(self, ufrag: str) -> Member | None:
+        """The member checks naming ``ufrag`` go to (None: nobody)."""
+        return self._by_ufrag.get(ufrag)
+
     def add(self, ufrag: str, member: Member) -> None:
         """Route checks naming ``ufrag`` (our side's ICE username fragment) to ``member``."""
         if ufrag in self._by_ufrag and self._by_ufrag[ufrag] != member:

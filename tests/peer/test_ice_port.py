@@ -88,6 +88,14 @@ def test_one_ufrag_per_port():
         routes.add("ufA", "b")
 
 
+def test_a_ufrag_names_its_member():
+    routes: IcePortRoutes[str] = IcePortRoutes()
+    routes.add("ufA", "a")
+    assert routes.member_of("ufA") == "a" and routes.member_of("ufB") is None
+    routes.remove("a")
+    assert routes.member_of("ufA") is None
+
+
 def test_malformed_stun_routes_nowhere():
     routes: IcePortRoutes[str] = IcePortRoutes()
     routes.add("ufA", "a")
@@ -226,3 +234,32 @@ async def test_a_taken_port_fails_the_start() -> None:
         with pytest.raises(OSError):
             await server.start()
         await server.stop()
+
+
+async def test_a_ufrag_taken_on_the_port_is_replaced_before_the_sdp(
+    port_node: NodeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aioice's 4-character ufrags collide among a few hundred transports; on the shared
+    port a node connection gets a longer one, and a fresh one if that is taken."""
+    fresh = iter(["AAAAAAAA", "AAAAAAAA", "BBBBBBBB"])
+    monkeypatch.setattr(rtc, "_new_ufrag", lambda: next(fresh, "CCCCCCCC"))
+    made: list[CascadeClient] = []
+    try:
+        for identity in ("alice", "bob"):
+            client = CascadeClient(port_node.url)
+            await client.connect()
+            made.append(client)
+            await client.join("ufrags", token("ufrags", identity))
+        pub, sub = made
+        await pub.publish([PatternVideoTrack(160, 120, periodic_keyframes=False)])
+        (track,) = await sub.wait_for_tracks(1, "video", timeout=20)
+        assert track.stats()["decode_errors"] == 0
+
+        def ufrag(pc: object) -> str:
+            sdp = pc.remoteDescription.sdp  # type: ignore[attr-defined]
+            return str(sdp.split("a=ice-ufrag:")[1].split()[0])
+
+        assert ufrag(pub._publish_pc) == "AAAAAAAA"
+        assert ufrag(sub._subscribe_pc) == "BBBBBBBB"
+    finally:
+        await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
