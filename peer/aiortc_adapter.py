@@ -465,14 +465,23 @@ async def open_shared_ice_ports(addresses: list[str], port: int) -> SharedIcePor
     on the other addresses where possible). Raises OSError if ``port`` is taken."""
     loop = asyncio.get_running_loop()
     ports: dict[str, SharedIcePort] = {}
+    chosen = port
     try:
         for address in addresses:
-            _, protocol = await loop.create_datagram_endpoint(
-                SharedIcePort, local_addr=(address, port)
-            )
+            try:
+                _, protocol = await loop.create_datagram_endpoint(
+                    SharedIcePort, local_addr=(address, chosen)
+                )
+            except OSError:
+                if port != 0 or chosen == 0:
+                    raise
+                # the first address's free port is taken on this one: any free port here
+                _, protocol = await loop.create_datagram_endpoint(
+                    SharedIcePort, local_addr=(address, 0)
+                )
             ports[address] = protocol
-            if port == 0:
-                port = protocol.address[1]
+            if chosen == 0:
+                chosen = protocol.address[1]
     except OSError:
         for opened in ports.values():
             opened.close()

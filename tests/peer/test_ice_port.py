@@ -263,3 +263,29 @@ async def test_a_ufrag_taken_on_the_port_is_replaced_before_the_sdp(
         assert ufrag(sub._subscribe_pc) == "BBBBBBBB"
     finally:
         await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+async def test_one_port_per_ice_address() -> None:
+    ports = await rtc.open_shared_ice_ports(["127.0.0.1", "::1"], 0)
+    try:
+        numbers = {a: p.address[1] for a, p in ports.by_address.items()}
+        assert set(numbers) == {"127.0.0.1", "::1"} and all(numbers.values())
+        assert ports.port == numbers["127.0.0.1"]
+    finally:
+        ports.close()
+    # a fixed port must be free on every address
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as taken:
+        taken.bind(("::1", 0))
+        number = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            await rtc.open_shared_ice_ports(["127.0.0.1", "::1"], number)
