@@ -832,6 +832,7 @@ class Supervisor(NodeServer):
             entry["piped_producers"] = worker.get("piped_producers", [])
             entry["pipe_repaired"] = worker.get("pipe_repaired", 0)
             entry["pipes"] = worker.get("pipes", [])
+            entry["ice_port"] = worker.get("ice_port")  # the worker's shared ICE port
             codec_instances += int(worker.get("codec_instances", 0))
             for room, members in dict(worker.get("rooms", {})).items():
                 rooms.setdefault(room, {}).update(members)

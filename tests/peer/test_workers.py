@@ -115,6 +115,8 @@ async def test_room_on_a_worker_decodes_video_and_audio(supervisor, join) -> Non
     assert set(stats["rooms"]["r1"]) == {pub.participant_id, *(s.participant_id for s in subs)}
     idle = [w for w in stats["workers"] if w["worker_id"] not in workers]
     assert idle and idle[0]["participants"] == 0 and idle[0]["up"]
+    # each worker's own port, as an operator reads it
+    assert [w["ice_port"]["port"] for w in stats["workers"]] == [base, base + 1]
 
 
 async def test_killed_worker_participants_told_others_keep_receiving(supervisor, join) -> None:
