@@ -300,12 +300,7 @@ class SharedIcePort(asyncio.DatagramProtocol):
         self.address = tuple(transport.get_extra_info("sockname")[:2])
         if sock is not None:
             # every participant's media queues here: as large as the kernel allows
-            # (SO_RCVBUFFORCE as root, else up to net.core.rmem_max)
-            for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
-                if option is not None:
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.SOL_SOCKET, option, SHARED_PORT_BUFFER)
-                        break
+            _set_buffer(sock, SHARED_PORT_BUFFER, receive=True)
             size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
             if size < SHARED_PORT_BUFFER // 4:
                 log.warning(
@@ -349,11 +344,7 @@ class SharedIcePort(asyncio.DatagramProtocol):
             raw = self.transport.get_extra_info("socket")
             sock = socket.socket(raw.family, socket.SOCK_DGRAM, 0, os.dup(raw.fileno()))
             sock.setblocking(False)
-            for option in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
-                if option is not None:
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.SOL_SOCKET, option, 8 * 1024 * 1024)
-                        break
+            _set_buffer(sock, 8 * 1024 * 1024, receive=False)
             self._send_socket = sock
         return self._send_socket
 
@@ -1169,9 +1160,6 @@ def _send_socket(protocol: Any) -> socket.socket:
     return sock
 
 
-_SRTP_MAX_TRAILER_LEN = 144  # pylibsrtp.SRTP_MAX_TRAILER_LEN
-
-
 def sender_sink(sender: RTCRtpSender) -> ProtectedSender:
     """The consumer's sink on ``sender``'s transport: a :class:`peer.egress.ProtectedSender`
     bound to it here.
@@ -1211,7 +1199,7 @@ def sender_sink(sender: RTCRtpSender) -> ProtectedSender:
             cdata=session._cdata,
             buffer=session._buffer,
             length=length,
-            limit=len(session._cdata) - _SRTP_MAX_TRAILER_LEN,
+            limit=len(session._cdata) - datagrams.SRTP_MAX_TRAILER_LEN,
             sendto=_send_socket(pair.protocol).sendto,
             addr=pair.remote_addr,
             keep=session,  # keeps the libsrtp context alive while it is used
@@ -1503,13 +1491,23 @@ def _enlarge_receive_buffer(protocol: Any, size: int = 4 * 1024 * 1024) -> None:
         return
     sock = socket.socket(raw.family, socket.SOCK_DGRAM, 0, os.dup(raw.fileno()))
     try:
-        for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
-            if option is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, option, size)
-                    return
+        _set_buffer(sock, size, receive=True)
     finally:
         sock.close()
+
+
+def _set_buffer(sock: socket.socket, size: int, *, receive: bool) -> None:
+    """Set a socket's receive or send buffer: past ``net.core.[rw]mem_max`` when root
+    (``SO_RCVBUFFORCE`` / ``SO_SNDBUFFORCE``), else up to it."""
+    if receive:
+        options = (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF)
+    else:
+        options = (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF)
+    for option in options:
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, size)
+                return
 
 
 class RtpCounter:

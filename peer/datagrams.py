@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from cffi import FFI
+from pylibsrtp import SRTP_MAX_TRAILER_LEN as SRTP_MAX_TRAILER_LEN
 
 from peer.egress import BatchScope, SendBatch
 
@@ -42,8 +43,7 @@ MSG_DONTWAIT = 0x40
 # Slots per batch: a fan-out to more subscribers goes out in several calls.
 CAPACITY = 128
 # RTP up to an Ethernet MTU plus libsrtp's largest trailer.
-SLOT_SIZE = 1500 + 144
-SRTP_MAX_TRAILER_LEN = 144
+SLOT_SIZE = 1500 + SRTP_MAX_TRAILER_LEN
 
 
 def available() -> bool:

@@ -157,8 +157,8 @@ class SendBatch:
     ``peer/datagrams.py``: ``view`` covers the ``slots`` of ``slot_size`` bytes each,
     ``pointers[i]`` / ``lengths[i]`` / ``length_pointers[i]`` / ``headers[i]`` /
     ``iovecs[i]`` are slot ``i``'s data, length, length pointer, ``msghdr`` and ``iovec``;
-    ``send(start, count)`` sends slots ``start..start+count-1`` and returns how many left
-    (``-errno`` on failure).
+    ``send(start, count)`` sends slots ``start..start+count-1`` and returns how many were
+    sent (``-errno`` if none).
     """
 
     def __init__(

@@ -218,9 +218,7 @@ class WorkerPool:
         if handle.pid != hello.pid:  # a stale worker of a previous start
             channel.close()
             return
-        port = self.setup.ice_port
-        if port:
-            port += hello.worker_id
+        port = worker_ice_port(self.setup, hello.worker_id)
         channel.send(msgspec.structs.replace(self.setup, ice_port=port))
         handle.channel = channel
         handle.up = True
@@ -532,13 +530,19 @@ class WorkersNode(Node):
         return out
 
 
+def worker_ice_port(setup: WorkerSetup, worker_id: int) -> int | None:
+    """A worker's ICE port: the node's fixed one plus the worker's index (0 and None
+    as they are: any free port, a port per transport)."""
+    return setup.ice_port + worker_id if setup.ice_port else setup.ice_port
+
+
 def check_ice_ports(setup: WorkerSetup, workers: int) -> None:
     """Raise OSError, naming the worker, if one of the workers' fixed ICE ports is taken
     (else that worker would fail and be restarted for ever)."""
-    if not setup.ice_port:
-        return
     for worker_id in range(workers):
-        port = setup.ice_port + worker_id
+        port = worker_ice_port(setup, worker_id)
+        if not port:
+            return
         for address in setup.ice_addresses:
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
             with socket.socket(family, socket.SOCK_DGRAM) as probe:
