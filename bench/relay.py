@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -47,7 +48,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from relay import RelayConfig, RelayEndpoint, public_key_bytes
+from relay import AckSettings, RelayConfig, RelayEndpoint, public_key_bytes
 
 LOCAL = "127.0.0.1"
 PRODUCER = "bench-cam"
@@ -184,8 +185,7 @@ async def _remote(pipe: Connection, job: dict[str, Any]) -> None:
         cfg = RelayConfig(
             quic_fast_path=job["fast_path"],
             udp_offload=job["udp_offload"],
-            quic_ack_after=job["ack_after"],
-            quic_ack_delay=job["ack_delay"],
+            quic_acks=job["acks"],
         )
         ep = RelayEndpoint(key, lambda _pid: None, config=cfg)
         link = ep.link(job["origin_key"], LOCAL, job["port"])
@@ -281,8 +281,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         max_datagram_size=args.max_datagram_size,
         quic_fast_path=args.fast_path,
         udp_offload=args.udp_offload,
-        quic_ack_after=args.ack_after,
-        quic_ack_delay=args.ack_delay,
+        quic_acks=args.acks,
     )
     ep = RelayEndpoint(okey, {PRODUCER: src}.get, lambda k: k == rpub, cfg)
     await ep.start()
@@ -301,8 +300,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         "profiled": not via_proxy,
         "fast_path": args.fast_path,
         "udp_offload": args.udp_offload,
-        "ack_after": args.ack_after,
-        "ack_delay": args.ack_delay,
+        "acks": args.acks,
     }
     proc, pipe = spawn(job, args)
     try:
@@ -406,8 +404,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "max_datagram_size": args.max_datagram_size,
         "fast_path": args.fast_path,
         "udp_offload": args.udp_offload,
-        "ack_after": args.ack_after,
-        "ack_delay": args.ack_delay,
+        "acks": dataclasses.asdict(args.acks),
         "load_average": os.getloadavg(),
         "generator_cpu_us_per_packet": gen / n * 1e6,
         "origin_cpu_us_per_packet": {"quic": quic_origin, "udp": udp_origin},
@@ -434,14 +431,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-#: --compare configurations: (QUIC fast path, UDP offload, ACK after N packets read,
-#: ACK delay)
-COMPARE_MODES: dict[str, tuple[bool, bool, int, float | None]] = {
-    "aioquic": (False, False, 0, None),
-    "fast": (True, False, 0, None),
-    "fast+gso": (True, True, 0, None),
-    "fast+gso+ack": (True, True, 2, None),
-    "fast+gso+ack16": (True, True, 16, 0.010),
+#: --compare configurations: (QUIC fast path, UDP offload, when the remote ACKs)
+COMPARE_MODES: dict[str, tuple[bool, bool, AckSettings]] = {
+    "aioquic": (False, False, AckSettings(ack_after=0, every=0)),
+    "fast": (True, False, AckSettings(ack_after=0, every=0)),
+    "fast+gso": (True, True, AckSettings(ack_after=0, every=0)),
+    "fast+gso+ack": (True, True, AckSettings(every=0)),
+    "fast+gso+thin": (True, True, AckSettings()),
 }
 
 
@@ -453,7 +449,7 @@ async def compare_async(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for _ in range(args.compare):
         for mode in modes:
-            args.fast_path, args.udp_offload, args.ack_after, args.ack_delay = COMPARE_MODES[mode]
+            args.fast_path, args.udp_offload, args.acks = COMPARE_MODES[mode]
             gen = await run_generator(args)
             quic = await run_quic(args, 1, via_proxy=False)
             rem = quic["remote"]
@@ -602,16 +598,17 @@ def main(argv: list[str] | None = None) -> None:
         help="no UDP segmentation offload on the relay sockets (RelayConfig.udp_offload=False)",
     )
     ap.add_argument(
-        "--ack-after",
+        "--ack-every",
         type=int,
-        default=RelayConfig.quic_ack_after,
-        help="remote: ACK a read of this many packets at once (0: aioquic's 1 ms timer)",
+        default=AckSettings.every,
+        help="remote: past the start, one ACK per this many packets (0: ACK every read "
+        "of 2+ packets, else after 1 ms)",
     )
     ap.add_argument(
         "--ack-delay",
         type=float,
-        default=RelayConfig.quic_ack_delay,
-        help="remote: how long QUIC may delay an ACK, seconds (default: aioquic's 1 ms)",
+        default=AckSettings.delay,
+        help="remote: past the start, how long an ACK may wait, seconds",
     )
     ap.add_argument(
         "--compare",
@@ -622,13 +619,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--modes",
-        default="aioquic,fast,fast+gso,fast+gso+ack",
+        default="aioquic,fast,fast+gso,fast+gso+ack,fast+gso+thin",
         help="configurations for --compare (of: " + ", ".join(COMPARE_MODES) + ")",
     )
     args = ap.parse_args(argv)
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     args.cpus = available_cpus()
+    args.acks = AckSettings(every=args.ack_every, delay=args.ack_delay)
     args.listeners = [int(x) for x in args.listeners.split(",")]
     if args.compare:
         with asyncio.Runner(loop_factory=lambda: new_loop(args.uvloop)) as runner:

@@ -10,6 +10,7 @@ datagram socket. Layers: sans-I/O state machines (``connection``, ``origin``, ``
 ``pipe``: datagrams). See docs/relay-protocol.md and docs/architecture.md.
 """
 
+from .acks import AckSettings
 from .auth import make_certificate, public_key_bytes
 from .config import RelayConfig, RelayCounters, RelayError, RelayRefused, SubscribeError
 from .endpoint import RelayEndpoint, RelayLink
@@ -35,6 +36,7 @@ __all__ = [
     "ALPN",
     "CODEC_PARAM_KEYS",
     "PROTOCOL_VERSION",
+    "AckSettings",
     "ErrorCode",
     "KeyframeLimiter",
     "NackTracker",

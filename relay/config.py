@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .acks import AckSettings
 from .admission import AdmissionLimits
 
 __all__ = ["RelayConfig", "RelayCounters", "RelayError", "RelayRefused", "SubscribeError"]
@@ -52,12 +53,10 @@ class RelayConfig:
     #: packets leaves in one system call, coalesced ones are read in one (see
     #: :mod:`relay.udp`). Ordinary datagrams on the wire.
     udp_offload: bool = True
-    #: A read of the socket that parsed this many flow packets ACKs them at once (fast
-    #: path only) instead of on aioquic's 1 ms ACK timer; 0 = always the timer.
-    quic_ack_after: int = 2
-    #: How long QUIC may delay the ACK of packets read in smaller groups (aioquic: 1 ms;
-    #: at most the 25 ms it advertises). None: aioquic's.
-    quic_ack_delay: float | None = None
+    #: When a receiving end ACKs (fast path): prompt at the start and after a loss, then
+    #: one ACK per 16 packets or 10 ms (see :mod:`relay.acks`); ``AckSettings(every=0)``
+    #: ACKs every read of 2+ packets, else after 1 ms.
+    quic_acks: AckSettings = field(default_factory=AckSettings)
     stats_interval: float = 2.0
     max_flows_per_connection: int = 4096
     #: QUIC idle timeout (backstop; the heartbeat detects death much earlier).

@@ -73,8 +73,7 @@ class QuicRelayProtocol(QuicProtocolBase):
         super().__init__(
             quic,
             fast_path=cfg.quic_fast_path,
-            ack_after=cfg.quic_ack_after,
-            ack_delay=cfg.quic_ack_delay,
+            acks=cfg.quic_acks,
             **kw,
         )
         self.core = core

@@ -55,7 +55,8 @@ What we rely on, and why:
   unsent data).
 - ``QuicConnection._loss._pacer`` is replaced by :class:`BurstPacer` (see there).
 - ``QuicConnection._ack_delay`` (how long an ACK may wait; aioquic 1 ms) is set by
-  :func:`set_ack_delay` when configured.
+  :class:`DatagramFastPath` from its :class:`relay.acks.AckPolicy` (aioquic's general
+  path then delays its ACKs as the fast path does).
 - ``QuicConnection.tls._peer_certificate``: the verified peer certificate (its key is the
   node identity; None makes the relay handshake fail closed).
 - :class:`QuicProtocolBase` subclasses ``aioquic.asyncio.QuicConnectionProtocol`` and uses
@@ -95,10 +96,10 @@ from aioquic.quic.packet_builder import QuicSentPacket
 from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketPacer, QuicPacketSpace
 from cryptography.exceptions import InvalidTag
 
+from .acks import AckPolicy, AckSettings
 from .udp import DrainingDatagramTransport
 
 __all__ = [
-    "ACK_AFTER",
     "FAST_PATH_ENV",
     "PACING_BURST",
     "TIMER_SLACK",
@@ -108,7 +109,6 @@ __all__ = [
     "QuicProtocolBase",
     "fast_path_enabled",
     "peer_certificate",
-    "set_ack_delay",
     "use_burst_pacer",
 ]
 
@@ -117,9 +117,6 @@ FAST_PATH_ENV = "CASCADE_RELAY_FAST_PATH"
 
 #: Packets a relay connection may send back to back before pacing spaces them.
 PACING_BURST = 16
-
-#: A read of the socket that parsed this many ack-eliciting packets ACKs them at once.
-ACK_AFTER = 2
 
 #: An armed QUIC timer this much earlier than the next deadline is kept (re-arming costs
 #: a cancel and a ``call_at``); one earlier than that is moved, as a wake-up for nothing
@@ -177,12 +174,6 @@ def use_burst_pacer(quic: QuicConnection) -> None:
         loss._pacer = BurstPacer(max_datagram_size=pacer._max_datagram_size)  # type: ignore[union-attr]
 
 
-def set_ack_delay(quic: QuicConnection, delay: float) -> None:
-    """How long ``quic`` may delay an ACK (aioquic: 1 ms); capped at the 25 ms it
-    advertises as ``max_ack_delay``."""
-    quic._ack_delay = min(max(delay, 0.0), 0.025)
-
-
 def peer_certificate(quic: QuicConnection) -> Any:
     """The peer's certificate once the handshake completed (None if unknown)."""
     return getattr(getattr(quic, "tls", None), "_peer_certificate", None)
@@ -215,9 +206,14 @@ class DatagramFastPath:
     ``enabled`` False every call goes straight to aioquic.
     """
 
-    def __init__(self, quic: QuicConnection, enabled: bool = True) -> None:
+    def __init__(
+        self, quic: QuicConnection, enabled: bool = True, acks: AckSettings | None = None
+    ) -> None:
         self.quic = quic
         self.enabled = enabled
+        #: when the packets received here are ACKed
+        self.acks = AckPolicy(acks)
+        quic._ack_delay = self.acks.delay
         #: packets built / parsed here, and calls handed to aioquic's general path
         self.packets_sent = 0
         self.packets_received = 0
@@ -231,6 +227,8 @@ class DatagramFastPath:
         self.timers_moved = True
         #: ack-eliciting packets parsed here since the last ACK built here
         self.unacked = 0
+        #: ACK frames built here
+        self.acks_sent = 0
         self._general_due = True
         self._ready = False
         self._space: QuicPacketSpace | None = None
@@ -402,6 +400,8 @@ class DatagramFastPath:
                 handlers.append((quic._on_ack_delivery, (space, space.largest_received_packet)))
                 space.ack_at = None
                 self.unacked = 0
+                self.acks_sent += 1
+                self.acks.acked()
                 ack_due = False
                 if ranges > 1 and pn % 8 == 0:  # ACK-of-ACK trigger, as aioquic does
                     buf.push_uint_var(_PING)
@@ -550,7 +550,8 @@ class DatagramFastPath:
             )
         quic._close_at = now + self._idle_timeout(now)
         quic._ack_eliciting_sent_since_receipt = False
-        if pn > space.largest_received_packet:
+        largest = space.largest_received_packet
+        if pn > largest:
             space.largest_received_packet = pn
             space.largest_received_time = now
         ack_queue = space.ack_queue
@@ -560,8 +561,12 @@ class DatagramFastPath:
             ack_queue.shift()
         if eliciting:
             self.unacked += 1
+            acks = self.acks
+            acks.packet(pn, largest)
+            # aioquic's general path reads the same delay
+            quic._ack_delay = delay = acks.delay
             if space.ack_at is None:
-                space.ack_at = now + quic._ack_delay
+                space.ack_at = now + delay
         return datagrams
 
     def _parse(self, payload: bytes) -> tuple[list[bytes], Any, bool]:
@@ -644,6 +649,8 @@ class DatagramFastPath:
             "general_receives": self.general_receives,
             "rejected": self.rejected,
             "packets_lost": self.packets_lost,
+            "acks_sent": self.acks_sent,
+            "ack_gaps": self.acks.gaps,
         }
 
     def handle_timer(self, now: float) -> None:
@@ -673,18 +680,14 @@ class QuicProtocolBase(QuicConnectionProtocol):
         self,
         quic: QuicConnection,
         fast_path: bool = True,
-        ack_after: int = ACK_AFTER,
-        ack_delay: float | None = None,
+        acks: AckSettings | None = None,
         **kw: Any,
     ) -> None:
         super().__init__(quic, **kw)
         use_burst_pacer(quic)
-        self.fast = DatagramFastPath(quic, fast_path_enabled(fast_path))
-        self.ack_after = ack_after
+        self.fast = DatagramFastPath(quic, fast_path_enabled(fast_path), acks)
         #: the transport calls :meth:`datagrams_drained` after each read (set on connect)
         self.drains = False
-        if ack_delay is not None:
-            set_ack_delay(quic, ack_delay)
         #: times aioquic's timer fired
         self.timer_fires = 0
         self.pending = pending_datagrams(quic)
@@ -710,12 +713,11 @@ class QuicProtocolBase(QuicConnectionProtocol):
     def datagrams_drained(self) -> None:
         """The end of a read of the socket (called by
         :class:`relay.udp.DrainingDatagramTransport`, or by :class:`AdmittingQuicServer`
-        for the connections that received in it): ACK now what this read parsed if it is
-        at least ``ack_after`` packets (default 2, as RFC 9000 13.2.2 suggests; 0: never)
-        instead of on aioquic's 1 ms timer — a burst then costs the receiver one wake-up,
-        not two; else arm the timers (once per read, not per datagram)."""
+        for the connections that received in it): ACK now if the fast path's
+        :class:`relay.acks.AckPolicy` says so (a burst then costs the receiver one
+        wake-up, not two), else arm the timers (once per read, not per datagram)."""
         fast = self.fast
-        if self.ack_after and fast.unacked >= self.ack_after:
+        if fast.acks.end_of_read(fast.unacked):
             fast.ack_now(self._loop.time())
             self.transmit()
         else:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from relay import ErrorCode, RelayLink, RelayRefused, RemoteProducer, SubscribeError
+from relay import AckSettings, ErrorCode, RelayLink, RelayRefused, RemoteProducer, SubscribeError
 from relay import protocol as p
 from tests.impairment import Impairment, ImpairmentProxy
 from tests.relay.helpers import VP8, Collector, FakeSource, Node, fast_config, wait_until
@@ -156,9 +156,39 @@ async def test_loss_repaired_by_nack_through_impaired_link() -> None:
         print(f"loss test: proxy dropped {proxy.up.dropped}+{proxy.down.dropped}, {rp.stats}")
         assert ok, f"never repaired: {sorted(missing)} stats={rp.stats}"
         assert proxy.down.dropped > 0  # there really was loss on the link
+        # with thinned ACKs the origin's QUIC still sees the losses, told by prompt ACKs
+        assert a.endpoint.quic_stats()["packets_lost"] > 0
+        assert b.endpoint.quic_stats()["ack_gaps"] > 0
         assert rp.stats.repaired > 0
         assert rp.stats.nacks_sent > 0
         assert cols[0].seqs == cols[1].seqs
+
+
+async def test_acks_are_thinned_past_the_start_and_every_packet_still_arrives() -> None:
+    """Past its first packets the remote ACKs a steady flow about every 16 packets or 10 ms,
+    a small fraction of the ACKs sent with thinning off, and nothing is lost for it."""
+    acks_sent: dict[str, int] = {}
+    for name, acks in (("thinned", AckSettings()), ("prompt", AckSettings(every=0))):
+        a = await Node().start()
+        b = await Node(fast_config(quic_acks=acks)).start()
+        a.allow(b)
+        try:
+            src = a.sources["cam"] = FakeSource()
+            link = await live_link(b, a)
+            rp = await link.subscribe("cam")
+            col = Collector()
+            rp.add_packet_listener(col)
+            before = b.endpoint.quic_stats()["acks_sent"]
+            sent = await pump(src, 1200, size=1000, rate=1200)
+            assert await wait_until(lambda: len(col.seqs) >= len(sent), 10)
+            assert col.seqs == sent
+            acks_sent[name] = b.endpoint.quic_stats()["acks_sent"] - before
+            assert a.endpoint.quic_stats()["packets_lost"] == 0
+        finally:
+            await b.endpoint.close()
+            await a.endpoint.close()
+    print(f"ACKs for 1200 packets: {acks_sent}")
+    assert acks_sent["thinned"] < acks_sent["prompt"] / 2
 
 
 async def test_packets_missing_from_origin_cache_are_given_up() -> None:
