@@ -186,6 +186,7 @@ async def _remote(pipe: Connection, job: dict[str, Any]) -> None:
             quic_fast_path=job["fast_path"],
             udp_offload=job["udp_offload"],
             quic_acks=job["acks"],
+            congestion_control=job["congestion"],
         )
         ep = RelayEndpoint(key, lambda _pid: None, config=cfg)
         link = ep.link(job["origin_key"], LOCAL, job["port"])
@@ -269,7 +270,7 @@ def spawn(job: dict[str, Any], args: argparse.Namespace) -> tuple[Any, Connectio
 
 async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) -> dict[str, Any]:
     """One relay scenario; returns origin and remote figures (and link bytes via proxy)."""
-    from bench.impairment import ImpairmentProxy
+    from bench.impairment import Impairment, ImpairmentProxy
 
     n = int(args.rate * args.seconds)
     okey = Ed25519PrivateKey.generate()
@@ -282,13 +283,19 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         quic_fast_path=args.fast_path,
         udp_offload=args.udp_offload,
         quic_acks=args.acks,
+        congestion_control=args.congestion,
     )
     ep = RelayEndpoint(okey, {PRODUCER: src}.get, lambda k: k == rpub, cfg)
     await ep.start()
     proxy = None
     port = ep.address[1]
     if via_proxy:
-        proxy = await ImpairmentProxy((LOCAL, port)).start()
+        delay, loss = args.path_delay, args.path_loss
+        proxy = await ImpairmentProxy(
+            (LOCAL, port),
+            up=Impairment(delay=delay, loss=loss, seed=1),
+            down=Impairment(delay=delay, loss=loss, seed=2),
+        ).start()
         port = proxy.port
     job = {
         "mode": "quic",
@@ -301,6 +308,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         "fast_path": args.fast_path,
         "udp_offload": args.udp_offload,
         "acks": args.acks,
+        "congestion": args.congestion,
     }
     proc, pipe = spawn(job, args)
     try:
@@ -405,6 +413,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "fast_path": args.fast_path,
         "udp_offload": args.udp_offload,
         "acks": dataclasses.asdict(args.acks),
+        "congestion_control": args.congestion,
         "load_average": os.getloadavg(),
         "generator_cpu_us_per_packet": gen / n * 1e6,
         "origin_cpu_us_per_packet": {"quic": quic_origin, "udp": udp_origin},
@@ -431,13 +440,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-#: --compare configurations: (QUIC fast path, UDP offload, when the remote ACKs)
-COMPARE_MODES: dict[str, tuple[bool, bool, AckSettings]] = {
-    "aioquic": (False, False, AckSettings(ack_after=0, every=0)),
-    "fast": (True, False, AckSettings(ack_after=0, every=0)),
-    "fast+gso": (True, True, AckSettings(ack_after=0, every=0)),
-    "fast+gso+ack": (True, True, AckSettings(every=0)),
-    "fast+gso+thin": (True, True, AckSettings()),
+#: --compare configurations: (QUIC fast path, UDP offload, when the remote ACKs,
+#: congestion control)
+COMPARE_MODES: dict[str, tuple[bool, bool, AckSettings, str]] = {
+    "aioquic": (False, False, AckSettings(ack_after=0, every=0), "reno"),
+    "fast": (True, False, AckSettings(ack_after=0, every=0), "reno"),
+    "fast+gso": (True, True, AckSettings(ack_after=0, every=0), "reno"),
+    "fast+gso+ack": (True, True, AckSettings(every=0), "reno"),
+    "fast+gso+thin": (True, True, AckSettings(), "reno"),
+    "fast+gso+thin+media": (True, True, AckSettings(), RelayConfig.congestion_control),
 }
 
 
@@ -446,12 +457,15 @@ async def compare_async(args: argparse.Namespace) -> dict[str, Any]:
     pin(args.cpus, 0)
     n = int(args.rate * args.seconds)
     modes = [m for m in args.modes.split(",") if m]
+    # through the impairment proxy, which runs in the origin's process: its CPU is not
+    # the relay's then, only delivery, latency and losses are
+    impaired = bool(args.path_delay or args.path_loss)
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for _ in range(args.compare):
         for mode in modes:
-            args.fast_path, args.udp_offload, args.acks = COMPARE_MODES[mode]
+            args.fast_path, args.udp_offload, args.acks, args.congestion = COMPARE_MODES[mode]
             gen = await run_generator(args)
-            quic = await run_quic(args, 1, via_proxy=False)
+            quic = await run_quic(args, 1, via_proxy=impaired)
             rem = quic["remote"]
             runs[mode].append(
                 {
@@ -465,6 +479,15 @@ async def compare_async(args: argparse.Namespace) -> dict[str, Any]:
                     "remote_quic": rem.get("quic_stats"),
                 }
             )
+            if impaired:
+                print(
+                    f"  {mode}: delivered {rem['packets']} of {n}, latency p50 / p95 "
+                    f"{rem['lat_p50_us'] / 1000:.1f} / {rem['lat_p95_us'] / 1000:.1f} ms, "
+                    f"QUIC losses {quic['quic_stats']['packets_lost']}, "
+                    f"remote ACKs {(rem.get('quic_stats') or {}).get('acks_sent')}, "
+                    f"flow repairs {quic['origin_retransmits']}",
+                    file=sys.stderr,
+                )
     medians = {
         mode: {
             key: statistics.median(r[key] for r in values)
@@ -478,6 +501,8 @@ async def compare_async(args: argparse.Namespace) -> dict[str, Any]:
         "rate_pps": args.rate,
         "packet_bytes": args.size,
         "rounds": args.compare,
+        "path_delay": args.path_delay,
+        "path_loss": args.path_loss,
         "load_average": os.getloadavg(),
         "medians": medians,
         "runs": runs,
@@ -611,6 +636,16 @@ def main(argv: list[str] | None = None) -> None:
         help="remote: past the start, how long an ACK may wait, seconds",
     )
     ap.add_argument(
+        "--path-delay",
+        type=float,
+        default=0.0,
+        help="--compare through the impairment proxy with this one-way delay, seconds "
+        "(CPU figures then include the proxy's)",
+    )
+    ap.add_argument(
+        "--path-loss", type=float, default=0.0, help="--compare: loss rate each way (0..1)"
+    )
+    ap.add_argument(
         "--compare",
         type=int,
         default=0,
@@ -619,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--modes",
-        default="aioquic,fast,fast+gso,fast+gso+ack,fast+gso+thin",
+        default="aioquic,fast,fast+gso,fast+gso+ack,fast+gso+thin+media",
         help="configurations for --compare (of: " + ", ".join(COMPARE_MODES) + ")",
     )
     args = ap.parse_args(argv)
@@ -627,6 +662,7 @@ def main(argv: list[str] | None = None) -> None:
         os.makedirs(args.profile, exist_ok=True)
     args.cpus = available_cpus()
     args.acks = AckSettings(every=args.ack_every, delay=args.ack_delay)
+    args.congestion = RelayConfig.congestion_control
     args.listeners = [int(x) for x in args.listeners.split(",")]
     if args.compare:
         with asyncio.Runner(loop_factory=lambda: new_loop(args.uvloop)) as runner:

@@ -57,6 +57,9 @@ class RelayConfig:
     #: one ACK per 16 packets or 10 ms (see :mod:`relay.acks`); ``AckSettings(every=0)``
     #: ACKs every read of 2+ packets, else after 1 ms.
     quic_acks: AckSettings = field(default_factory=AckSettings)
+    #: QUIC congestion control: ``cascade-media`` (:mod:`relay.congestion`, reacts to the
+    #: loss fraction, not to each loss) or aioquic's ``reno`` / ``cubic``.
+    congestion_control: str = "cascade-media"
     stats_interval: float = 2.0
     max_flows_per_connection: int = 4096
     #: QUIC idle timeout (backstop; the heartbeat detects death much earlier).

@@ -26,7 +26,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import auth
+from . import auth, congestion  # noqa: F401  (registers the media congestion control)
 from .admission import PendingAdmission
 from .aio import Timer, open_remote_producer
 from .config import RelayConfig, RelayCounters, RelayError, RelayRefused, SubscribeError
@@ -367,6 +367,7 @@ class RelayLink:
             max_datagram_frame_size=65535,
             max_datagram_size=cfg.max_datagram_size,
             idle_timeout=cfg.idle_timeout,
+            congestion_control_algorithm=cfg.congestion_control,
         )
         quic = QuicConnection(configuration=config)
         core = RelayConnection(
@@ -507,6 +508,7 @@ class RelayEndpoint:
             max_datagram_frame_size=65535,
             max_datagram_size=cfg.max_datagram_size,
             idle_timeout=cfg.idle_timeout,
+            congestion_control_algorithm=cfg.congestion_control,
         )
         qc.certificate = self.certificate
         qc.private_key = self.private_key
