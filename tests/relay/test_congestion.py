@@ -32,8 +32,8 @@ class Flow:
     def run(self, seconds: float, tick: float = 0.005) -> None:
         for _ in range(int(seconds / tick)):
             self.now += tick
-            due = [p for p in self.in_flight if p.sent_time + RTT <= self.now]
-            self.in_flight = [p for p in self.in_flight if p.sent_time + RTT > self.now]
+            due = [p for p in self.in_flight if (p.sent_time or 0.0) + RTT <= self.now]
+            self.in_flight = [p for p in self.in_flight if p not in due]
             lost = [p for p in due if self.rng.random() < self.loss]
             for p in due:
                 if p not in lost:
