@@ -202,12 +202,14 @@ async def _remote(pipe: Connection, job: dict[str, Any]) -> None:
     profiler = cProfile.Profile() if job.get("profile") else None
     if profiler is not None:
         profiler.enable()
-    # finish when everything arrived or the stream stalled
+    # finish when everything arrived, the stream stalled, or a link that fell behind
+    # (queued at the origin) is still delivering well after the emission ended
+    give_up_at = time.monotonic() + 20.0 + job["expected"] / job["rate"]
     while not rec.done.is_set():
         await asyncio.sleep(0.1)
         if rec.count and time.monotonic() - rec.last_at > 2.0:
             break
-        if not rec.count and time.monotonic() - rec.last_at > 30.0:
+        if time.monotonic() > give_up_at:
             break
     if profiler is not None:
         profiler.disable()
@@ -304,6 +306,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
         "port": port,
         "listeners": listeners,
         "expected": n,
+        "rate": args.rate,
         "profiled": not via_proxy,
         "fast_path": args.fast_path,
         "udp_offload": args.udp_offload,
@@ -329,7 +332,7 @@ async def run_quic(args: argparse.Namespace, listeners: int, via_proxy: bool) ->
             profiler.dump_stats(os.path.join(args.profile, "origin-quic.pstats"))
         link_bytes = (proxy.down.bytes_passed - down0) if proxy else None
         link_total = (proxy.bytes_total - total0) if proxy else None
-        remote = await _recv(pipe)
+        remote = await _recv(pipe, timeout=60.0)
         return {
             "listeners": listeners,
             "sent": n,
@@ -354,7 +357,7 @@ async def run_udp(args: argparse.Namespace) -> dict[str, Any]:
     import socket
 
     n = int(args.rate * args.seconds)
-    proc, pipe = spawn({"mode": "udp", "expected": n}, args)
+    proc, pipe = spawn({"mode": "udp", "expected": n, "rate": args.rate}, args)
     try:
         port = (await _recv(pipe))["port"]
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -368,7 +371,7 @@ async def run_udp(args: argparse.Namespace) -> dict[str, Any]:
         src.add_packet_listener(forward)
         await asyncio.sleep(0.3)
         cpu = await emit(src.emit, n, args.rate, args.size, args.tick_ms / 1000)
-        remote = await _recv(pipe)
+        remote = await _recv(pipe, timeout=60.0)
         sock.close()
         return {"sent": n, "origin_cpu_s": cpu, "remote": remote}
     finally:
