@@ -1,7 +1,8 @@
 """Which media worker of a node takes a new participant: a pure policy (no I/O, no clock).
 
-The supervisor gathers each worker's CPU (psutil, per process), consumers and the rooms it
-hosts, and asks :func:`choose_worker`. The policy, after Mafalda's vertical scaler, concentrates
+The supervisor gathers each worker's CPU (psutil, per process, once a second, averaged over
+:data:`CPU_TIME_CONSTANT` by :func:`smoothed_cpu`), consumers and the rooms it hosts, and
+asks :func:`choose_worker`. The policy, after Mafalda's vertical scaler, concentrates
 consumers on the fewest workers and reuses a worker while its CPU still has cycles:
 
 1. the busiest worker under the CPU watermark (default 60 % of a core) that already hosts the
@@ -19,10 +20,30 @@ Workers that are not up (being restarted) are never chosen. See docs/architectur
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 DEFAULT_WATERMARK = 0.60
+
+#: Time constant of the CPU packing compares with the watermark, seconds. A worker's
+#: participants connecting (ICE, DTLS handshakes) are a burst of CPU that lasts a second or
+#: two; measured raw, it puts a worker with a small CPU share over the watermark and sends
+#: the rest of its room to another worker, which then pipes it. Smoothed, the burst counts
+#: for a fifth of its height and a load that stays shows in a few seconds.
+CPU_TIME_CONSTANT = 5.0
+
+
+def smoothed_cpu(
+    previous: float, sample: float, elapsed: float, time_constant: float = CPU_TIME_CONSTANT
+) -> float:
+    """The CPU packing uses: ``previous`` moved towards ``sample`` (measured over the last
+    ``elapsed`` seconds) by an exponential average of ``time_constant`` seconds."""
+    if elapsed <= 0:
+        return previous
+    if time_constant <= 0:
+        return sample
+    return previous + (sample - previous) * (1.0 - math.exp(-elapsed / time_constant))
 
 
 class PackReason(enum.Enum):
@@ -42,7 +63,8 @@ class WorkerLoad:
 
     worker_id: int
     cpu: float
-    """CPU of the worker process as a fraction of one core (0.6 = 60 %)."""
+    """CPU of the worker process as a fraction of one core (0.6 = 60 %), smoothed
+    (:func:`smoothed_cpu`)."""
     consumers: int = 0
     rooms: frozenset[str] = frozenset()
     up: bool = True
@@ -82,4 +104,12 @@ def choose_worker(
     return Packing(min(up, key=_least_loaded).worker_id, PackReason.LEAST_LOADED)
 
 
-__all__ = ["DEFAULT_WATERMARK", "PackReason", "Packing", "WorkerLoad", "choose_worker"]
+__all__ = [
+    "CPU_TIME_CONSTANT",
+    "DEFAULT_WATERMARK",
+    "PackReason",
+    "Packing",
+    "WorkerLoad",
+    "choose_worker",
+    "smoothed_cpu",
+]

@@ -53,7 +53,7 @@ from peer.ipc import (
     pipe_channel,
     send_pipe,
 )
-from peer.packing import DEFAULT_WATERMARK, Packing, WorkerLoad, choose_worker
+from peer.packing import DEFAULT_WATERMARK, Packing, WorkerLoad, choose_worker, smoothed_cpu
 from peer.relay_hub import RelayHub, WorkerMember
 from peer.server import NodeConfig, NodeServer
 from peer.session import MIGRATED_LINGER, join_redirect
@@ -87,6 +87,9 @@ class WorkerHandle:
     ps: psutil.Process | None = None
     up: bool = False
     cpu: float = 0.0
+    #: ``cpu`` averaged for packing (:func:`peer.packing.smoothed_cpu`)
+    packing_cpu: float = 0.0
+    cpu_sampled_at: float = 0.0
     load: Load | None = None
     restarts: int = 0
     started_at: float = 0.0
@@ -104,7 +107,7 @@ class WorkerHandle:
         """Packing's input for this worker."""
         return WorkerLoad(
             self.worker_id,
-            self.cpu,
+            self.packing_cpu,
             self.load.consumers if self.load else 0,
             frozenset(self.rooms),
             self.up,
@@ -118,6 +121,7 @@ class WorkerHandle:
             "pid": self.pid,
             "up": self.up,
             "cpu": round(self.cpu, 3),
+            "packing_cpu": round(self.packing_cpu, 3),
             "participants": len(self.conns),
             "consumers": self.load.consumers if self.load else 0,
             "egress_packet_rate": self.load.egress_pps if self.load else 0.0,
@@ -223,7 +227,7 @@ class WorkerPool:
         handle.channel = channel
         handle.up = True
         handle.load = None
-        handle.cpu = 0.0
+        handle.cpu = handle.packing_cpu = handle.cpu_sampled_at = 0.0
         if handle.ps is not None:
             # Measure from here: the worker's start-up (imports) is not load, and counted it
             # made a just-started node look full, sending its first joins elsewhere.
@@ -249,7 +253,7 @@ class WorkerPool:
                     process.pid, code)  # fmt: skip
         handle.up = False
         handle.channel = None
-        handle.cpu = 0.0
+        handle.cpu = handle.packing_cpu = handle.cpu_sampled_at = 0.0
         self.on_lost(handle)
         handle.load = None
         if handle.pipe_channel is not None:
@@ -268,7 +272,9 @@ class WorkerPool:
         await self._spawn(handle)
 
     def sample_cpu(self) -> None:
-        """Measure each worker's CPU since the last sample (fraction of one core)."""
+        """Measure each worker's CPU since the last sample (fraction of one core), and the
+        average packing compares with its watermark."""
+        now = time.monotonic()
         for handle in self.workers:
             if handle.ps is None or not handle.up:
                 continue
@@ -276,6 +282,10 @@ class WorkerPool:
                 handle.cpu = handle.ps.cpu_percent(None) / 100.0
             except psutil.Error:
                 handle.cpu = 0.0
+            if handle.cpu_sampled_at:
+                elapsed = now - handle.cpu_sampled_at
+                handle.packing_cpu = smoothed_cpu(handle.packing_cpu, handle.cpu, elapsed)
+            handle.cpu_sampled_at = now
 
     def choose(self, room: str, watermark: float) -> Packing | None:
         """The worker for a new participant of ``room`` (see :mod:`peer.packing`)."""

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from peer.packing import DEFAULT_WATERMARK, PackReason, WorkerLoad, choose_worker
+from peer.packing import (
+    DEFAULT_WATERMARK,
+    Packing,
+    PackReason,
+    WorkerLoad,
+    choose_worker,
+    smoothed_cpu,
+)
 
 
 def w(worker_id: int, cpu: float, consumers: int = 0, rooms: str = "", up: bool = True):
@@ -136,3 +143,29 @@ def test_consumers_concentrate_then_overflow() -> None:
         placed.append(packing.worker_id)
     assert placed[:60] == [0] * 60
     assert placed[60:] == [1] * 40
+
+
+def test_a_burst_of_cpu_counts_for_a_fifth_and_a_lasting_load_shows_in_seconds() -> None:
+    # a room's participants connecting: one second at 5 % of a core on an idle worker
+    cpu = smoothed_cpu(0.0, 0.05, 1.0)
+    assert 0.008 < cpu < 0.01
+    for _ in range(3):
+        cpu = smoothed_cpu(cpu, 0.0, 1.0)
+    assert cpu < 0.005
+    # a load that stays: most of it within 10 s
+    for _ in range(10):
+        cpu = smoothed_cpu(cpu, 0.5, 1.0)
+    assert 0.42 < cpu < 0.5
+    assert smoothed_cpu(0.3, 0.9, 0.0) == 0.3  # no time passed
+    assert smoothed_cpu(0.3, 0.9, 1.0, time_constant=0) == 0.9
+
+
+def test_the_burst_no_longer_sends_the_rest_of_a_room_elsewhere() -> None:
+    # worker 0 took a room's first participants: 5 % of a core for a second, over a 3 %
+    # watermark measured raw; smoothed, the room's next participants still go there
+    raw = [w(0, 0.05, rooms="a"), w(1, 0.0)]
+    assert choose_worker(raw, "a", watermark=0.03) == Packing(1, PackReason.UNDER_WATERMARK)
+    smoothed = [w(0, smoothed_cpu(0.0, 0.05, 1.0), rooms="a"), w(1, 0.0)]
+    assert choose_worker(smoothed, "a", watermark=0.03) == Packing(
+        0, PackReason.ROOM_UNDER_WATERMARK
+    )
