@@ -123,3 +123,9 @@ def test_persistent_congestion_restarts_from_the_minimum_window_in_slow_start() 
     assert flow.cc.ssthresh is None
     flow.run(1.0)
     assert flow.cc.congestion_window >= 160 * MSS
+
+
+def test_relay_connections_use_it_by_default() -> None:
+    from relay import RelayConfig
+
+    assert RelayConfig().congestion_control == MEDIA
