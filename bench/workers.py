@@ -12,7 +12,9 @@ Parts:
   one per step; a step passes at 0 decode errors (one decoding probe per worker), at most
   0.1 % packets lost at the subscribers, no subscriber stalled (its stream stopped) and at
   least 97 % of the step's rate delivered (rooms x the first step's packets/s: a saturated
-  worker first builds a backlog, which is not loss yet). Reported: the rate of the highest
+  worker first builds a backlog, which is not loss yet); a step that fails is measured once
+  more and fails only if that window fails too (``--no-confirm``: one window). Reported: the
+  rate of the highest
   step that passed, with 1 worker and with 2 workers,
   and where packing put each room (at low load every participant is on worker 0; the second
   worker takes the overflow). The packing
@@ -289,6 +291,17 @@ async def signaling(pings: int) -> dict[str, Any]:
     return {"ping_us_in_process": round(d), "ping_us_forwarded": round(f), "ratio": round(f / d, 2)}
 
 
+def step_passed(result: dict[str, Any], expected: float) -> bool:
+    """A capacity window passes: no loss past 0.1 %, no decode error, no stalled
+    subscriber, and at least :data:`DELIVERED` of the step's rate delivered."""
+    return bool(
+        result["loss"] <= 0.001
+        and result["decode_errors"] == 0
+        and result["stalled"] == 0
+        and result["forwarded_pps"] >= DELIVERED * expected
+    )
+
+
 async def capacity(workers: int, args: argparse.Namespace, slices: CpuSlices) -> dict[str, Any]:
     """Add rooms until a step loses more than 0.1 % or a probe sees a decode error."""
     watermark = args.watermark * slices.quota_us / slices.period_us
@@ -323,13 +336,22 @@ async def capacity(workers: int, args: argparse.Namespace, slices: CpuSlices) ->
                 # buffers, not loss yet): the step must deliver what its rooms send.
                 expected = per_room * step
                 result["expected_pps"] = round(expected)
+                ok = step_passed(result, expected)
+                if not ok and args.confirm:
+                    # A throttled worker can fall behind for one window and catch up in
+                    # the next: a step fails when two windows in a row do.
+                    first = result
+                    await asyncio.sleep(args.warmup)
+                    result = dict(await window(load, worker_pids(server), args.duration))
+                    result.update(
+                        rooms=step,
+                        workers_of_room=where,
+                        participants=[len(h.conns) for h in server.pool.workers],
+                        expected_pps=round(expected),
+                        first_window=first,
+                    )
+                    ok = step_passed(result, expected)
                 steps.append(result)
-                ok = (
-                    result["loss"] <= 0.001
-                    and result["decode_errors"] == 0
-                    and result["stalled"] == 0
-                    and result["forwarded_pps"] >= DELIVERED * expected
-                )
                 print(
                     f"  {workers} worker(s), {step} rooms: {result['forwarded_pps']} pps "
                     f"of {expected:.0f}, "
@@ -549,6 +571,13 @@ def main(argv: list[str] | None = None) -> int:
         "--watermark", type=float, default=0.6, help="packing watermark, of the slice"
     )
     parser.add_argument("--room-subs", type=int, default=8)
+    parser.add_argument(
+        "--confirm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="capacity: a failed step is measured once more and fails only if that "
+        "window fails too (--no-confirm: the first window decides)",
+    )
     parser.add_argument(
         "--ice-port",
         type=parse_ice_port,
